@@ -1,0 +1,1 @@
+"""SmartNodule config package."""

@@ -1,0 +1,78 @@
+"""Values that cross the boundary of `inference`: what the node and `sr_writer` consume.
+
+Every stage of the pipeline takes and returns these small frozen dataclasses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class NotApplicable(Exception):
+    """The instance is not an image this model reads (job ends SKIPPED with `reason`)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Unreadable(Exception):
+    """The instance claims to be a chest radiograph but cannot be read (job ends REJECTED)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Name, version and weights digest of the model that produced a result."""
+
+    name: str
+    version: str
+    weights_sha256: str
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """A validated chest radiograph, ready for the model and for display.
+
+    `display` is the source image after modality LUT, VOI LUT/window and
+    MONOCHROME1 inversion, as uint8 in the source geometry (rows, cols),
+    bright = dense. `model_input` is what the network reads (float32, 2-D).
+    """
+
+    sop_instance_uid: str
+    display: np.ndarray
+    model_input: np.ndarray
+    pixel_spacing_mm: tuple[float, float] | None
+    quality_flags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Location:
+    """Centre and radius of a finding in source image pixel coordinates."""
+
+    row: float
+    col: float
+    radius: float
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the model says about one image.
+
+    `heatmap` is Grad-CAM in [0, 1], float32, in the source geometry (rows, cols).
+    `embedding` is a 1-D float32 vector (L2-normalised) for similar-case retrieval.
+    `review` is True when the case is uncertain or near the threshold.
+    """
+
+    probability: float
+    uncertainty: float
+    positive: bool
+    review: bool
+    location: Location | None
+    heatmap: np.ndarray
+    embedding: np.ndarray
+    model: ModelIdentity

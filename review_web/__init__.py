@@ -1,0 +1,1 @@
+"""SmartNodule review_web package."""

@@ -1,0 +1,1 @@
+"""SmartNodule sr_writer package."""
