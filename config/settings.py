@@ -1,0 +1,193 @@
+"""The node's settings: one pydantic-settings model, read once from TOML at start-up.
+
+Sources, highest priority first: environment variables (`SMARTNODULE_` prefix,
+`__` between section and key, e.g. `SMARTNODULE_NODE__PORT=11113`), then the TOML
+file. Every knob has exactly one home here; bad values stop the start with a
+`SettingsError` that names the setting.
+"""
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_CONFIG = Path(__file__).with_name("node.toml")
+
+AETitle = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[\x20-\x5b\x5d-\x7e]*[^ ][\x20-\x5b\x5d-\x7e]*$")]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class SettingsError(ValueError):
+    """Settings that cannot be used; the message names each offending setting."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeSettings(_Section):
+    """The DICOM listener: who we are and whom we accept."""
+
+    ae_title: AETitle = "SMARTNODULE"
+    host: str = "127.0.0.1"
+    port: Port = 11112
+    data_dir: Path = Path("var")
+    database_url: str = ""
+    allowed_calling_aets: list[AETitle] = []
+    accept_any_calling_ae: bool = False
+    max_associations: int = Field(default=10, ge=1)
+    max_instance_mb: float = Field(default=256.0, gt=0)
+    network_timeout_s: float = Field(default=60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _calling_aets_required(self) -> "NodeSettings":
+        if not self.allowed_calling_aets and not self.accept_any_calling_ae:
+            raise ValueError(
+                "allowed_calling_aets is empty: list the AE titles that may send, "
+                "or set accept_any_calling_ae = true explicitly"
+            )
+        return self
+
+
+class WorkerSettings(_Section):
+    """The pipeline workers that claim jobs from the database."""
+
+    count: int = Field(default=1, ge=0, le=16)
+    lease_s: float = Field(default=120.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+    poll_interval_s: float = Field(default=0.2, gt=0)
+
+
+class ModelSettings(_Section):
+    """Which model serves and how its answers are turned into a review decision."""
+
+    card: Path | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(default=0, ge=0, description="0: all cores but one, at least one")
+    review_margin: float = Field(default=0.1, ge=0, le=1)
+    review_max_uncertainty: float = Field(default=0.15, ge=0, le=1)
+
+    @field_validator("card")
+    @classmethod
+    def _card_exists(cls, card: Path | None) -> Path | None:
+        if card is not None and not card.is_file():
+            raise ValueError(f"model card {card} does not exist")
+        return card
+
+
+class DeliverySettings(_Section):
+    """How results are pushed to the destinations."""
+
+    max_attempts: int = Field(default=6, ge=1)
+    backoff_initial_s: float = Field(default=2.0, gt=0)
+    backoff_max_s: float = Field(default=300.0, gt=0)
+    timeout_s: float = Field(default=30.0, gt=0)
+
+
+class Destination(_Section):
+    """A DICOM peer that receives the results (C-STORE SCP)."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,32}$")]
+    ae_title: AETitle
+    host: str
+    port: Port
+
+
+class WebSettings(_Section):
+    """The review and health web app."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    secret_key: str = ""
+
+    @model_validator(mode="after")
+    def _secret_key_when_enabled(self) -> "WebSettings":
+        if self.enabled and len(self.secret_key) < 32:
+            raise ValueError("secret_key must be a random string of at least 32 characters when the web app is enabled")
+        return self
+
+
+class Settings(BaseSettings):
+    """All settings of one node."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SMARTNODULE_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    node: NodeSettings = NodeSettings(accept_any_calling_ae=True)
+    worker: WorkerSettings = WorkerSettings()
+    model: ModelSettings = ModelSettings()
+    delivery: DeliverySettings = DeliverySettings()
+    destinations: list[Destination] = []
+    web: WebSettings = WebSettings()
+
+    @model_validator(mode="after")
+    def _unique_destination_names(self) -> "Settings":
+        names = [d.name for d in self.destinations]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"destination names must be unique, repeated: {', '.join(duplicated)}")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (env_settings, init_settings)
+
+    @property
+    def database_url(self) -> str:
+        return self.node.database_url or f"sqlite:///{(self.node.data_dir / 'smartnodule.db').resolve()}"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.node.data_dir / "spool"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.node.data_dir / "results"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.node.data_dir / "logs"
+
+
+def load_settings(path: Path | str | None = None, **overrides: dict) -> Settings:
+    """Read `path` (default: the shipped `config/node.toml`), apply the environment, validate.
+
+    `overrides` are section dicts merged over the file (used by the CLI and tests).
+    """
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise SettingsError(f"settings file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"settings file {path} is not valid TOML: {exc}") from None
+    for section, values in overrides.items():
+        data[section] = {**data.get(section, {}), **values} if isinstance(values, dict) else values
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise SettingsError(_describe(path, exc)) from None
+
+
+def _describe(path: Path, exc: ValidationError) -> str:
+    lines = [f"invalid settings in {path}:"]
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        message = re.sub(r"^Value error, ", "", error["msg"])
+        got = f" (got {error['input']!r})" if error["type"] not in {"missing", "value_error"} else ""
+        lines.append(f"  {where}: {message}{got}")
+    return "\n".join(lines)

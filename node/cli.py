@@ -1,0 +1,159 @@
+"""The `smartnodule` command line: run the node, check settings, send files, re-send results, the demo."""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import structlog
+
+from config.settings import SettingsError, load_settings
+
+log = structlog.get_logger(__name__)
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from node.audit import configure_logging
+    from node.service import Node
+
+    settings = load_settings(args.config)
+    configure_logging(settings.log_dir)
+    roles = {"run": dict(), "scp": dict(workers=0, deliver=False), "worker": dict(scp=False)}[args.command]
+    if args.command == "run" and args.workers is not None:
+        roles["workers"] = args.workers
+    node = Node(settings, **roles)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    node.start()
+    stop.wait()
+    node.stop()
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = load_settings(args.file)
+    print(f"{args.file}: OK (AE {settings.node.ae_title} on {settings.node.host}:{settings.node.port}, "
+          f"{len(settings.destinations)} destination(s), database {settings.database_url.split('://')[0]})")
+    return 0
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from node.scu import AssociationFailed, send_files
+
+    paths = [p for item in args.files for p in (sorted(Path(item).rglob("*.dcm")) if Path(item).is_dir() else [Path(item)])]
+    host, port = args.to
+    try:
+        results = send_files(paths, host=host, port=port, called_aet=args.called_aet, calling_aet=args.calling_aet)
+    except AssociationFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for result in results:
+        status = "none" if result.status is None else f"0x{result.status:04X}"
+        print(f"{result.path}\t{status}\t{result.comment}")
+    return 0 if all(r.stored for r in results) else 1
+
+
+def cmd_resend(args: argparse.Namespace) -> int:
+    from node.db import open_database
+    from node.jobs import TransitionError, requeue_delivery
+
+    settings = load_settings(args.config)
+    try:
+        previous = requeue_delivery(open_database(settings.database_url), args.job)
+    except TransitionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"job {args.job}: {previous.value} -> ENCODED; a running node delivers it now")
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from node.db import Job, open_database
+
+    settings = load_settings(args.config)
+    with open_database(settings.database_url)() as session:
+        query = select(Job).order_by(Job.id.desc()).limit(args.limit)
+        if args.state:
+            query = query.where(Job.state == args.state.upper())
+        for job in session.scalars(query):
+            probability = "" if job.probability is None else f"{job.probability:.3f}"
+            print(f"{job.id}\t{job.state.value}\t{job.calling_aet}\t{job.sop_instance_uid}\t{probability}\t{job.reason or ''}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from node.demo import run_demo
+
+    return run_demo(count=args.count, size=args.size, keep_running=args.keep_running)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smartnodule", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    for name, help_text in (("run", "run receiver, workers and delivery in one process"),
+                            ("scp", "run the Storage SCP alone (scale-out role)"),
+                            ("worker", "run pipeline and delivery workers alone (scale-out role)")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--config", type=Path, default=None, help="settings file (default: config/node.toml)")
+        if name == "run":
+            p.add_argument("--workers", type=int, default=None, help="override worker.count")
+        p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check-config", help="validate a settings file")
+    p.add_argument("file", type=Path)
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("send", help="C-STORE DICOM files (or folders of .dcm) to a peer")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--to", type=_host_port, required=True, metavar="HOST:PORT")
+    p.add_argument("--called-aet", required=True)
+    p.add_argument("--calling-aet", default="SMARTNODULE_SCU")
+    p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser("resend", help="deliver a job's results again (after FAILED_DELIVERY)")
+    p.add_argument("job", type=int)
+    p.add_argument("--config", type=Path, default=None)
+    p.set_defaults(func=cmd_resend)
+
+    p = sub.add_parser("jobs", help="list recent jobs")
+    p.add_argument("--config", type=Path, default=None)
+    p.add_argument("--state", default=None)
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("demo", help="phantom chest X-rays through the node and a local Orthanc")
+    p.add_argument("--count", type=int, default=4)
+    p.add_argument("--size", type=int, default=2048)
+    p.add_argument("--keep-running", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    from inference.commands import register
+
+    register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

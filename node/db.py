@@ -1,0 +1,150 @@
+"""The node's database: engine set-up (SQLite embedded, PostgreSQL for scale-out) and the schema.
+
+Job state lives here alone. `jobs.py` owns the transitions and the claims.
+"""
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class JobState(str, enum.Enum):
+    """Where a received instance is in its life; transitions are listed in `jobs.TRANSITIONS`."""
+
+    RECEIVED = "RECEIVED"
+    RUNNING = "RUNNING"
+    ENCODED = "ENCODED"
+    DELIVERING = "DELIVERING"
+    SENT = "SENT"
+    SKIPPED = "SKIPPED"
+    REJECTED = "REJECTED"
+    FAILED = "FAILED"
+    FAILED_DELIVERY = "FAILED_DELIVERY"
+
+
+class DeliveryState(str, enum.Enum):
+    PENDING = "PENDING"
+    SENT = "SENT"
+    FAILED = "FAILED"
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: DateTime(timezone=True)}
+
+
+class Job(Base):
+    """One received SOP instance and everything the node did with it."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    calling_aet: Mapped[str] = mapped_column(String(16), index=True)
+    spool_path: Mapped[str] = mapped_column(String(512))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    modality: Mapped[str | None] = mapped_column(String(16))
+
+    state: Mapped[JobState] = mapped_column(Enum(JobState, native_enum=False, length=16), index=True)
+    reason: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    delivery_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None]
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    encoded_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+    model_name: Mapped[str | None] = mapped_column(String(64))
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    model_sha256: Mapped[str | None] = mapped_column(String(64))
+    probability: Mapped[float | None] = mapped_column(Float)
+    uncertainty: Mapped[float | None] = mapped_column(Float)
+    positive: Mapped[bool | None] = mapped_column(Boolean)
+    review_required: Mapped[bool | None] = mapped_column(Boolean)
+    location_row: Mapped[float | None] = mapped_column(Float)
+    location_col: Mapped[float | None] = mapped_column(Float)
+    location_radius: Mapped[float | None] = mapped_column(Float)
+    embedding: Mapped[bytes | None] = mapped_column(LargeBinary)
+    quality_flags: Mapped[str | None] = mapped_column(String(256))
+    stage_seconds: Mapped[str | None] = mapped_column(Text)  # JSON {"stage": seconds}
+    results_dir: Mapped[str | None] = mapped_column(String(512))
+
+    deliveries: Mapped[list["Delivery"]] = relationship(
+        back_populates="job", cascade="all, delete-orphan", order_by="Delivery.destination"
+    )
+
+
+class Delivery(Base):
+    """The results of one job at one destination."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (UniqueConstraint("job_id", "destination"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    destination: Mapped[str] = mapped_column(String(32))
+    state: Mapped[DeliveryState] = mapped_column(Enum(DeliveryState, native_enum=False, length=16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_status: Mapped[str | None] = mapped_column(String(64))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    sent_at: Mapped[datetime | None]
+
+    job: Mapped[Job] = relationship(back_populates="deliveries")
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for `url`; SQLite gets WAL, full sync, a busy timeout and immediate transactions."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_connect(dbapi_connection, _record) -> None:
+            dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(connection) -> None:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def open_database(url: str) -> sessionmaker:
+    """Engine + schema + a session factory; the schema is created when missing."""
+    engine = make_engine(url)
+    Base.metadata.create_all(engine)
+    return sessionmaker(engine, expire_on_commit=False)

@@ -1,0 +1,105 @@
+"""A local Orthanc as a real PACS peer, for `make demo`, tests and benchmarks.
+
+Runs `/usr/sbin/Orthanc CONFIG.json` in the foreground on loopback ports with its
+own storage folder; the node is registered as a DICOM modality so that Orthanc
+can push studies to it through its REST API.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+from orthanc_api_client import OrthancApiClient
+
+ORTHANC_BINARY = "/usr/sbin/Orthanc"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def orthanc_available() -> bool:
+    return shutil.which(ORTHANC_BINARY) is not None
+
+
+@dataclass
+class OrthancPeer:
+    """One Orthanc process on loopback."""
+
+    workdir: Path
+    aet: str = "ORTHANC"
+    dicom_port: int = field(default_factory=free_port)
+    http_port: int = field(default_factory=free_port)
+    modalities: dict[str, tuple[str, str, int]] = field(default_factory=dict)
+    _process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def client(self) -> OrthancApiClient:
+        return OrthancApiClient(self.url)
+
+    def start(self, timeout_s: float = 30.0) -> "OrthancPeer":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "smartnodule-peer",
+            "StorageDirectory": str(self.workdir / "storage"),
+            "IndexDirectory": str(self.workdir / "storage"),
+            "DicomAet": self.aet,
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False,
+            "DicomModalities": {name: list(peer) for name, peer in self.modalities.items()},
+            "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowEcho": True,
+            "HttpTimeout": 120,
+            "StableAge": 2,
+        }
+        config_path = self.workdir / "orthanc.json"
+        config_path.write_text(json.dumps(config, indent=2))
+        log_file = (self.workdir / "orthanc.log").open("ab")
+        self._process = subprocess.Popen(
+            [ORTHANC_BINARY, str(config_path)], stdout=log_file, stderr=subprocess.STDOUT,
+            env={**os.environ, "TCP_NODELAY": "1"},
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"Orthanc exited with {self._process.returncode}; see {self.workdir / 'orthanc.log'}")
+            try:
+                if requests.get(f"{self.url}/system", timeout=1).ok:
+                    return self
+            except requests.RequestException:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"Orthanc did not answer on {self.url} within {timeout_s} s")
+
+    def stop(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._process = None
+
+    def __enter__(self) -> "OrthancPeer":
+        return self.start()
+
+    def __exit__(self, *_exc) -> None:
+        self.stop()

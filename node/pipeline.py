@@ -1,0 +1,193 @@
+"""The life of a job after it is received: process (validate, prepare, predict, explain, encode) and deliver.
+
+`Processor` turns a claimed RUNNING job into ENCODED result files or a SKIPPED /
+REJECTED / FAILED outcome; `Deliverer` sends a claimed DELIVERING job's results to
+every destination with retries and exponential backoff.
+"""
+from __future__ import annotations
+
+import json
+import time
+from io import BytesIO
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import structlog
+from pydicom import dcmread
+from sqlalchemy.orm import sessionmaker
+
+from config.settings import Destination, Settings
+from inference.preprocess import prepare
+from inference.types import NotApplicable, Unreadable
+from node.db import DeliveryState, Job, JobState, utcnow
+from node.jobs import Claim, ensure_deliveries, transition
+from node.scu import AssociationFailed, send_files
+from node.spool import checked_uid, write_atomic
+from sr_writer.encode import encode_results
+
+log = structlog.get_logger(__name__)
+RESULT_FILES = ("sr", "heatmap", "pdf")
+
+
+class StageTimer:
+    """Seconds spent per pipeline stage, kept on the job row."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - start, 4)
+
+    def json(self) -> str:
+        return json.dumps(self.seconds)
+
+
+def backoff_s(attempt: int, initial: float, ceiling: float) -> float:
+    """Exponential backoff after the `attempt`-th failure (1-based)."""
+    return min(ceiling, initial * 2 ** (attempt - 1))
+
+
+class Processor:
+    """Validate, prepare, predict, explain and encode one claimed job."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker, detector) -> None:
+        self._settings = settings
+        self._sessions = sessions
+        self._detector = detector
+
+    def run(self, claim: Claim) -> JobState:
+        with self._sessions() as session:
+            job = session.get(Job, claim.job_id)
+            spool_path, sop_uid = Path(job.spool_path), job.sop_instance_uid
+        bound = log.bind(job_id=claim.job_id, sop_instance_uid=sop_uid, attempt=claim.attempt)
+        timer = StageTimer()
+        try:
+            with timer.stage("read"):
+                source = dcmread(spool_path)
+            with timer.stage("preprocess"):
+                image = prepare(source, input_size=self._detector.input_size)
+            with timer.stage("predict"):
+                prediction = self._detector.predict(image)
+            with timer.stage("encode"):
+                results = encode_results(source, image, prediction, review=prediction.review)
+                folder = self._settings.results_dir / checked_uid(sop_uid, "SOP Instance UID")
+                for name, dataset in zip(RESULT_FILES, results.all()):
+                    write_atomic(folder / f"{name}.dcm", _encode_file(dataset))
+        except NotApplicable as exc:
+            return self._finish(claim, JobState.SKIPPED, bound, reason=exc.reason, timer=timer)
+        except Unreadable as exc:
+            return self._finish(claim, JobState.REJECTED, bound, reason=exc.reason, timer=timer)
+        except Exception as exc:
+            bound.exception("processing_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+            if claim.attempt >= self._settings.worker.max_attempts:
+                return self._finish(claim, JobState.FAILED, bound, reason=f"{type(exc).__name__}: {exc}"[:500], timer=timer)
+            delay = backoff_s(claim.attempt, self._settings.delivery.backoff_initial_s, 60.0)
+            return self._finish(claim, JobState.RECEIVED, bound, reason=f"retrying: {type(exc).__name__}",
+                                timer=timer, next_attempt_at=utcnow() + timedelta(seconds=delay))
+        model = prediction.model
+        location = prediction.location
+        with self._sessions.begin() as session:
+            job = transition(
+                session, claim.job_id, claim, JobState.ENCODED,
+                reason=None, encoded_at=utcnow(), next_attempt_at=utcnow(), results_dir=str(folder),
+                model_name=model.name, model_version=model.version, model_sha256=model.weights_sha256,
+                probability=float(prediction.probability), uncertainty=float(prediction.uncertainty),
+                positive=bool(prediction.positive), review_required=bool(prediction.review),
+                location_row=location.row if location else None,
+                location_col=location.col if location else None,
+                location_radius=location.radius if location else None,
+                embedding=np.asarray(prediction.embedding, dtype=np.float32).tobytes(),
+                quality_flags=",".join(image.quality_flags) or None,
+                stage_seconds=timer.json(),
+            )
+            ensure_deliveries(session, job, [d.name for d in self._settings.destinations])
+        bound.info("job_encoded", probability=round(float(prediction.probability), 4),
+                   uncertainty=round(float(prediction.uncertainty), 4), positive=bool(prediction.positive),
+                   review=bool(prediction.review), model_version=model.version, seconds=timer.seconds)
+        return JobState.ENCODED
+
+    def _finish(self, claim: Claim, state: JobState, bound, *, reason: str, timer: StageTimer, **values) -> JobState:
+        with self._sessions.begin() as session:
+            terminal = {} if state is JobState.RECEIVED else {"finished_at": utcnow()}
+            transition(session, claim.job_id, claim, state, reason=reason, stage_seconds=timer.json(), **terminal, **values)
+        bound.info(f"job_{state.value.lower()}", reason=reason)
+        return state
+
+
+def _encode_file(dataset) -> bytes:
+    buffer = BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+class Deliverer:
+    """Send a claimed job's results to every destination still pending."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker) -> None:
+        self._settings = settings
+        self._sessions = sessions
+        self._destinations: dict[str, Destination] = {d.name: d for d in settings.destinations}
+
+    def run(self, claim: Claim) -> JobState:
+        with self._sessions() as session:
+            job = session.get(Job, claim.job_id)
+            files = [Path(job.results_dir) / f"{name}.dcm" for name in RESULT_FILES]
+            pending = [d.destination for d in job.deliveries if d.state is not DeliveryState.SENT]
+            sop_uid = job.sop_instance_uid
+        bound = log.bind(job_id=claim.job_id, sop_instance_uid=sop_uid, attempt=claim.attempt)
+        outcomes = {name: self._deliver_to(name, files, bound) for name in pending}
+        delivery = self._settings.delivery
+        with self._sessions.begin() as session:
+            job = session.get(Job, claim.job_id)
+            for row in job.deliveries:
+                if row.destination in outcomes:
+                    ok, status, error = outcomes[row.destination]
+                    row.attempts += 1
+                    row.last_status, row.last_error = status, error
+                    row.state = DeliveryState.SENT if ok else DeliveryState.FAILED
+                    row.sent_at = utcnow() if ok else row.sent_at
+            if all(row.state is DeliveryState.SENT for row in job.deliveries):
+                transition(session, claim.job_id, claim, JobState.SENT, reason=None, finished_at=utcnow())
+                state = JobState.SENT
+            elif claim.attempt >= delivery.max_attempts:
+                failed = ", ".join(f"{r.destination}: {r.last_error}" for r in job.deliveries if r.state is not DeliveryState.SENT)
+                transition(session, claim.job_id, claim, JobState.FAILED_DELIVERY, reason=failed[:500], finished_at=utcnow())
+                state = JobState.FAILED_DELIVERY
+            else:
+                delay = backoff_s(claim.attempt, delivery.backoff_initial_s, delivery.backoff_max_s)
+                transition(session, claim.job_id, claim, JobState.ENCODED,
+                           next_attempt_at=utcnow() + timedelta(seconds=delay))
+                state = JobState.ENCODED
+        bound.info("job_delivery_finished", state=state.value)
+        return state
+
+    def _deliver_to(self, name: str, files: list[Path], bound) -> tuple[bool, str, str | None]:
+        destination = self._destinations.get(name)
+        if destination is None:
+            bound.error("result_delivery_failed", destination=name, error="destination no longer configured")
+            return False, "unknown", "destination no longer configured"
+        try:
+            results = send_files(files, host=destination.host, port=destination.port,
+                                 called_aet=destination.ae_title, calling_aet=self._settings.node.ae_title,
+                                 timeout_s=self._settings.delivery.timeout_s)
+        except (AssociationFailed, OSError) as exc:
+            bound.warning("result_delivery_failed", destination=name, error=str(exc))
+            return False, "association", str(exc)
+        for result in results:
+            event = "result_delivered" if result.stored and not result.warning else \
+                "result_delivered_with_warning" if result.stored else "result_delivery_failed"
+            bound.info(event, destination=name, sent_sop_instance_uid=result.sop_instance_uid,
+                       status=None if result.status is None else f"0x{result.status:04X}", comment=result.comment)
+        failed = [r for r in results if not r.stored]
+        if failed:
+            first = failed[0]
+            status = "none" if first.status is None else f"0x{first.status:04X}"
+            return False, status, f"{len(failed)} of {len(results)} refused ({status} {first.comment})".strip()
+        return True, "0x0000", None

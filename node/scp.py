@@ -1,0 +1,186 @@
+"""The Storage SCP: C-ECHO and C-STORE in, each instance durable in the spool and committed as a job before success.
+
+The C-STORE handler checks the instance, moves pynetdicom's chunked temporary
+file into the spool (fsync, rename, fsync folder), commits the job row and only
+then answers 0x0000. It does no inference and no network calls, and no
+exception escapes it: every failure is a defined status with an error comment.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import structlog
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pynetdicom import AE, _config, evt
+from pynetdicom.sop_class import (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    SecondaryCaptureImageStorage,
+    Verification,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import sessionmaker
+
+from config.settings import Settings
+from node.jobs import ReceivedInstance, admit
+from node.spool import Spool, UnsafeUID
+
+log = structlog.get_logger(__name__)
+
+ACCEPTED_SOP_CLASSES = (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    SecondaryCaptureImageStorage,
+)
+ACCEPTED_TRANSFER_SYNTAXES = (
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline (Process 1)
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended (Process 2 & 4)
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless, Non-Hierarchical (Process 14)
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, First-Order Prediction (Process 14, SV1)
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+)
+
+# Storage service statuses (PS3.4 Annex B.2.3) answered by the handler.
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+
+
+def _status(code: int, comment: str = "") -> Dataset:
+    status = Dataset()
+    status.Status = code
+    if comment:
+        status.ErrorComment = comment[:64]
+    return status
+
+
+class StorageSCP:
+    """The node's DICOM listener."""
+
+    def __init__(self, settings: Settings, session_factory: sessionmaker, spool: Spool) -> None:
+        self._settings = settings
+        self._sessions = session_factory
+        self._spool = spool
+        self._max_bytes = int(settings.node.max_instance_mb * 1024 * 1024)
+        self._server: ThreadedAssociationServer | None = None
+
+    def _make_ae(self) -> AE:
+        node = self._settings.node
+        ae = AE(ae_title=node.ae_title)
+        ae.maximum_associations = node.max_associations
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = node.network_timeout_s
+        if not node.accept_any_calling_ae:
+            ae.require_calling_aet = list(node.allowed_calling_aets)
+        ae.add_supported_context(Verification)
+        for sop_class in ACCEPTED_SOP_CLASSES:
+            ae.add_supported_context(sop_class, list(ACCEPTED_TRANSFER_SYNTAXES))
+        return ae
+
+    def start(self) -> ThreadedAssociationServer:
+        """Listen on the configured address in background threads."""
+        # pynetdicom streams each received dataset to a NamedTemporaryFile; putting those
+        # in the spool's own folder makes moving them into place a rename, not a copy.
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        tempfile.tempdir = str(self._spool.incoming)
+        node = self._settings.node
+        self._server = self._make_ae().start_server(
+            (node.host, node.port),
+            block=False,
+            evt_handlers=[
+                (evt.EVT_C_ECHO, self._on_echo),
+                (evt.EVT_C_STORE, self._on_store),
+                (evt.EVT_ACCEPTED, self._on_association, ["association_accepted"]),
+                (evt.EVT_REJECTED, self._on_association, ["association_rejected"]),
+                (evt.EVT_RELEASED, self._on_association, ["association_released"]),
+                (evt.EVT_ABORTED, self._on_association, ["association_aborted"]),
+            ],
+        )
+        log.info("scp_started", ae_title=node.ae_title, host=node.host, port=node.port)
+        return self._server
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+            log.info("scp_stopped")
+
+    @staticmethod
+    def _on_association(event: evt.Event, what: str) -> None:
+        requestor = event.assoc.requestor
+        log.info(what, calling_aet=requestor.ae_title, peer=f"{requestor.address}:{requestor.port}",
+                 called_aet=event.assoc.acceptor.ae_title)
+
+    @staticmethod
+    def _on_echo(event: evt.Event) -> int:
+        log.info("echo_answered", calling_aet=event.assoc.requestor.ae_title)
+        return SUCCESS
+
+    def _on_store(self, event: evt.Event) -> Dataset:
+        request = event.request
+        calling_aet = event.assoc.requestor.ae_title
+        bound = log.bind(calling_aet=calling_aet, sop_instance_uid=str(request.AffectedSOPInstanceUID))
+        try:
+            return self._store(event, bound)
+        except Exception as exc:  # never let an exception escape into pynetdicom
+            bound.exception("instance_refused", reason="internal_error")
+            return _status(OUT_OF_RESOURCES, f"internal error: {type(exc).__name__}")
+
+    def _store(self, event: evt.Event, bound) -> Dataset:
+        request = event.request
+        temp_path: Path = event.dataset_path
+        size = temp_path.stat().st_size
+        if size > self._max_bytes:
+            bound.warning("instance_refused", reason="too_large", size_bytes=size)
+            return _status(OUT_OF_RESOURCES, f"instance larger than {self._settings.node.max_instance_mb} MB")
+        try:
+            header = dcmread(temp_path, stop_before_pixels=True)
+            sop_uid = str(header.SOPInstanceUID)
+            sop_class = str(header.SOPClassUID)
+            study_uid, series_uid = str(header.StudyInstanceUID), str(header.SeriesInstanceUID)
+        except (InvalidDicomError, AttributeError, ValueError, EOFError, OSError) as exc:
+            bound.warning("instance_refused", reason="unparseable", error=str(exc)[:200])
+            return _status(CANNOT_UNDERSTAND, "dataset cannot be parsed or lacks UIDs")
+        if sop_uid != request.AffectedSOPInstanceUID or sop_class != request.AffectedSOPClassUID:
+            bound.warning("instance_refused", reason="uid_mismatch")
+            return _status(DATASET_DOES_NOT_MATCH_SOP_CLASS, "dataset UIDs differ from the C-STORE request")
+        try:
+            spooled = self._spool.place(temp_path, study_uid, sop_uid)
+        except UnsafeUID as exc:
+            bound.warning("instance_refused", reason="unsafe_uid", error=str(exc))
+            return _status(CANNOT_UNDERSTAND, "invalid UID")
+        except OSError as exc:
+            bound.error("instance_refused", reason="spool_write_failed", error=str(exc))
+            return _status(OUT_OF_RESOURCES, "spool write failed")
+        instance = ReceivedInstance(
+            sop_instance_uid=sop_uid,
+            sop_class_uid=sop_class,
+            study_instance_uid=study_uid,
+            series_instance_uid=series_uid,
+            transfer_syntax_uid=str(header.file_meta.TransferSyntaxUID),
+            modality=str(header.get("Modality", "")) or None,
+            calling_aet=event.assoc.requestor.ae_title,
+            spool_path=str(spooled),
+            size_bytes=size,
+        )
+        try:
+            job_id, created = admit(self._sessions, instance)
+        except SQLAlchemyError as exc:
+            bound.error("instance_refused", reason="database_unavailable", error=str(exc)[:200])
+            return _status(OUT_OF_RESOURCES, "database unavailable, retry later")
+        bound.info("instance_stored" if created else "instance_repeated", job_id=job_id,
+                   study_instance_uid=study_uid, size_bytes=size, sop_class_uid=sop_class)
+        return _status(SUCCESS)

@@ -1,0 +1,123 @@
+"""One node process: the Storage SCP, pipeline workers and a delivery worker around one database.
+
+`smartnodule run` starts all of them; the scale-out roles start a subset. On
+start, leases held by a dead process of this host are released at once, so a
+node restarted after a crash picks up its RUNNING jobs without waiting for them
+to expire.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Callable
+
+import psutil
+import structlog
+from sqlalchemy import update
+from sqlalchemy.orm import sessionmaker
+
+from config.settings import Settings
+from node.db import Job, JobState, open_database, utcnow
+from node.jobs import DELIVER, PROCESS, Claim, claim
+from node.pipeline import Deliverer, Processor
+from node.scp import StorageSCP
+from node.spool import Spool
+
+log = structlog.get_logger(__name__)
+HOST = socket.gethostname()
+
+
+def lease_owner(role: str, index: int) -> str:
+    return f"{HOST}/{os.getpid()}/{role}-{index}"
+
+
+def release_dead_leases(sessions: sessionmaker) -> int:
+    """Expire the leases of this host's processes that no longer run; returns how many."""
+    with sessions.begin() as session:
+        owners = session.scalars(
+            Job.__table__.select().with_only_columns(Job.lease_owner).distinct()
+            .where(Job.state.in_([JobState.RUNNING, JobState.DELIVERING]), Job.lease_owner.like(f"{HOST}/%"))
+        ).all()
+        dead = [o for o in owners if not psutil.pid_exists(int(o.split("/")[1]))]
+        if not dead:
+            return 0
+        result = session.execute(update(Job).where(Job.lease_owner.in_(dead)).values(lease_expires_at=utcnow()))
+        log.warning("dead_leases_released", owners=dead, jobs=result.rowcount)
+        return result.rowcount
+
+
+class WorkLoop(threading.Thread):
+    """Claims one kind of work and runs it until stopped."""
+
+    def __init__(self, name: str, sessions: sessionmaker, work, owner: str, lease_s: float,
+                 poll_s: float, run_claim: Callable[[Claim], object], stop: threading.Event) -> None:
+        super().__init__(name=name, daemon=True)
+        self._sessions, self._work, self._owner = sessions, work, owner
+        self._lease_s, self._poll_s = lease_s, poll_s
+        self._run_claim, self._stop = run_claim, stop
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                taken = claim(self._sessions, self._work, self._owner, self._lease_s)
+                if taken is None:
+                    self._stop.wait(self._poll_s)
+                    continue
+                self._run_claim(taken)
+            except Exception:
+                log.exception("worker_loop_error", worker=self.name)
+                self._stop.wait(1.0)
+
+
+class Node:
+    """The node's parts in one process."""
+
+    def __init__(self, settings: Settings, *, scp: bool = True, workers: int | None = None,
+                 deliver: bool = True, detector_factory: Callable[[], object] | None = None) -> None:
+        self.settings = settings
+        for folder in (settings.node.data_dir, settings.spool_dir, settings.results_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.sessions = open_database(settings.database_url)
+        self.spool = Spool(settings.spool_dir)
+        self.scp = StorageSCP(settings, self.sessions, self.spool) if scp else None
+        self._workers = settings.worker.count if workers is None else workers
+        self._deliver = deliver
+        self._detector_factory = detector_factory or self._load_detector
+        self._stop = threading.Event()
+        self._threads: list[WorkLoop] = []
+
+    def _load_detector(self):
+        from inference.predictor import Detector, ReviewPolicy
+
+        model = self.settings.model
+        return Detector.load(model.card, device=model.device, threads=model.threads or None,
+                             review=ReviewPolicy(model.review_margin, model.review_max_uncertainty))
+
+    def start(self) -> None:
+        """Load the model (once per worker), start the loops, then listen."""
+        release_dead_leases(self.sessions)
+        worker = self.settings.worker
+        for index in range(self._workers):
+            self._threads.append(WorkLoop(
+                f"process-{index}", self.sessions, PROCESS, lease_owner("process", index), worker.lease_s,
+                worker.poll_interval_s, Processor(self.settings, self.sessions, self._detector_factory()).run,
+                self._stop))
+        if self._deliver and self.settings.destinations:
+            self._threads.append(WorkLoop(
+                "deliver-0", self.sessions, DELIVER, lease_owner("deliver", 0),
+                self.settings.delivery.timeout_s * 4, worker.poll_interval_s,
+                Deliverer(self.settings, self.sessions).run, self._stop))
+        for thread in self._threads:
+            thread.start()
+        if self.scp is not None:
+            self.scp.start()
+        log.info("node_started", workers=self._workers, destinations=[d.name for d in self.settings.destinations])
+
+    def stop(self) -> None:
+        if self.scp is not None:
+            self.scp.stop()
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+        log.info("node_stopped")
