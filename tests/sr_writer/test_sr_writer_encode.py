@@ -1,0 +1,257 @@
+"""Result objects of `sr_writer.encode_results`, read back with highdicom, pydicom, DCMTK and poppler."""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import subprocess
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
+
+from inference.types import Location, ModelIdentity, PreparedImage, Prediction
+from sr_writer.encode import ResultObjects, SimilarCase, encode_results, render_pdf
+from sr_writer.structured_report import ABSENT, LUNG, NODULE, PRESENT, PROBABILITY, UNCERTAINTY
+
+OUTPUT = Path(__file__).resolve().parents[2] / "test-output" / "sr_writer"
+MODEL = ModelIdentity(name="nodule-resnet18", version="1.2.0", weights_sha256="ab" * 32)
+LOCATION = Location(row=100.0, col=170.0, radius=14.0)
+SIZE = 256
+
+
+def make_source(size: int = SIZE) -> pydicom.Dataset:
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
+    ds.SOPClassUID = DigitalXRayImageStorageForPresentation
+    ds.SOPInstanceUID = generate_uid(entropy_srcs=["sr_writer test source", str(size)])
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.PatientName = "Test^Patient"
+    ds.PatientID = "SN-TEST-001"
+    ds.PatientBirthDate = "19600101"
+    ds.PatientSex = "F"
+    ds.StudyInstanceUID = generate_uid(entropy_srcs=["sr_writer test study"])
+    ds.StudyDate, ds.StudyTime = "20240315", "101500"
+    ds.StudyID, ds.AccessionNumber = "1", "ACC0001"
+    ds.ReferringPhysicianName = ""
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=["sr_writer test series"])
+    ds.SeriesNumber, ds.InstanceNumber = 1, 1
+    ds.Modality = "DX"
+    ds.Manufacturer, ds.ManufacturerModelName = "Phantom", "Synthetic DX"
+    ds.InstitutionName = "Test Hospital"
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = "PA"
+    ds.PatientOrientation = ["L", "F"]
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.ImagerPixelSpacing = ds.PixelSpacing = [0.7, 0.7]
+    ds.Rows = ds.Columns = size
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    yy, xx = np.mgrid[:size, :size]
+    ds.PixelData = ((np.sin(xx / 9.0) + 1) * 1500 + yy).astype(np.uint16).tobytes()
+    return ds
+
+
+def make_inputs(source: pydicom.Dataset, *, positive: bool,
+                model: ModelIdentity = MODEL) -> tuple[PreparedImage, Prediction]:
+    size = source.Rows
+    scale = size / SIZE
+    yy, xx = np.mgrid[:size, :size]
+    display = (40 + 150 * np.exp(-((xx - size / 2) ** 2) / (2 * (size / 4) ** 2))).astype(np.uint8)
+    location = Location(LOCATION.row * scale, LOCATION.col * scale, LOCATION.radius * scale)
+    heat = np.exp(-((yy - location.row) ** 2 + (xx - location.col) ** 2) / (2 * (size / 10) ** 2))
+    image = PreparedImage(sop_instance_uid=source.SOPInstanceUID, display=display,
+                          model_input=display.astype(np.float32) / 255,
+                          pixel_spacing_mm=(0.7 / scale, 0.7 / scale))
+    prediction = Prediction(
+        probability=0.87 if positive else 0.08, uncertainty=0.05 if positive else 0.21,
+        positive=positive, review=not positive, location=location if positive else None,
+        heatmap=(heat if positive else heat * 0.3).astype(np.float32),
+        embedding=np.ones(8, np.float32) / np.sqrt(8), model=model,
+    )
+    return image, prediction
+
+
+SIMILAR = (SimilarCase("20230102", 0.91, "nodule confirmed", 0.93),
+           SimilarCase("20221111", 0.64, None, 0.81))
+
+
+@pytest.fixture(scope="module")
+def source() -> pydicom.Dataset:
+    return make_source()
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["positive", "negative"])
+def encoded(request, source) -> tuple[bool, Prediction, ResultObjects]:
+    image, prediction = make_inputs(source, positive=request.param)
+    results = encode_results(source, image, prediction, review=not request.param,
+                             similar_cases=SIMILAR if request.param else (),
+                             institution_name="SmartNodule Node")
+    return request.param, prediction, results
+
+
+def _save(ds: pydicom.Dataset, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _reread(ds: pydicom.Dataset, tmp_path: Path, name: str) -> pydicom.Dataset:
+    return pydicom.dcmread(_save(ds, tmp_path / name))
+
+
+def test_same_patient_and_study_own_series(encoded, source, tmp_path):
+    _, _, results = encoded
+    numbers = set()
+    for index, ds in enumerate(results.all()):
+        back = _reread(ds, tmp_path, f"{index}.dcm")
+        assert back.StudyInstanceUID == source.StudyInstanceUID
+        assert back.PatientID == source.PatientID
+        assert back.PatientName == source.PatientName
+        assert back.AccessionNumber == source.AccessionNumber
+        assert back.SeriesInstanceUID != source.SeriesInstanceUID
+        assert back.Manufacturer == "SmartNodule"
+        assert "not for primary diagnosis" in back.SeriesDescription
+        numbers.add(back.SeriesNumber)
+    assert numbers == {9901, 9902, 9903}
+
+
+def test_sr_content(encoded, source, tmp_path):
+    positive, prediction, results = encoded
+    sr = hd.sr.srread(_save(results.sr, tmp_path / "sr.dcm"))
+    assert isinstance(sr, hd.sr.Comprehensive3DSR)
+    assert sr.CompletionFlag == "COMPLETE" and sr.VerificationFlag == "UNVERIFIED"
+    assert sr.ContentDate and sr.ContentTime
+    assert source.SOPInstanceUID in sr.get_evidence()[0]
+
+    [group] = sr.content.get_image_measurement_groups()
+    [probability] = group.get_measurements(name=PROBABILITY)
+    assert probability.value == pytest.approx(prediction.probability)
+    assert probability.unit.value == "1"
+    [uncertainty] = group.get_measurements(name=UNCERTAINTY)
+    assert uncertainty.value == pytest.approx(prediction.uncertainty)
+    [finding] = group.get_qualitative_evaluations(name=NODULE)
+    assert finding.value == (PRESENT if positive else ABSENT)
+    assert group.finding_type == NODULE
+    assert _texts(group, "111001") == [MODEL.name]  # Algorithm Name
+    assert _texts(group, "111003") == [MODEL.version]  # Algorithm Version
+    assert _texts(group, "111002") == [f"weights_sha256={MODEL.weights_sha256}"]  # Parameters
+
+    rois = sr.content.get_planar_roi_measurement_groups()
+    if not positive:
+        assert rois == []
+        return
+    [roi] = rois
+    assert roi.finding_type == NODULE
+    assert [site.value for site in roi.finding_sites] == [LUNG]
+    assert roi.roi.GraphicType == "CIRCLE"
+    centre, edge = roi.roi.value
+    assert tuple(centre) == pytest.approx((LOCATION.col, LOCATION.row))
+    assert tuple(edge) == pytest.approx((LOCATION.col + LOCATION.radius, LOCATION.row))
+    assert roi.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID \
+        == source.SOPInstanceUID
+    [roi_probability] = roi.get_measurements(name=PROBABILITY)
+    assert roi_probability.value == pytest.approx(prediction.probability)
+    assert roi.tracking_uid == results_tracking_uid(source)
+
+
+def _texts(group: hd.sr.Template, code: str) -> list[str]:
+    """Values of the TEXT items coded DCM `code` directly under the group's container."""
+    return [item.TextValue for item in group[0].ContentSequence
+            if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue == code]
+
+
+def results_tracking_uid(source: pydicom.Dataset) -> str:
+    from sr_writer.uids import output_uids
+    return output_uids(source.SOPInstanceUID, MODEL.version, "sr").tracking_uid
+
+
+def test_uids_deterministic_per_model_version(source):
+    image, prediction = make_inputs(source, positive=True)
+    first = encode_results(source, image, prediction, review=False)
+    again = encode_results(source, image, prediction, review=False)
+    newer = dataclasses.replace(prediction, model=dataclasses.replace(MODEL, version="1.3.0"))
+    other = encode_results(source, image, newer, review=False)
+    uids = [(ds.SeriesInstanceUID, ds.SOPInstanceUID) for ds in first.all()]
+    assert uids == [(ds.SeriesInstanceUID, ds.SOPInstanceUID) for ds in again.all()]
+    every = {uid for pair in uids for uid in pair}
+    assert len(every) == 6
+    assert every.isdisjoint({uid for ds in other.all() for uid in (ds.SeriesInstanceUID, ds.SOPInstanceUID)})
+
+
+def test_heatmap_secondary_capture(encoded, source, tmp_path):
+    positive, _, results = encoded
+    back = _reread(results.heatmap, tmp_path, "sc.dcm")
+    assert back.PhotometricInterpretation == "RGB" and back.SamplesPerPixel == 3
+    assert back.BurnedInAnnotation == "YES"
+    assert back.PatientOrientation == source.PatientOrientation
+    pixels = back.pixel_array
+    assert pixels.shape[2] == 3 and max(pixels.shape[:2]) <= 1024
+    _write_png(pixels, OUTPUT / f"heatmap-{'positive' if positive else 'negative'}.png")
+
+
+def test_heatmap_of_large_image_is_at_most_1024(tmp_path):
+    big = make_source(2048)
+    image, prediction = make_inputs(big, positive=True)
+    results = encode_results(big, image, prediction, review=True)
+    assert max(results.heatmap.Rows, results.heatmap.Columns) <= 1024
+    [roi] = hd.sr.Comprehensive3DSR.from_dataset(results.sr).content.get_planar_roi_measurement_groups()
+    assert tuple(roi.roi.value[0]) == pytest.approx((prediction.location.col, prediction.location.row))
+
+
+def test_pdf(encoded, source, tmp_path):
+    positive, _, results = encoded
+    back = _reread(results.pdf, tmp_path, "pdf.dcm")
+    assert back.SOPClassUID == "1.2.840.10008.5.1.4.1.1.104.1"
+    assert back.MIMETypeOfEncapsulatedDocument == "application/pdf"
+    assert back.BurnedInAnnotation == "YES"
+    pdf = back.EncapsulatedDocument[:back.EncapsulatedDocumentLength]
+    assert pdf.startswith(b"%PDF") and pdf.rstrip().endswith(b"%%EOF")
+    name = f"report-{'positive' if positive else 'negative'}"
+    (OUTPUT / f"{name}.pdf").write_bytes(pdf)
+    if shutil.which("pdftoppm"):
+        subprocess.run(["pdftoppm", "-r", "60", "-png", "-f", "1", "-l", "1", "-singlefile",
+                        str(OUTPUT / f"{name}.pdf"), str(OUTPUT / f"{name}-page1")], check=True)
+        assert (OUTPUT / f"{name}-page1.png").stat().st_size > 0
+
+
+def test_render_pdf_matches_encapsulated_content(source):
+    image, prediction = make_inputs(source, positive=True)
+    pdf = render_pdf(source, image, prediction, review=True, similar_cases=SIMILAR)
+    assert pdf.startswith(b"%PDF")
+
+
+@pytest.mark.skipif(not shutil.which("dsr2html") or not shutil.which("dcmdump"),
+                    reason="DCMTK not installed")
+def test_dcmtk_reads_all_objects(encoded, tmp_path):
+    _, _, results = encoded
+    sr = _save(results.sr, tmp_path / "sr.dcm")
+    html = subprocess.run(["dsr2html", str(sr)], capture_output=True, text=True)
+    assert html.returncode == 0, html.stderr
+    assert "SmartNodule" in html.stdout
+    for name, ds in (("sc.dcm", results.heatmap), ("pdf.dcm", results.pdf)):
+        dump = subprocess.run(["dcmdump", str(_save(ds, tmp_path / name))],
+                              capture_output=True, text=True)
+        assert dump.returncode == 0 and "E:" not in dump.stderr, dump.stderr
+
+
+@pytest.mark.skipif(not shutil.which("dciodvfy"), reason="dciodvfy not installed")
+def test_dciodvfy(encoded, tmp_path):
+    _, _, results = encoded
+    for name, ds in zip(("sr.dcm", "sc.dcm", "pdf.dcm"), results.all()):
+        check = subprocess.run(["dciodvfy", str(_save(ds, tmp_path / name))],
+                               capture_output=True, text=True)
+        assert "Error" not in check.stderr, check.stderr
+
+
+def _write_png(rgb: np.ndarray, path: Path) -> None:
+    import cv2
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
