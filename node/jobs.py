@@ -6,13 +6,20 @@ UPDATE that succeeds for exactly one claimant.
 """
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+
+import psutil
+import structlog
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db import Delivery, DeliveryState, Job, JobState, utcnow
+
+log = structlog.get_logger(__name__)
 
 S = JobState
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
@@ -167,3 +174,25 @@ def requeue_delivery(session_factory: sessionmaker, job_id: int) -> JobState:
                 delivery.state = DeliveryState.PENDING
                 delivery.attempts = 0
         return previous
+
+
+HOST = socket.gethostname()
+
+
+def lease_owner(role: str, index: int) -> str:
+    return f"{HOST}/{os.getpid()}/{role}-{index}"
+
+
+def release_dead_leases(sessions: sessionmaker) -> int:
+    """Expire the leases of this host's processes that no longer run; returns how many."""
+    with sessions.begin() as session:
+        owners = session.scalars(
+            Job.__table__.select().with_only_columns(Job.lease_owner).distinct()
+            .where(Job.state.in_([JobState.RUNNING, JobState.DELIVERING]), Job.lease_owner.like(f"{HOST}/%"))
+        ).all()
+        dead = [o for o in owners if not psutil.pid_exists(int(o.split("/")[1]))]
+        if not dead:
+            return 0
+        result = session.execute(update(Job).where(Job.lease_owner.in_(dead)).values(lease_expires_at=utcnow()))
+        log.warning("dead_leases_released", owners=dead, jobs=result.rowcount)
+        return result.rowcount

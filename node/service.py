@@ -7,46 +7,20 @@ to expire.
 """
 from __future__ import annotations
 
-import os
-import socket
 import threading
 from collections.abc import Callable
 
-import psutil
 import structlog
-from sqlalchemy import update
 from sqlalchemy.orm import sessionmaker
 
 from config.settings import Settings
-from node.db import Job, JobState, open_database, utcnow
-from node.jobs import DELIVER, PROCESS, Claim, claim
+from node.db import open_database
+from node.jobs import DELIVER, PROCESS, Claim, claim, lease_owner, release_dead_leases
 from node.pipeline import Deliverer, Processor
 from node.scp import StorageSCP
 from node.spool import Spool
 
 log = structlog.get_logger(__name__)
-HOST = socket.gethostname()
-
-
-def lease_owner(role: str, index: int) -> str:
-    return f"{HOST}/{os.getpid()}/{role}-{index}"
-
-
-def release_dead_leases(sessions: sessionmaker) -> int:
-    """Expire the leases of this host's processes that no longer run; returns how many."""
-    with sessions.begin() as session:
-        owners = session.scalars(
-            Job.__table__.select().with_only_columns(Job.lease_owner).distinct()
-            .where(Job.state.in_([JobState.RUNNING, JobState.DELIVERING]), Job.lease_owner.like(f"{HOST}/%"))
-        ).all()
-        dead = [o for o in owners if not psutil.pid_exists(int(o.split("/")[1]))]
-        if not dead:
-            return 0
-        result = session.execute(update(Job).where(Job.lease_owner.in_(dead)).values(lease_expires_at=utcnow()))
-        log.warning("dead_leases_released", owners=dead, jobs=result.rowcount)
-        return result.rowcount
-
-
 class WorkLoop(threading.Thread):
     """Claims one kind of work and runs it until stopped."""
 

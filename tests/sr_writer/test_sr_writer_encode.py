@@ -15,7 +15,8 @@ from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittle
 
 from inference.types import Location, ModelIdentity, PreparedImage, Prediction
 from sr_writer.encode import ResultObjects, SimilarCase, encode_results, render_pdf
-from sr_writer.structured_report import ABSENT, LUNG, NODULE, PRESENT, PROBABILITY, UNCERTAINTY
+from sr_writer.structured_report import (ABSENT, IMAGE_TRACKING_ID, LUNG, NODULE, PRESENT, PROBABILITY,
+                                         ROI_TRACKING_ID, UNCERTAINTY, tracking_uid)
 
 OUTPUT = Path(__file__).resolve().parents[2] / "test-output" / "sr_writer"
 MODEL = ModelIdentity(name="nodule-resnet18", version="1.2.0", weights_sha256="ab" * 32)
@@ -159,18 +160,14 @@ def test_sr_content(encoded, source, tmp_path):
         == source.SOPInstanceUID
     [roi_probability] = roi.get_measurements(name=PROBABILITY)
     assert roi_probability.value == pytest.approx(prediction.probability)
-    assert roi.tracking_uid == results_tracking_uid(source)
+    assert roi.tracking_uid == tracking_uid(source, prediction, ROI_TRACKING_ID)
+    assert group.tracking_uid == tracking_uid(source, prediction, IMAGE_TRACKING_ID)
 
 
 def _texts(group: hd.sr.Template, code: str) -> list[str]:
     """Values of the TEXT items coded DCM `code` directly under the group's container."""
     return [item.TextValue for item in group[0].ContentSequence
             if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue == code]
-
-
-def results_tracking_uid(source: pydicom.Dataset) -> str:
-    from sr_writer.uids import output_uids
-    return output_uids(source.SOPInstanceUID, MODEL.version, "sr").tracking_uid
 
 
 def test_uids_deterministic_per_model_version(source):

@@ -1,0 +1,106 @@
+"""The Storage SCP against real DCMTK tools and a pynetdicom peer: status, spool file, job row, audit."""
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from pydicom import dcmread
+from pynetdicom import AE
+from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
+from sqlalchemy import select
+
+from node.audit import configure_logging
+from node.db import Job, JobState
+from node.service import Node
+from tests.conftest import ECHOSCU, STORESCU, audit_events, require_binary
+
+
+@pytest.fixture
+def receiver(make_settings):
+    """A node that receives only (no workers), so job rows stay RECEIVED for inspection."""
+    nodes = []
+
+    def start(**sections):
+        settings = make_settings(**sections)
+        configure_logging(settings.log_dir)
+        node = Node(settings, workers=0, deliver=False)
+        node.start()
+        nodes.append(node)
+        return node
+
+    yield start
+    for node in nodes:
+        node.stop()
+
+
+def jobs(node) -> list[Job]:
+    with node.sessions() as session:
+        return list(session.scalars(select(Job).order_by(Job.id)))
+
+
+def test_echoscu_is_answered(receiver):
+    node = receiver()
+    done = subprocess.run([require_binary(ECHOSCU), "-aet", "ECHOSCU", "-aec", "SMARTNODULE",
+                           "127.0.0.1", str(node.settings.node.port)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert any(e["event"] == "echo_answered" and e["calling_aet"] == "ECHOSCU" for e in audit_events(node.settings))
+
+
+def test_storescu_instance_is_spooled_and_committed_before_success(receiver, phantom_files):
+    node = receiver()
+    source = phantom_files[0]
+    done = subprocess.run([require_binary(STORESCU), "-aet", "STORESCU", "-aec", "SMARTNODULE",
+                           "127.0.0.1", str(node.settings.node.port), str(source)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+    [job] = jobs(node)
+    original = dcmread(source)
+    assert job.state is JobState.RECEIVED
+    assert job.sop_instance_uid == original.SOPInstanceUID
+    assert job.calling_aet == "STORESCU"
+    spooled = dcmread(job.spool_path)
+    assert spooled.PixelData == original.PixelData
+    assert spooled.StudyInstanceUID == original.StudyInstanceUID
+    assert not any(node.spool.incoming.iterdir()), "temporary file left behind"
+
+    events = audit_events(node.settings)
+    stored = [e for e in events if e["event"] == "instance_stored"]
+    assert stored and stored[0]["job_id"] == job.id and stored[0]["calling_aet"] == "STORESCU"
+    assert {"association_accepted", "association_released"} <= {e["event"] for e in events}
+    log_text = (node.settings.log_dir / "audit.jsonl").read_text()
+    assert str(original.PatientName) not in log_text and str(original.PatientID) not in log_text
+
+
+def test_repeat_of_an_instance_creates_no_second_job(receiver, phantom_files):
+    node = receiver()
+    for _ in range(2):
+        done = subprocess.run([STORESCU, "-aet", "STORESCU", "-aec", "SMARTNODULE", "127.0.0.1",
+                               str(node.settings.node.port), str(phantom_files[1])], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    assert len(jobs(node)) == 1
+    assert [e["event"] for e in audit_events(node.settings) if e["event"].startswith("instance_")] == \
+        ["instance_stored", "instance_repeated"]
+
+
+def test_calling_ae_not_allowed_is_rejected_at_association(receiver, phantom_files):
+    node = receiver()
+    done = subprocess.run([require_binary(STORESCU), "-aet", "INTRUDER", "-aec", "SMARTNODULE", "127.0.0.1",
+                           str(node.settings.node.port), str(phantom_files[0])], capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "Association Rejected" in done.stdout + done.stderr
+    assert jobs(node) == []
+    assert any(e["event"] == "association_rejected" and e["calling_aet"] == "INTRUDER"
+               for e in audit_events(node.settings))
+
+
+def test_instance_over_the_size_limit_is_refused_out_of_resources(receiver, phantom_files):
+    node = receiver(node={"max_instance_mb": 0.01})
+    ae = AE(ae_title="SMARTNODULE_SCU")
+    ae.add_requested_context(DigitalXRayImageStorageForPresentation)
+    assoc = ae.associate("127.0.0.1", node.settings.node.port, ae_title="SMARTNODULE")
+    assert assoc.is_established
+    status = assoc.send_c_store(dcmread(phantom_files[0]))
+    assoc.release()
+    assert status.Status == 0xA700
+    assert "larger than" in status.ErrorComment
+    assert jobs(node) == []
