@@ -14,7 +14,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from inference.types import Location, PreparedImage, Prediction
-from sr_writer.uids import OutputUids, device_uid
+from sr_writer.uids import OutputUids, derive_uid, device_uid
 
 MANUFACTURER = "SmartNodule"
 SR_SERIES_NUMBER = 9901
@@ -55,19 +55,20 @@ def build_sr(source: pydicom.Dataset, image: PreparedImage, prediction: Predicti
             serial_number=model.weights_sha256[:16],
         ),
     )
-    probability = hd.sr.Measurement(name=PROBABILITY, value=float(prediction.probability), unit=UNITLESS,
-                                    algorithm_id=algorithm)
+    probability = hd.sr.Measurement(name=PROBABILITY, value=float(prediction.probability),
+                                    unit=UNITLESS)
     groups: list[hd.sr.MeasurementsAndQualitativeEvaluations
                  | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = [
         hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(identifier=IMAGE_TRACKING_ID),
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=tracking_uid(source, prediction, IMAGE_TRACKING_ID), identifier=IMAGE_TRACKING_ID),
             finding_type=NODULE,
             finding_sites=[hd.sr.FindingSite(LUNG)],
             algorithm_id=algorithm,
             measurements=[
                 probability,
-                hd.sr.Measurement(name=UNCERTAINTY, value=float(prediction.uncertainty), unit=UNITLESS,
-                                  algorithm_id=algorithm),
+                hd.sr.Measurement(name=UNCERTAINTY, value=float(prediction.uncertainty),
+                                  unit=UNITLESS),
             ],
             qualitative_evaluations=[
                 hd.sr.QualitativeEvaluation(NODULE, PRESENT if prediction.positive else ABSENT),
@@ -79,8 +80,8 @@ def build_sr(source: pydicom.Dataset, image: PreparedImage, prediction: Predicti
     if prediction.positive:
         assert prediction.location is not None  # checked by the caller
         groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=uids.tracking_uid,
-                                                         identifier=ROI_TRACKING_ID),
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=tracking_uid(source, prediction, ROI_TRACKING_ID), identifier=ROI_TRACKING_ID),
             referenced_region=nodule_region(source, prediction.location),
             finding_type=NODULE,
             finding_sites=[hd.sr.FindingSite(LUNG)],
@@ -105,6 +106,11 @@ def build_sr(source: pydicom.Dataset, image: PreparedImage, prediction: Predicti
         coding_schemes=[CodingSchemeIdentificationItem(
             designator=LOCAL_SCHEME, name=LOCAL_SCHEME_NAME, responsible_organization=MANUFACTURER)],
     )
+
+
+def tracking_uid(source: pydicom.Dataset, prediction: Prediction, identifier: str) -> str:
+    """Deterministic Tracking UID of the finding called `identifier` in this SR."""
+    return derive_uid(source.SOPInstanceUID, prediction.model.version, "sr", f"tracking:{identifier}")
 
 
 def nodule_region(source: pydicom.Dataset, location: Location) -> hd.sr.ImageRegion:

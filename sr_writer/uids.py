@@ -21,15 +21,20 @@ _UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 @dataclass(frozen=True)
 class OutputUids:
-    """Series, instance and finding tracking UIDs of one result object."""
+    """Series and instance UIDs of one result object."""
 
     series_instance_uid: str
     sop_instance_uid: str
-    tracking_uid: str
 
 
 def output_uids(source_sop_instance_uid: str, model_version: str, kind: Kind) -> OutputUids:
     """UIDs of the `kind` object made from `source_sop_instance_uid` by `model_version`."""
+    return OutputUids(derive_uid(source_sop_instance_uid, model_version, kind, "series"),
+                      derive_uid(source_sop_instance_uid, model_version, kind, "instance"))
+
+
+def derive_uid(source_sop_instance_uid: str, model_version: str, kind: Kind, role: str) -> str:
+    """The UID playing `role` (series, instance, a tracking UID) in the `kind` object."""
     if not isinstance(source_sop_instance_uid, str) or len(source_sop_instance_uid) > 64 \
             or not _UID_PATTERN.match(source_sop_instance_uid):
         raise ValueError(f"source_sop_instance_uid is not a DICOM UID: {source_sop_instance_uid!r}")
@@ -37,12 +42,10 @@ def output_uids(source_sop_instance_uid: str, model_version: str, kind: Kind) ->
         raise ValueError(f"model_version must be a non-empty string, got {model_version!r}")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-
-    def derive(role: str) -> str:
-        return str(generate_uid(prefix=UID_PREFIX,
-                                entropy_srcs=[source_sop_instance_uid, model_version, kind, role]))
-
-    return OutputUids(derive("series"), derive("instance"), derive("tracking"))
+    if not isinstance(role, str) or not role:
+        raise ValueError(f"role must be a non-empty string, got {role!r}")
+    return str(generate_uid(prefix=UID_PREFIX,
+                            entropy_srcs=[source_sop_instance_uid, model_version, kind, role]))
 
 
 def device_uid(model_name: str, model_version: str, weights_sha256: str) -> str:

@@ -1,6 +1,7 @@
 """`encode_results` refuses bad inputs with an error naming the parameter and the value."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -47,7 +48,7 @@ def test_bad_prediction_or_image(source, inputs, change, message):
 
 
 def test_source_without_study(source, inputs):
-    broken = source.copy()
+    broken = copy.deepcopy(source)
     del broken.StudyInstanceUID
     with pytest.raises(ValueError, match="StudyInstanceUID"):
         encode_results(broken, *inputs, review=False)
