@@ -252,3 +252,18 @@ def _write_png(rgb: np.ndarray, path: Path) -> None:
     import cv2
     path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+
+
+def test_header_only_source_without_orientation_or_imager_spacing(tmp_path):
+    """A CR read without pixels, lacking Patient Orientation and Imager Pixel Spacing."""
+    full = make_source()
+    full.SOPClassUID = full.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # CR
+    full.Modality = "CR"
+    del full.PatientOrientation, full.ImagerPixelSpacing, full.PixelSpacing
+    source = pydicom.dcmread(_save(full, tmp_path / "cr.dcm"), stop_before_pixels=True)
+    image, prediction = make_inputs(source, positive=True)
+    results = encode_results(source, image, prediction, review=False)
+    assert results.heatmap.PatientOrientation == ""
+    sr = hd.sr.srread(_save(results.sr, tmp_path / "sr.dcm"))
+    [roi] = sr.content.get_planar_roi_measurement_groups()
+    assert tuple(roi.roi.value[0]) == pytest.approx((LOCATION.col, LOCATION.row))
