@@ -85,6 +85,8 @@ def build_heatmap_sc(source: pydicom.Dataset, image: PreparedImage, prediction: 
         coordinate_system="PATIENT",
         # highdicom insists on a single-letter pair here; the source's value is copied below.
         patient_orientation=("L", "F"),
+        # General Series Laterality only for a paired body part; a chest is not one.
+        laterality=source.get("Laterality") if source.get("Laterality") in ("R", "L") else None,
         series_instance_uid=uids.series_instance_uid,
         series_number=SC_SERIES_NUMBER,
         sop_instance_uid=uids.sop_instance_uid,
