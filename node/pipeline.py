@@ -66,8 +66,10 @@ class Processor:
         with self._sessions() as session:
             job = session.get(Job, claim.job_id)
             spool_path, sop_uid = Path(job.spool_path), job.sop_instance_uid
+            queued_s = (utcnow() - job.received_at).total_seconds()
         bound = log.bind(job_id=claim.job_id, sop_instance_uid=sop_uid, attempt=claim.attempt)
         timer = StageTimer()
+        timer.seconds["queued"] = round(queued_s, 4)
         try:
             with timer.stage("read"):
                 source = dcmread(spool_path)
@@ -142,10 +144,13 @@ class Deliverer:
             pending = [d.destination for d in job.deliveries if d.state is not DeliveryState.SENT]
             sop_uid = job.sop_instance_uid
         bound = log.bind(job_id=claim.job_id, sop_instance_uid=sop_uid, attempt=claim.attempt)
-        outcomes = {name: self._deliver_to(name, files, bound) for name in pending}
+        timer = StageTimer()
+        with timer.stage("deliver"):
+            outcomes = {name: self._deliver_to(name, files, bound) for name in pending}
         delivery = self._settings.delivery
         with self._sessions.begin() as session:
             job = session.get(Job, claim.job_id)
+            job.stage_seconds = json.dumps({**json.loads(job.stage_seconds or "{}"), **timer.seconds})
             for row in job.deliveries:
                 if row.destination in outcomes:
                     ok, status, error = outcomes[row.destination]

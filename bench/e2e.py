@@ -1,0 +1,101 @@
+"""End-to-end latency: from the start of DCMTK `storescu` to the SR found in a real Orthanc.
+
+Starts a local Orthanc and the node (`smartnodule run`, a separate process, model
+warm), sends N single-image 2048x2048 phantom studies one after another and
+polls Orthanc's REST API for each study's SR. Prints a table with the stage
+split recorded on each job row, then one JSON line.
+
+    .venv/bin/python -m bench.e2e --n 5
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+from pydicom import dcmread
+from sqlalchemy import select
+
+from inference.phantoms import write_phantom_series
+from node.db import Job, open_database
+from node.orthanc_peer import OrthancPeer, free_port
+
+STORESCU = "/usr/bin/storescu"
+
+
+def wait_listening(port: int, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if subprocess.run(["/usr/bin/echoscu", "-aet", "STORESCU", "127.0.0.1", str(port)], capture_output=True).returncode == 0:
+            return
+        time.sleep(0.3)
+    raise RuntimeError("node did not start")
+
+
+def sr_in_orthanc(client, study_uid: str) -> bool:
+    study = client.studies.lookup(study_uid)
+    if not study:
+        return False
+    return any(client.get(f"series/{s}").json()["MainDicomTags"].get("Modality") == "SR"
+               for s in client.studies.get_series_ids(study))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--n", type=int, default=5)
+    parser.add_argument("--size", type=int, default=2048)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+    files = write_phantom_series(work / "phantoms", args.n, seed0=777000, size=args.size)
+    node_port = free_port()
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    with OrthancPeer(work / "orthanc") as orthanc:
+        node_env = {**env,
+                    "SMARTNODULE_NODE__PORT": str(node_port), "SMARTNODULE_NODE__DATA_DIR": str(work / "node"),
+                    "SMARTNODULE_NODE__ALLOWED_CALLING_AETS": '["STORESCU"]',
+                    "SMARTNODULE_WORKER__POLL_INTERVAL_S": "0.02",
+                    "SMARTNODULE_DESTINATIONS": json.dumps([{"name": "orthanc", "ae_title": "ORTHANC",
+                                                             "host": "127.0.0.1", "port": orthanc.dicom_port}])}
+        node = subprocess.Popen([sys.executable, "-m", "node.cli", "run"], env=node_env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_listening(node_port)
+            client = orthanc.client
+            latencies = []
+            for path in files:
+                study_uid = str(dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+                start = time.perf_counter()
+                subprocess.run([STORESCU, "-aet", "STORESCU", "-aec", "SMARTNODULE", "127.0.0.1", str(node_port),
+                                str(path)], check=True, env=env, capture_output=True)
+                while not sr_in_orthanc(client, study_uid):
+                    if time.perf_counter() - start > 120:
+                        raise RuntimeError(f"no SR in Orthanc for {path.name} after 120 s")
+                    time.sleep(0.02)
+                latencies.append(time.perf_counter() - start)
+            peak_rss = psutil.Process(node.pid).memory_info().rss / 2**20
+        finally:
+            node.terminate()
+            node.wait(timeout=60)
+    sessions = open_database(f"sqlite:///{work / 'node' / 'smartnodule.db'}")
+    with sessions() as session:
+        stages = [json.loads(j.stage_seconds) for j in session.scalars(select(Job).order_by(Job.id))]
+    print(f"{'#':>2}  {'e2e s':>6}  " + "  ".join(f"{k:>10}" for k in stages[0]))
+    for i, (latency, split) in enumerate(zip(latencies, stages)):
+        print(f"{i:>2}  {latency:6.2f}  " + "  ".join(f"{v:10.3f}" for v in split.values()))
+    ordered = sorted(latencies)
+    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+    print(json.dumps({"bench": "e2e", "median_s": round(statistics.median(latencies), 3), "p95_s": round(p95, 3),
+                      "n": len(latencies), "size": args.size, "node_rss_mb": round(peak_rss),
+                      "load1": round(os.getloadavg()[0], 2)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
