@@ -67,7 +67,7 @@ def encode_results(source: pydicom.Dataset, image: PreparedImage, prediction: Pr
     _validate(source, image, prediction, review, similar_cases, institution_name)
     version = prediction.model.version
     sop_uid = source.SOPInstanceUID
-    sr = build_sr(source, image, prediction, review=review,
+    sr = build_sr(source, prediction, review=review,
                   uids=output_uids(sop_uid, version, "sr"), institution_name=institution_name)
     heatmap = build_heatmap_sc(source, image, prediction,
                                uids=output_uids(sop_uid, version, "heatmap"),

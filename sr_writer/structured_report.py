@@ -13,7 +13,7 @@ import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from inference.types import Location, PreparedImage, Prediction
+from inference.types import Location, Prediction
 from sr_writer.uids import OutputUids, derive_uid, device_uid
 
 MANUFACTURER = "SmartNodule"
@@ -39,7 +39,7 @@ IMAGE_TRACKING_ID = "SmartNodule image result"
 ROI_TRACKING_ID = "SmartNodule nodule 1"
 
 
-def build_sr(source: pydicom.Dataset, image: PreparedImage, prediction: Prediction, *,
+def build_sr(source: pydicom.Dataset, prediction: Prediction, *,
              review: bool, uids: OutputUids, institution_name: str | None) -> hd.sr.Comprehensive3DSR:
     """The SR for `prediction` on `source`; inputs are validated by the caller."""
     model = prediction.model
