@@ -7,7 +7,7 @@ DEBS := dcmtk orthanc poppler-utils
 export TCP_NODELAY := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: demo test bench system-packages clean
+.PHONY: demo test bench gpu-check system-packages clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,10 +24,16 @@ system-packages:
 	fi
 
 demo: system-packages $(STAMP)
-	$(VENV)/bin/smartnodule demo
+	$(VENV)/bin/smartnodule demo $(ARGS)
 
 test: system-packages $(STAMP)
 	$(PY) -m pytest -rs tests
+
+bench: system-packages $(STAMP)
+	$(PY) -m bench.e2e --n 5
+
+gpu-check: $(STAMP)
+	$(PY) -m inference.gpu_check
 
 clean:
 	rm -rf $(VENV) var test-output
