@@ -395,8 +395,8 @@ def generate_phantom(seed: int, size: int = 2048, *, nodule: bool | None = None,
 def default_window(pixels: np.ndarray) -> tuple[float, float]:
     """Window (centre, width) a vendor would store: the 0.5-99.5 percentile range of the image."""
     lo, hi = np.percentile(pixels[::4, ::4], [0.5, 99.5])
-    width = max(float(hi - lo), 2.0)
-    return float(lo) + width / 2.0, width
+    lo, width = math.floor(lo), max(math.ceil(hi) - math.floor(lo), 2)  # exact in a DS string
+    return lo + width / 2.0, float(width)
 
 
 def _code(value: str, scheme: str, meaning: str) -> pydicom.Dataset:

@@ -1,0 +1,338 @@
+"""Validation and preprocessing of a DICOM chest radiograph for the model.
+
+This module owns the step from a received dataset to a `PreparedImage`: decide
+whether the instance is a chest radiograph the model reads, decode the pixels
+once, apply the modality LUT, the VOI LUT or window (or a percentile window),
+undo MONOCHROME1, and letterbox into the square model input. The array-level
+step (`prepare_array`) and the letterbox geometry are shared with training and
+with the predictor, so train and serve see the same pixels.
+
+What is accepted:
+- Modality CR or DX, with BodyPartExamined CHEST, THORAX or LUNG, or absent
+  (many CR devices leave it empty; flagged `body_part_missing`).
+- Modality SC or OT (digitised films, screenshots) only when BodyPartExamined is
+  explicitly chest-like (flagged `secondary_capture`); anything else is SKIPPED.
+- ViewPosition PA or AP (AP flagged `ap_view`), or absent (flagged
+  `view_position_missing`); lateral and other views are SKIPPED.
+- One frame, one sample per pixel, MONOCHROME1/2, 8-32 bits allocated, signed or
+  not, any size whose shorter side is at least `MIN_SIDE_PX`, any transfer
+  syntax that pydicom's pixel handlers decode (pylibjpeg: JPEG, JPEG-LS,
+  JPEG 2000, RLE).
+
+`NotApplicable` (job SKIPPED) and `Unreadable` (job REJECTED) carry a reason
+"code: detail" whose code is stable: not_an_image, modality_not_supported,
+body_part_not_chest, lateral_view, view_not_supported, multi_frame,
+photometric_not_supported (NotApplicable); too_small, bits_not_supported,
+pixel_data_truncated, pixel_data_unreadable, no_dynamic_range (Unreadable).
+Presentation LUT Shape is not applied: MONOCHROME1 alone decides inversion.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import pydicom
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.uid import (JPEG2000, HTJ2K, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless,
+                         UID)
+
+from inference.phantoms import Phantom, default_window
+from inference.types import NotApplicable, PreparedImage, Unreadable
+
+MODEL_INPUT_SIZE = 512
+MIN_SIDE_PX = 256
+
+ACCEPTED_MODALITIES = frozenset({"CR", "DX"})
+CAPTURE_MODALITIES = frozenset({"SC", "OT"})
+CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG"})
+FRONTAL_VIEWS = frozenset({"PA", "AP"})
+LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL", "LLD", "RLD"})
+LOSSY_SYNTAXES = frozenset({JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless, JPEG2000, HTJ2K})
+
+SATURATED_FRACTION = 0.3  # share of pixels clipped by the window
+LOW_RANGE_LEVELS = 32  # stored levels between the 1st and 99th percentile
+LOW_RANGE_DISPLAY = 0.15  # display contrast between the 1st and 99th percentile
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """Where a source image of `source_shape` lies inside the square model input.
+
+    Pixel-centre convention, as cv2.resize: model = (source + 0.5) * scale - 0.5 + offset.
+    """
+
+    source_shape: tuple[int, int]
+    input_size: int
+    top: int
+    left: int
+    height: int
+    width: int
+
+    @property
+    def scale_row(self) -> float:
+        return self.height / self.source_shape[0]
+
+    @property
+    def scale_col(self) -> float:
+        return self.width / self.source_shape[1]
+
+
+def letterbox(source_shape: tuple[int, int], input_size: int) -> Letterbox:
+    """Geometry of the aspect-preserving fit of `source_shape` into input_size x input_size, centred."""
+    rows, cols = int(source_shape[0]), int(source_shape[1])
+    if rows < 1 or cols < 1:
+        raise ValueError(f"source_shape must be positive, got {source_shape}")
+    if input_size < 1:
+        raise ValueError(f"input_size must be positive, got {input_size}")
+    scale = input_size / max(rows, cols)
+    height = min(input_size, max(1, round(rows * scale)))
+    width = min(input_size, max(1, round(cols * scale)))
+    return Letterbox((rows, cols), input_size, (input_size - height) // 2, (input_size - width) // 2,
+                     height, width)
+
+
+def source_to_model(row: float, col: float, radius: float, *, source_shape: tuple[int, int],
+                    input_size: int) -> tuple[float, float, float]:
+    """Map a point and radius from source pixels to model-input pixels."""
+    lb = letterbox(source_shape, input_size)
+    return ((row + 0.5) * lb.scale_row - 0.5 + lb.top, (col + 0.5) * lb.scale_col - 0.5 + lb.left,
+            radius * (lb.scale_row + lb.scale_col) / 2.0)
+
+
+def model_to_source(row: float, col: float, radius: float, *, source_shape: tuple[int, int],
+                    input_size: int) -> tuple[float, float, float]:
+    """Map a point and radius from model-input pixels back to source pixels."""
+    lb = letterbox(source_shape, input_size)
+    return ((row - lb.top + 0.5) / lb.scale_row - 0.5, (col - lb.left + 0.5) / lb.scale_col - 0.5,
+            radius * 2.0 / (lb.scale_row + lb.scale_col))
+
+
+def model_map_to_source(model_map: np.ndarray, source_shape: tuple[int, int], input_size: int) -> np.ndarray:
+    """Resample a square map over the model input (any resolution, e.g. a stride-4 heatmap)
+    to the source geometry: crop the letterbox content, resize bilinearly. Returns float32."""
+    if model_map.ndim != 2 or model_map.shape[0] != model_map.shape[1]:
+        raise ValueError(f"model_map must be a square 2-D array, got shape {model_map.shape}")
+    m = model_map.astype(np.float32, copy=False)
+    if m.shape[0] != input_size:
+        m = cv2.resize(m, (input_size, input_size), interpolation=cv2.INTER_LINEAR)
+    lb = letterbox(source_shape, input_size)
+    content = m[lb.top:lb.top + lb.height, lb.left:lb.left + lb.width]
+    return cv2.resize(content, (lb.source_shape[1], lb.source_shape[0]), interpolation=cv2.INTER_LINEAR)
+
+
+def prepare_array(display_float: np.ndarray, input_size: int) -> np.ndarray:
+    """The model's view of a VOI-applied image in [0, 1] (bright = dense, any geometry).
+
+    Letterbox with cv2.INTER_AREA (centred, zero padding), then per-image 1-99
+    percentile normalisation of the content, clipped to [0, 1]. float32
+    (input_size, input_size).
+    """
+    if display_float.ndim != 2:
+        raise ValueError(f"display_float must be 2-D, got shape {display_float.shape}")
+    lb = letterbox(display_float.shape, input_size)
+    src = display_float.astype(np.float32, copy=False)
+    content = cv2.resize(src, (lb.width, lb.height), interpolation=cv2.INTER_AREA)
+    p1, p99 = np.percentile(content, [1.0, 99.0])
+    content = (content - np.float32(p1)) / np.float32(max(p99 - p1, 1e-6))
+    np.clip(content, 0.0, 1.0, out=content)
+    out = np.zeros((input_size, input_size), np.float32)
+    out[lb.top:lb.top + lb.height, lb.left:lb.left + lb.width] = content
+    return out
+
+
+def phantom_model_input(phantom: Phantom, input_size: int) -> tuple[np.ndarray, float]:
+    """What `prepare(phantom_dataset(phantom))` gives the model, without the DICOM round trip.
+
+    Returns (model_input, scale); model coords = (phantom coords + 0.5) * scale - 0.5.
+    """
+    centre, width = default_window(phantom.pixels)
+    display = _window_linear(phantom.pixels.astype(np.float32), centre, width)
+    return prepare_array(display, input_size), input_size / phantom.pixels.shape[0]
+
+
+def prepare(ds: pydicom.Dataset, *, input_size: int = MODEL_INPUT_SIZE) -> PreparedImage:
+    """Validate `ds` as a chest radiograph and prepare it; raises NotApplicable or Unreadable."""
+    flags = _validate(ds)
+    stored = _decode(ds)
+    lo, hi = stored.min(), stored.max()
+    if lo == hi:
+        raise Unreadable(f"no_dynamic_range: every pixel is {lo}")
+    step = max(1, min(stored.shape) // 512)
+    values = _modality(ds, stored)
+    display, window_flags = _voi(ds, values, step)
+    if str(ds.PhotometricInterpretation) == "MONOCHROME1":
+        np.subtract(np.float32(1.0), display, out=display)
+    flags += window_flags + _quality(ds, stored, display, step)
+    model_input = prepare_array(display, input_size)
+    display_u8 = np.empty(display.shape, np.uint8)
+    np.multiply(display, np.float32(255.0), out=display)
+    np.add(display, np.float32(0.5), out=display)
+    display_u8[...] = display
+    spacing, spacing_flags = _spacing(ds)
+    return PreparedImage(sop_instance_uid=str(ds.get("SOPInstanceUID", "")), display=display_u8,
+                         model_input=model_input, pixel_spacing_mm=spacing,
+                         quality_flags=tuple(flags + spacing_flags))
+
+
+def _text(ds: pydicom.Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    return "" if value is None else str(value).strip().upper()
+
+
+def _validate(ds: pydicom.Dataset) -> list[str]:
+    """Checks that need no pixel decoding; returns quality flags."""
+    flags: list[str] = []
+    if "PixelData" not in ds:
+        other = next((k for k in ("FloatPixelData", "DoubleFloatPixelData") if k in ds), None)
+        raise NotApplicable(f"not_an_image: {other} not supported" if other else "not_an_image: no Pixel Data")
+    modality = _text(ds, "Modality")
+    body_part = _text(ds, "BodyPartExamined")
+    if modality in CAPTURE_MODALITIES:
+        if body_part not in CHEST_BODY_PARTS:
+            raise NotApplicable(f"modality_not_supported: {modality} without a chest BodyPartExamined")
+        flags.append("secondary_capture")
+    elif modality not in ACCEPTED_MODALITIES:
+        raise NotApplicable(f"modality_not_supported: {modality or '(none)'}")
+    if not body_part:
+        flags.append("body_part_missing")
+    elif body_part not in CHEST_BODY_PARTS:
+        raise NotApplicable(f"body_part_not_chest: {body_part}")
+    view = _text(ds, "ViewPosition")
+    if view in LATERAL_VIEWS:
+        raise NotApplicable(f"lateral_view: ViewPosition {view}")
+    if not view:
+        flags.append("view_position_missing")
+    elif view not in FRONTAL_VIEWS:
+        raise NotApplicable(f"view_not_supported: ViewPosition {view}")
+    elif view == "AP":
+        flags.append("ap_view")
+    frames = ds.get("NumberOfFrames")
+    if frames not in (None, "") and int(frames) > 1:
+        raise NotApplicable(f"multi_frame: {int(frames)} frames")
+    photometric = _text(ds, "PhotometricInterpretation")
+    if photometric not in ("MONOCHROME1", "MONOCHROME2") or int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise NotApplicable(f"photometric_not_supported: {photometric or '(none)'}")
+    rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    if min(rows, cols) < MIN_SIDE_PX:
+        raise Unreadable(f"too_small: {rows}x{cols}")
+    bits = int(ds.get("BitsAllocated") or 0)
+    if bits not in (8, 16, 32):
+        raise Unreadable(f"bits_not_supported: BitsAllocated {bits}")
+    syntax = _transfer_syntax(ds)
+    if syntax is not None and not syntax.is_encapsulated:
+        expected = rows * cols * bits // 8
+        if len(ds.PixelData) < expected:
+            raise Unreadable(f"pixel_data_truncated: {len(ds.PixelData)} of {expected} bytes")
+    if _text(ds, "PresentationIntentType") == "FOR PROCESSING":
+        flags.append("for_processing")
+    if _text(ds, "LossyImageCompression") == "01" or syntax in LOSSY_SYNTAXES:
+        flags.append("lossy_compressed")
+    return flags
+
+
+def _transfer_syntax(ds: pydicom.Dataset) -> UID | None:
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    return UID(syntax) if syntax else None
+
+
+def _decode(ds: pydicom.Dataset) -> np.ndarray:
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # any decoder failure is an unreadable instance
+        detail = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+        raise Unreadable(f"pixel_data_unreadable: {detail[:200]}") from exc
+    if arr.ndim != 2:
+        raise Unreadable(f"pixel_data_unreadable: decoded shape {arr.shape}")
+    return arr
+
+
+def _modality(ds: pydicom.Dataset, stored: np.ndarray) -> np.ndarray:
+    """Modality LUT or rescale, as float32."""
+    if "ModalityLUTSequence" in ds:
+        return apply_modality_lut(stored, ds).astype(np.float32)
+    values = stored.astype(np.float32)
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    if slope != 1.0:
+        values *= np.float32(slope)
+    if intercept != 0.0:
+        values += np.float32(intercept)
+    return values
+
+
+def _first(value: object) -> float:
+    return float(value[0]) if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else float(value)
+
+
+def _window_linear(values: np.ndarray, centre: float, width: float) -> np.ndarray:
+    """DICOM LINEAR window (PS3.3 C.11.2.1.2.1) to [0, 1], float32, in place when possible."""
+    if width <= 1.0:
+        return (values > centre - 0.5).astype(np.float32)
+    out = values if values.dtype == np.float32 else values.astype(np.float32)
+    out -= np.float32(centre - 0.5)
+    out *= np.float32(1.0 / (width - 1.0))
+    out += np.float32(0.5)
+    np.clip(out, 0.0, 1.0, out=out)
+    return out
+
+
+def _voi(ds: pydicom.Dataset, values: np.ndarray, step: int) -> tuple[np.ndarray, list[str]]:
+    """VOI LUT, window (LINEAR, LINEAR_EXACT, SIGMOID) or a 0.5-99.5 percentile window, to [0, 1]."""
+    if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
+        item = ds.VOILUTSequence[0]
+        n, first = int(item.LUTDescriptor[0]) or 65536, int(item.LUTDescriptor[1])
+        table = apply_voi_lut(np.arange(first, first + n), ds, prefer_lut=True).astype(np.float32)
+        out = apply_voi_lut(values, ds, prefer_lut=True).astype(np.float32)
+        lo, hi = float(table.min()), float(table.max())
+        out -= np.float32(lo)
+        out *= np.float32(1.0 / max(hi - lo, 1e-6))
+        return out, []
+    if ds.get("WindowCenter") not in (None, "") and ds.get("WindowWidth") not in (None, ""):
+        centre, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+        function = _text(ds, "VOILUTFunction") or "LINEAR"
+        if width > 0 and math.isfinite(centre) and math.isfinite(width):
+            if function == "SIGMOID":
+                return (1.0 / (1.0 + np.exp(-4.0 * (values - centre) / width))).astype(np.float32), []
+            if function == "LINEAR_EXACT":
+                out = (values - np.float32(centre)) / np.float32(width) + np.float32(0.5)
+                return np.clip(out, 0.0, 1.0, out=out), []
+            return _window_linear(values, centre, width), []
+    lo, hi = np.percentile(values[::step, ::step], [0.5, 99.5])
+    if hi <= lo:
+        lo, hi = float(values.min()), float(values.max())
+    out = values - np.float32(lo)
+    out *= np.float32(1.0 / (hi - lo))
+    np.clip(out, 0.0, 1.0, out=out)
+    return out, ["default_window"]
+
+
+def _quality(ds: pydicom.Dataset, stored: np.ndarray, display: np.ndarray, step: int) -> list[str]:
+    sub = display[::step, ::step]
+    d1, d99 = np.percentile(sub, [1.0, 99.0])
+    if d99 - d1 <= 0.0:
+        raise Unreadable("no_dynamic_range: 98% of pixels display alike")
+    flags = []
+    if np.count_nonzero((sub <= 0.0) | (sub >= 1.0)) > SATURATED_FRACTION * sub.size:
+        flags.append("saturated_exposure")
+    s1, s99 = np.percentile(stored[::step, ::step], [1.0, 99.0])
+    if d99 - d1 < LOW_RANGE_DISPLAY or s99 - s1 < LOW_RANGE_LEVELS:
+        flags.append("low_dynamic_range")
+    return flags
+
+
+def _spacing(ds: pydicom.Dataset) -> tuple[tuple[float, float] | None, list[str]]:
+    for keyword, flags in (("PixelSpacing", []), ("ImagerPixelSpacing", ["spacing_at_detector"])):
+        value = ds.get(keyword)
+        if value is None or value == "":
+            continue
+        try:
+            row, col = float(value[0]), float(value[1])
+        except (TypeError, ValueError, IndexError):
+            return None, ["invalid_pixel_spacing"]
+        if row > 0 and col > 0 and math.isfinite(row) and math.isfinite(col):
+            return (row, col), flags
+        return None, ["invalid_pixel_spacing"]
+    return None, ["no_pixel_spacing"]
