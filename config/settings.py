@@ -104,12 +104,25 @@ class WebSettings(_Section):
     host: str = "127.0.0.1"
     port: Port = 8080
     secret_key: str = ""
+    session_max_age_s: int = Field(default=8 * 3600, ge=60)
+    secure_cookies: bool = False
+    login_max_attempts: int = Field(default=5, ge=1)
+    login_window_s: float = Field(default=300.0, gt=0)
 
     @model_validator(mode="after")
     def _secret_key_when_enabled(self) -> "WebSettings":
         if self.enabled and len(self.secret_key) < 32:
             raise ValueError("secret_key must be a random string of at least 32 characters when the web app is enabled")
         return self
+
+
+class RetrievalSettings(_Section):
+    """Similar-case retrieval over the embeddings of past cases."""
+
+    k: int = Field(default=5, ge=1, le=50)
+    ivf_threshold: int = Field(default=20000, ge=1)
+    nlist: int = Field(default=256, ge=1)
+    nprobe: int = Field(default=16, ge=1)
 
 
 class Settings(BaseSettings):
@@ -125,6 +138,7 @@ class Settings(BaseSettings):
     delivery: DeliverySettings = DeliverySettings()
     destinations: list[Destination] = []
     web: WebSettings = WebSettings()
+    retrieval: RetrievalSettings = RetrievalSettings()
 
     @model_validator(mode="after")
     def _unique_destination_names(self) -> "Settings":
