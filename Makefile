@@ -7,7 +7,7 @@ DEBS := dcmtk orthanc poppler-utils dicom3tools chromium
 export TCP_NODELAY := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: demo test bench gpu-check system-packages clean
+.PHONY: demo test bench gpu-check system-packages postgres clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,10 +23,21 @@ system-packages:
 	  else echo "missing Debian packages:$$missing (run as root, or apt-get install them)"; fi; \
 	fi
 
+# Tests use a PostgreSQL on 127.0.0.1:5432 (user postgres); start one when none answers.
+postgres:
+	@if ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "PostgreSQL is not answering on 127.0.0.1:5432 (start it, or run as root)"; exit 0; fi; \
+	  dpkg -s postgresql >/dev/null 2>&1 || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql; }; \
+	  version=$$(ls /etc/postgresql | sort -n | tail -1); \
+	  pg_ctlcluster --skip-systemctl-redirect $$version main start || true; \
+	  for i in $$(seq 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done; \
+	  su postgres -c "psql -q -c \"ALTER USER postgres PASSWORD 'postgres'\""; \
+	fi
+
 demo: system-packages $(STAMP)
 	$(VENV)/bin/smartnodule demo $(ARGS)
 
-test: system-packages $(STAMP)
+test: system-packages postgres $(STAMP)
 	$(PY) -m pytest -rs tests
 
 bench: system-packages $(STAMP)

@@ -69,3 +69,41 @@ def wait_for(predicate, timeout_s: float, interval_s: float = 0.1, message: str 
             return value
         time.sleep(interval_s)
     pytest.fail(f"timed out after {timeout_s} s waiting for {message}")
+
+
+POSTGRES_ADMIN_URL = os.environ.get("SMARTNODULE_TEST_POSTGRES_URL",
+                                    "postgresql+psycopg://postgres:postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> str:
+    """The admin URL of the PostgreSQL that `make test` ensures on 127.0.0.1:5432."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import OperationalError
+
+    engine = create_engine(POSTGRES_ADMIN_URL)
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("select 1"))
+    except OperationalError as exc:
+        pytest.skip(f"no PostgreSQL at {POSTGRES_ADMIN_URL.split('@')[-1]} (make test starts one): {exc.orig}")
+    finally:
+        engine.dispose()
+    return POSTGRES_ADMIN_URL
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
+    import uuid
+
+    from sqlalchemy import create_engine, text
+
+    name = f"smartnodule_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(postgres_server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    yield postgres_server.rsplit("/", 1)[0] + f"/{name}"
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()

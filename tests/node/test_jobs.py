@@ -20,9 +20,12 @@ def instance(n: int) -> ReceivedInstance:
         calling_aet="STORESCU", spool_path=f"/spool/{n}.dcm", size_bytes=100)
 
 
-@pytest.fixture
-def sessions(tmp_path):
-    return open_database(f"sqlite:///{tmp_path / 'jobs.db'}")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def sessions(request, tmp_path):
+    """The same queue on the embedded database and on the scale-out one."""
+    if request.param == "sqlite":
+        return open_database(f"sqlite:///{tmp_path / 'jobs.db'}")
+    return open_database(request.getfixturevalue("postgres_url"))
 
 
 def test_admit_is_idempotent_per_sop_instance(sessions):
