@@ -71,6 +71,11 @@ class Letterbox:
     width: int
 
     @property
+    def scale(self) -> float:
+        """Nominal isotropic scale (model px per source px), e.g. for radii."""
+        return self.input_size / max(self.source_shape)
+
+    @property
     def scale_row(self) -> float:
         return self.height / self.source_shape[0]
 
@@ -93,20 +98,19 @@ def letterbox(source_shape: tuple[int, int], input_size: int) -> Letterbox:
                      height, width)
 
 
-def source_to_model(row: float, col: float, radius: float, *, source_shape: tuple[int, int],
-                    input_size: int) -> tuple[float, float, float]:
-    """Map a point and radius from source pixels to model-input pixels."""
+def source_to_model(row: float, col: float, source_shape: tuple[int, int], input_size: int
+                    ) -> tuple[float, float]:
+    """Map a source pixel coordinate (pixel centres) to model-input pixels; radii scale by
+    `letterbox(source_shape, input_size).scale`."""
     lb = letterbox(source_shape, input_size)
-    return ((row + 0.5) * lb.scale_row - 0.5 + lb.top, (col + 0.5) * lb.scale_col - 0.5 + lb.left,
-            radius * (lb.scale_row + lb.scale_col) / 2.0)
+    return (row + 0.5) * lb.scale_row - 0.5 + lb.top, (col + 0.5) * lb.scale_col - 0.5 + lb.left
 
 
-def model_to_source(row: float, col: float, radius: float, *, source_shape: tuple[int, int],
-                    input_size: int) -> tuple[float, float, float]:
-    """Map a point and radius from model-input pixels back to source pixels."""
+def model_to_source(row: float, col: float, source_shape: tuple[int, int], input_size: int
+                    ) -> tuple[float, float]:
+    """Map a model-input pixel coordinate (pixel centres) back to source pixels."""
     lb = letterbox(source_shape, input_size)
-    return ((row - lb.top + 0.5) / lb.scale_row - 0.5, (col - lb.left + 0.5) / lb.scale_col - 0.5,
-            radius * 2.0 / (lb.scale_row + lb.scale_col))
+    return (row - lb.top + 0.5) / lb.scale_row - 0.5, (col - lb.left + 0.5) / lb.scale_col - 0.5
 
 
 def model_map_to_source(model_map: np.ndarray, source_shape: tuple[int, int], input_size: int) -> np.ndarray:
@@ -164,7 +168,7 @@ def prepare(ds: pydicom.Dataset, *, input_size: int = MODEL_INPUT_SIZE) -> Prepa
     display, window_flags = _voi(ds, values, step)
     if str(ds.PhotometricInterpretation) == "MONOCHROME1":
         np.subtract(np.float32(1.0), display, out=display)
-    flags += window_flags + _quality(ds, stored, display, step)
+    flags += window_flags + _quality(stored, display, step)
     model_input = prepare_array(display, input_size)
     display_u8 = np.empty(display.shape, np.uint8)
     np.multiply(display, np.float32(255.0), out=display)
@@ -309,7 +313,7 @@ def _voi(ds: pydicom.Dataset, values: np.ndarray, step: int) -> tuple[np.ndarray
     return out, ["default_window"]
 
 
-def _quality(ds: pydicom.Dataset, stored: np.ndarray, display: np.ndarray, step: int) -> list[str]:
+def _quality(stored: np.ndarray, display: np.ndarray, step: int) -> list[str]:
     sub = display[::step, ::step]
     d1, d99 = np.percentile(sub, [1.0, 99.0])
     if d99 - d1 <= 0.0:
