@@ -289,7 +289,7 @@ def _voi(ds: pydicom.Dataset, values: np.ndarray, step: int) -> tuple[np.ndarray
         item = ds.VOILUTSequence[0]
         n, first = int(item.LUTDescriptor[0]) or 65536, int(item.LUTDescriptor[1])
         table = apply_voi_lut(np.arange(first, first + n), ds, prefer_lut=True).astype(np.float32)
-        out = apply_voi_lut(values, ds, prefer_lut=True).astype(np.float32)
+        out = apply_voi_lut(np.rint(values).astype(np.int32), ds, prefer_lut=True).astype(np.float32)
         lo, hi = float(table.min()), float(table.max())
         out -= np.float32(lo)
         out *= np.float32(1.0 / max(hi - lo, 1e-6))
