@@ -41,6 +41,7 @@ class OrthancPeer:
     dicom_port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
     modalities: dict[str, tuple[str, str, int]] = field(default_factory=dict)
+    check_called_aet: bool = False
     _process: subprocess.Popen | None = None
 
     @property
@@ -62,7 +63,7 @@ class OrthancPeer:
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
-            "DicomCheckCalledAet": False,
+            "DicomCheckCalledAet": self.check_called_aet,
             "DicomModalities": {name: list(peer) for name, peer in self.modalities.items()},
             "DicomAlwaysAllowStore": True,
             "DicomAlwaysAllowEcho": True,

@@ -8,8 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from config.settings import load_settings
+from node.db import Job, JobState
 from node.orthanc_peer import free_port
 
 os.environ.setdefault("TCP_NODELAY", "1")  # DCMTK tools and Orthanc: no Nagle stall
@@ -53,6 +55,41 @@ def phantom_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def phantom_files(phantom_dir) -> list[Path]:
     return sorted(phantom_dir.rglob("*.dcm"))
+
+
+FINISHED = frozenset({JobState.ENCODED, JobState.SENT, JobState.SKIPPED, JobState.REJECTED, JobState.FAILED,
+                      JobState.FAILED_DELIVERY})
+
+
+def all_jobs(sessions) -> list[Job]:
+    with sessions() as session:
+        return list(session.scalars(select(Job).order_by(Job.id)))
+
+
+def finished_jobs(sessions, count: int, states=FINISHED) -> list[Job] | None:
+    """All jobs, once there are `count` and every one is in `states`; else None."""
+    jobs = all_jobs(sessions)
+    return jobs if len(jobs) >= count and all(j.state in states for j in jobs) else None
+
+
+@pytest.fixture
+def running_node():
+    """Start in-process nodes (model loaded, workers running); all are stopped after the test."""
+    from node.audit import configure_logging
+    from node.service import Node
+
+    nodes = []
+
+    def start(settings, **kwargs):
+        configure_logging(settings.log_dir)
+        node = Node(settings, **kwargs)
+        node.start()
+        nodes.append(node)
+        return node
+
+    yield start
+    for node in nodes:
+        node.stop()
 
 
 def audit_events(settings) -> list[dict]:

@@ -15,28 +15,12 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
-from sqlalchemy import select
-
-from node.audit import configure_logging
-from node.db import Job, JobState, open_database
+from node.db import JobState, open_database
 from node.orthanc_peer import OrthancPeer, free_port, orthanc_available
-from node.service import Node
-from tests.conftest import STORESCU, TEST_OUTPUT, audit_events, require_binary, wait_for
+from tests.conftest import STORESCU, TEST_OUTPUT, all_jobs, audit_events, finished_jobs, require_binary, wait_for
 
 pytestmark = pytest.mark.integration
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
-FINISHED = {JobState.ENCODED, JobState.SENT, JobState.SKIPPED, JobState.REJECTED, JobState.FAILED,
-            JobState.FAILED_DELIVERY}
-
-
-def all_jobs(sessions) -> list[Job]:
-    with sessions() as session:
-        return list(session.scalars(select(Job).order_by(Job.id)))
-
-
-def finished_jobs(sessions, count: int, states=FINISHED):
-    jobs = all_jobs(sessions)
-    return jobs if len(jobs) >= count and all(j.state in states for j in jobs) else None
 
 
 @pytest.fixture
@@ -47,22 +31,6 @@ def orthanc(tmp_path):
     with OrthancPeer(tmp_path / "orthanc", modalities={"smartnodule": ("SMARTNODULE", "127.0.0.1", node_port)}) as peer:
         peer.node_port = node_port
         yield peer
-
-
-@pytest.fixture
-def running_node():
-    nodes = []
-
-    def start(settings, **kwargs) -> Node:
-        configure_logging(settings.log_dir)
-        node = Node(settings, **kwargs)
-        node.start()
-        nodes.append(node)
-        return node
-
-    yield start
-    for node in nodes:
-        node.stop()
 
 
 def orthanc_destination(peer) -> list[dict]:
