@@ -205,14 +205,14 @@ def _attenuation(rng: np.random.Generator, size: int, spacing: float
     p = _anatomy(rng)
     px_mm = p["size"] / spacing
     centre = (size / 2 + rng.uniform(-0.03, 0.03) * size,
-              size * (0.12 + rng.uniform(-0.025, 0.025)) - 10 * (p["size"] - 1) / spacing)
+              size * (0.15 + rng.uniform(-0.025, 0.025)) - 10 * (p["size"] - 1) / spacing)
     theta = math.radians(rng.uniform(-3.0, 3.0))
     frame = _Frame(centre, px_mm, math.cos(theta), math.sin(theta))
     x, y = frame.grid(size)
 
     # torso: elliptic thickness profile whose half-width changes from neck to abdomen
     bh = p["body_half"]
-    half = _profile(y, [-140, -50, -25, 0, 40, 160, 400], [56, 60, bh - 25, bh + 2, bh + 8, bh, bh - 10]
+    half = _profile(y, [-140, -75, -45, -20, 10, 160, 400], [56, 58, 95, bh - 15, bh + 4, bh, bh - 10]
                      ).astype(np.float32)
     depth = _profile(y, [-140, -40, 20, 140, 400], [110, 125, p["depth"] * 0.85, p["depth"],
                                                      p["depth"] * 1.05]).astype(np.float32)
@@ -308,7 +308,10 @@ def _add_nodule(rng: np.random.Generator, att: np.ndarray, lung_mask: np.ndarray
     d_mm = float(diameter_mm) if diameter_mm is not None else float(np.exp(rng.uniform(np.log(5), np.log(30))))
     r_px = d_mm / 2.0 / spacing
     step = max(1, lung_mask.shape[0] // 256)
-    rows, cols = np.nonzero(lung_mask[::step, ::step])
+    sub = lung_mask[::step, ::step].astype(np.uint8)
+    depth = cv2.distanceTransform(sub, cv2.DIST_L2, 3) * step  # pixels to the lung border
+    inside = depth >= min(0.5 * r_px, float(depth.max()))  # centre at least half a radius inside
+    rows, cols = np.nonzero(inside & (sub > 0))
     k = int(rng.integers(len(rows)))
     row = float(rows[k] * step + rng.uniform(0, step))
     col = float(cols[k] * step + rng.uniform(0, step))
