@@ -1,0 +1,41 @@
+"""Similar past cases of a job, joined with their final verdicts: the one place that join is made.
+
+The worker puts the result into the PDF report (`similar_cases`), the review
+page and the API show it with links (`similar_jobs`). The date shown is the
+date the node received the past case (no patient data leaves the database).
+"""
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import sessionmaker
+
+from node.db import Job
+from retrieval.index import CaseIndex
+from review_web.models import outcomes
+from sr_writer.encode import SimilarCase
+
+
+def similar_jobs(sessions: sessionmaker, index: CaseIndex, job_id: int, k: int
+                 ) -> list[tuple[int, SimilarCase]]:
+    """(job id, SimilarCase) of the `k` past cases nearest to `job_id`, most similar first.
+
+    A job without an embedding (not processed yet) has no similar cases.
+    """
+    with sessions() as session:
+        embedding = session.scalar(select(Job.embedding).where(Job.id == job_id))
+        if embedding is None:
+            return []
+        neighbours = index.search(embedding, k, exclude_job_id=job_id)
+        ids = [n.job_id for n in neighbours]
+        jobs = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(ids)))}
+        verdicts = outcomes(session, ids)
+    return [(n.job_id, SimilarCase(study_date=jobs[n.job_id].received_at.date().isoformat(),
+                                   probability=min(max(jobs[n.job_id].probability or 0.0, 0.0), 1.0),
+                                   verdict=verdicts[n.job_id].label,
+                                   similarity=min(max(n.similarity, 0.0), 1.0)))
+            for n in neighbours if n.job_id in jobs]
+
+
+def similar_cases(sessions: sessionmaker, index: CaseIndex, job_id: int, k: int) -> list[SimilarCase]:
+    """The `k` past cases nearest to `job_id` with their final verdicts (for the PDF report)."""
+    return [case for _, case in similar_jobs(sessions, index, job_id, k)]

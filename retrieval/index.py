@@ -1,0 +1,179 @@
+"""The similar-case index: FAISS over the L2-normalised embeddings of past cases, ids = job ids.
+
+Owns how embeddings are searched and kept on disk. Up to `ivf_threshold` cases
+the search is exact (IndexFlatIP in an IndexIDMap2); past it the index is
+rebuilt as an IndexIVFFlat (inner product, `nlist` clusters, `nprobe` searched).
+Inner product of unit vectors is the cosine similarity.
+
+The index lives in `<data_dir>/retrieval/cases.faiss`, written after every
+change to a temporary file that replaces it atomically. It is a cache of the
+database: `rebuild(sessions)` recreates it from the jobs' embeddings of the
+model version in service, since embeddings of another model live in another
+space. Every public method holds one lock, so the worker, the web app and the
+scheduler may share an instance.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+import structlog
+from sqlalchemy import select
+from sqlalchemy.orm import sessionmaker
+
+from config.settings import RetrievalSettings, Settings
+from node.db import Job
+
+log = structlog.get_logger(__name__)
+
+INDEX_FILE = "cases.faiss"
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """A past case near the query: its job id and cosine similarity (inner product)."""
+
+    job_id: int
+    similarity: float
+
+
+class CaseIndex:
+    """Thread-safe FAISS index of case embeddings, persisted in `folder`."""
+
+    def __init__(self, folder: Path, settings: RetrievalSettings) -> None:
+        if settings.nlist > settings.ivf_threshold:
+            raise ValueError(f"retrieval.nlist ({settings.nlist}) must not exceed "
+                             f"retrieval.ivf_threshold ({settings.ivf_threshold})")
+        self._folder = Path(folder)
+        self._settings = settings
+        self._lock = threading.Lock()
+        self._index: faiss.Index | None = None
+        path = self._folder / INDEX_FILE
+        if path.is_file():
+            self._index = faiss.read_index(str(path))
+            self._set_nprobe(self._index)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "CaseIndex":
+        return cls(settings.node.data_dir / "retrieval", settings.retrieval)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return 0 if self._index is None else self._index.ntotal
+
+    @property
+    def is_ivf(self) -> bool:
+        with self._lock:
+            return isinstance(self._index, faiss.IndexIVF)
+
+    def add(self, job_id: int, embedding: np.ndarray | bytes) -> None:
+        """Add (or replace) the embedding of `job_id` and persist the index."""
+        vector = _as_matrix(embedding, "embedding")
+        with self._lock:
+            if self._index is None:
+                self._index = self._flat(vector.shape[1])
+            elif vector.shape[1] != self._index.d:
+                raise ValueError(f"embedding has dimension {vector.shape[1]}, the index {self._index.d}")
+            ids = np.array([job_id], dtype=np.int64)
+            self._index.remove_ids(ids)
+            self._index.add_with_ids(vector, ids)
+            if not isinstance(self._index, faiss.IndexIVF) and self._index.ntotal > self._settings.ivf_threshold:
+                self._index = self._ivf(*_contents(self._index))
+                log.info("retrieval_index_switched_to_ivf", cases=self._index.ntotal)
+            self._save()
+
+    def rebuild(self, sessions: sessionmaker, model_version: str | None = None) -> int:
+        """Recreate the index from the database; returns the number of cases indexed.
+
+        Only jobs of `model_version` (default: that of the most recently encoded
+        job) are taken: another model's embeddings are not comparable.
+        """
+        with sessions() as session:
+            if model_version is None:
+                model_version = session.scalar(
+                    select(Job.model_version).where(Job.embedding.is_not(None))
+                    .order_by(Job.encoded_at.desc(), Job.id.desc()).limit(1))
+            rows = [] if model_version is None else session.execute(
+                select(Job.id, Job.embedding)
+                .where(Job.embedding.is_not(None), Job.model_version == model_version)
+                .order_by(Job.id)).all()
+        ids = np.array([row.id for row in rows], dtype=np.int64)
+        vectors = np.stack([np.frombuffer(row.embedding, dtype=np.float32) for row in rows]) if rows else None
+        with self._lock:
+            if vectors is None:
+                self._index = None
+                (self._folder / INDEX_FILE).unlink(missing_ok=True)
+            elif len(rows) > self._settings.ivf_threshold:
+                self._index = self._ivf(ids, vectors)
+            else:
+                self._index = self._flat(vectors.shape[1])
+                self._index.add_with_ids(vectors, ids)
+            if self._index is not None:
+                self._save()
+        log.info("retrieval_index_rebuilt", cases=len(rows), model_version=model_version)
+        return len(rows)
+
+    def search(self, embedding: np.ndarray | bytes, k: int, exclude_job_id: int | None = None
+               ) -> list[Neighbour]:
+        """The `k` nearest past cases, most similar first, `exclude_job_id` left out."""
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        query = _as_matrix(embedding, "embedding")
+        with self._lock:
+            if self._index is None or self._index.ntotal == 0:
+                return []
+            if query.shape[1] != self._index.d:
+                raise ValueError(f"embedding has dimension {query.shape[1]}, the index {self._index.d}")
+            wanted = min(k + (exclude_job_id is not None), self._index.ntotal)
+            similarities, ids = self._index.search(query, wanted)
+        found = [Neighbour(int(i), float(s)) for s, i in zip(similarities[0], ids[0])
+                 if i != -1 and i != exclude_job_id]
+        return found[:k]
+
+    def _flat(self, dimension: int) -> faiss.Index:
+        return faiss.IndexIDMap2(faiss.IndexFlatIP(dimension))
+
+    def _ivf(self, ids: np.ndarray, vectors: np.ndarray) -> faiss.Index:
+        dimension = vectors.shape[1]
+        nlist = min(self._settings.nlist, len(vectors))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dimension), dimension, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(vectors)
+        index.add_with_ids(vectors, ids)
+        self._set_nprobe(index)
+        return index
+
+    def _set_nprobe(self, index: faiss.Index) -> None:
+        if isinstance(index, faiss.IndexIVF):
+            index.nprobe = self._settings.nprobe
+
+    def _save(self) -> None:
+        self._folder.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(dir=self._folder, prefix=".cases-", suffix=".tmp")
+        os.close(fd)
+        try:
+            faiss.write_index(self._index, temp)
+            with open(temp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(temp, self._folder / INDEX_FILE)
+        except BaseException:
+            Path(temp).unlink(missing_ok=True)
+            raise
+
+
+def _as_matrix(embedding: np.ndarray | bytes, name: str) -> np.ndarray:
+    vector = np.frombuffer(embedding, dtype=np.float32) if isinstance(embedding, bytes) \
+        else np.asarray(embedding, dtype=np.float32)
+    if vector.ndim != 1 or vector.size == 0 or not np.all(np.isfinite(vector)):
+        raise ValueError(f"{name} must be a non-empty finite 1-D vector, got shape {vector.shape}")
+    return np.ascontiguousarray(vector.reshape(1, -1))
+
+
+def _contents(index: faiss.IndexIDMap2) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors) of a flat IndexIDMap2."""
+    ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+    return ids, index.index.reconstruct_n(0, index.ntotal)
