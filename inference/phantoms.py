@@ -103,13 +103,22 @@ def _poly(frame: _Frame, pts_mm: list[tuple[float, float]] | np.ndarray) -> np.n
     return np.round(frame.points(np.asarray(pts_mm, np.float64))).astype(np.int32)
 
 
-def _soft_ellipse(x: np.ndarray, y: np.ndarray, cx: float, cy: float, ax: float, ay: float,
+def _soft_ellipse(x: np.ndarray, y: np.ndarray, frame: _Frame, cx: float, cy: float, ax: float, ay: float,
                   angle_rad: float) -> np.ndarray:
-    """Projected thickness profile sqrt(1 - r^2) of an ellipsoid, in [0, 1]."""
+    """Projected thickness profile sqrt(1 - r^2) of an ellipsoid, in [0, 1] (computed in its bounding box)."""
+    out = np.zeros_like(x)
+    col, row = frame.points(np.array([cx, cy]))
+    reach = max(ax, ay) * frame.px_per_mm + 2
+    r0, r1 = max(0, int(row - reach)), min(x.shape[0], int(row + reach) + 1)
+    c0, c1 = max(0, int(col - reach)), min(x.shape[1], int(col + reach) + 1)
+    if r0 >= r1 or c0 >= c1:
+        return out
+    dx, dy = x[r0:r1, c0:c1] - cx, y[r0:r1, c0:c1] - cy
     c, s = math.cos(angle_rad), math.sin(angle_rad)
-    u = ((x - cx) * c + (y - cy) * s) / ax
-    v = (-(x - cx) * s + (y - cy) * c) / ay
-    return np.sqrt(np.clip(1.0 - u * u - v * v, 0.0, None))
+    u = (dx * c + dy * s) / ax
+    v = (-dx * s + dy * c) / ay
+    out[r0:r1, c0:c1] = np.sqrt(np.clip(1.0 - u * u - v * v, 0.0, None))
+    return out
 
 
 def _lung_outline(side: int, p: dict[str, float]) -> np.ndarray:
@@ -159,16 +168,18 @@ def _rib_paths(side: int, i: int, p: dict[str, float]) -> tuple[np.ndarray, np.n
     return post, ant
 
 
-def _vessel_tree(rng: np.random.Generator, segs: list[tuple[float, ...]], start: tuple[float, float],
+def _vessel_tree(draws: list[float], segs: list[tuple[float, ...]], start: tuple[float, float],
                  angle: float, length: float, diam: float, depth: int) -> None:
-    """Collect segments (x0, y0, x1, y1, diameter) of a branching vessel tree, in mm."""
+    """Collect segments (x0, y0, x1, y1, diameter) of a branching vessel tree, in mm.
+
+    `draws` holds uniform [0, 1) numbers, consumed from the end (drawn in bulk: fast)."""
     if depth == 0 or diam < 0.8:
         return
     end = (start[0] + length * math.cos(angle), start[1] + length * math.sin(angle))
     segs.append((start[0], start[1], end[0], end[1], diam))
     for sgn in (-1.0, 1.0):
-        _vessel_tree(rng, segs, end, angle + sgn * rng.uniform(0.25, 0.6),
-                     length * rng.uniform(0.62, 0.85), diam * rng.uniform(0.62, 0.8), depth - 1)
+        turn, shorten, thin = 0.25 + 0.35 * draws.pop(), 0.62 + 0.23 * draws.pop(), 0.62 + 0.18 * draws.pop()
+        _vessel_tree(draws, segs, end, angle + sgn * turn, length * shorten, diam * thin, depth - 1)
 
 
 def _profile(y: np.ndarray, knots: list[float], values: list[float]) -> np.ndarray:
@@ -231,9 +242,9 @@ def _attenuation(rng: np.random.Generator, size: int, spacing: float
     air = lung_depth * np.sqrt(np.clip(dist / 28.0, 0.0, 1.0))
 
     # heart, aortic knob and superior vena cava displace lung air in projection
-    heart = _soft_ellipse(x, y, p["heart_x"], pl["dome"] - 32, p["heart_w"], p["heart_h"], -0.42)
-    knob = _soft_ellipse(x, y, p["medial_l"] + 4, 58, 16, 15, 0.0)
-    svc = _soft_ellipse(x, y, -p["medial_r"] + 2, 62, 12, 55, 0.0)
+    heart = _soft_ellipse(x, y, frame, p["heart_x"], pl["dome"] - 32, p["heart_w"], p["heart_h"], -0.42)
+    knob = _soft_ellipse(x, y, frame, p["medial_l"] + 4, 58, 16, 15, 0.0)
+    svc = _soft_ellipse(x, y, frame, -p["medial_r"] + 2, 62, 12, 55, 0.0)
     displaced = np.maximum(np.maximum(0.85 * heart ** 0.6, 0.75 * knob), 0.55 * svc)
     air *= 1.0 - displaced
     att -= (MU_TISSUE - MU_LUNG) * air
@@ -250,7 +261,7 @@ def _attenuation(rng: np.random.Generator, size: int, spacing: float
     # stomach gas bubble under the left dome
     if rng.random() < 0.7:
         gx, gy = rng.uniform(50, 85), pl["dome"] + rng.uniform(18, 28)
-        att -= MU_TISSUE * rng.uniform(12, 30) * _soft_ellipse(x, y, gx, gy, rng.uniform(16, 26),
+        att -= MU_TISSUE * rng.uniform(12, 30) * _soft_ellipse(x, y, frame, gx, gy, rng.uniform(16, 26),
                                                                rng.uniform(9, 14), 0.1)
 
     # bones: ribs (cortical margins brighter), clavicles, spine, humeral heads
@@ -285,7 +296,8 @@ def _attenuation(rng: np.random.Generator, size: int, spacing: float
         hil = (side * ((p["medial_l"] if side > 0 else p["medial_r"]) + 12), hy)
         for a in (-2.0, -2.6, 2.8, 2.2):  # up, out, out-down, down (screen-left lung)
             ang = a if side < 0 else math.pi - a
-            _vessel_tree(rng, segs, hil, ang + rng.uniform(-0.15, 0.15), rng.uniform(26, 36),
+            draws = rng.random(6 * 2 ** 7).tolist()
+            _vessel_tree(draws, segs, hil, ang + rng.uniform(-0.15, 0.15), rng.uniform(26, 36),
                          rng.uniform(9, 13), 7)
     seg = np.asarray(segs, np.float64)
     ends = np.round(frame.points(seg[:, :4].reshape(-1, 2, 2))).astype(np.int32)
