@@ -75,9 +75,9 @@ class _Frame:
         row = self.centre[1] + self.px_per_mm * (self.sin * x + self.cos * y)
         return np.stack([col, row], axis=-1)
 
-    def grid(self, size: int, step: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """Anatomical (x, y) mm of every `step`-th pixel centre."""
-        idx = np.arange(0, size, step, dtype=np.float32)
+    def grid(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Anatomical (x, y) mm of every pixel centre of a size x size image."""
+        idx = np.arange(size, dtype=np.float32)
         dc = (idx - self.centre[0])[None, :]
         dr = (idx - self.centre[1])[:, None]
         k = 1.0 / self.px_per_mm
@@ -211,8 +211,8 @@ def _anatomy(rng: np.random.Generator) -> dict[str, float]:
 
 
 def _attenuation(rng: np.random.Generator, size: int, spacing: float
-                 ) -> tuple[np.ndarray, np.ndarray, _Frame]:
-    """Attenuation map (float32), lung mask and the anatomical frame."""
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Attenuation map (float32) and lung mask of one random anatomy."""
     p = _anatomy(rng)
     px_mm = p["size"] / spacing
     centre = (size / 2 + rng.uniform(-0.03, 0.03) * size,
@@ -223,10 +223,9 @@ def _attenuation(rng: np.random.Generator, size: int, spacing: float
 
     # torso: elliptic thickness profile whose half-width changes from neck to abdomen
     bh = p["body_half"]
-    half = _profile(y, [-140, -75, -45, -20, 10, 160, 400], [56, 58, 95, bh - 15, bh + 4, bh, bh - 10]
-                     ).astype(np.float32)
+    half = _profile(y, [-140, -75, -45, -20, 10, 160, 400], [56, 58, 95, bh - 15, bh + 4, bh, bh - 10])
     depth = _profile(y, [-140, -40, 20, 140, 400], [110, 125, p["depth"] * 0.85, p["depth"],
-                                                     p["depth"] * 1.05]).astype(np.float32)
+                                                     p["depth"] * 1.05])
     r = np.abs(x) / half
     body = depth * np.sqrt(np.clip(1.0 - r ** 2.6, 0.0, None))
     att = MU_TISSUE * body
@@ -238,7 +237,7 @@ def _attenuation(rng: np.random.Generator, size: int, spacing: float
               base=p["base"] + p["dome_l_drop"] * 0.5)
     cv2.fillPoly(mask, [_poly(frame, _lung_outline(-1, pr)), _poly(frame, _lung_outline(1, pl))], 1)
     dist = cv2.distanceTransform(mask, cv2.DIST_L2, 3) / px_mm
-    lung_depth = _profile(y, [0, 80, 220], [0.5, 0.85, 1.0]).astype(np.float32) * p["lung_depth"]
+    lung_depth = _profile(y, [0, 80, 220], [0.5, 0.85, 1.0]) * p["lung_depth"]
     air = lung_depth * np.sqrt(np.clip(dist / 28.0, 0.0, 1.0))
 
     # heart, aortic knob and superior vena cava displace lung air in projection
@@ -282,7 +281,7 @@ def _attenuation(rng: np.random.Generator, size: int, spacing: float
     vert_h = 23.0
     phase = np.mod(y + 230.0, vert_h) / vert_h
     disc = np.clip(np.abs(phase - 0.5) * 2 - 0.8, 0, None) * 5.0
-    spine_w = _profile(y, [-140, 100, 400], [15, 19, 24]).astype(np.float32)
+    spine_w = _profile(y, [-140, 100, 400], [15, 19, 24])
     spine = np.sqrt(np.clip(1.0 - (x / spine_w) ** 4, 0.0, None)) * (1.0 - 0.5 * disc)
     pedicle = np.sqrt(np.clip(1.0 - ((np.abs(x) - spine_w * 0.72) / 4.0) ** 2 - ((phase - 0.35) / 0.16) ** 2,
                               0.0, None))
@@ -312,7 +311,7 @@ def _attenuation(rng: np.random.Generator, size: int, spacing: float
     att += vessels + 0.015 * tex * (air / p["lung_depth"])
 
     lung_mask = (mask > 0) & (heart < 0.45)
-    return att.astype(np.float32), lung_mask, frame
+    return att.astype(np.float32), lung_mask
 
 
 def _add_nodule(rng: np.random.Generator, att: np.ndarray, lung_mask: np.ndarray, spacing: float,
@@ -397,7 +396,7 @@ def generate_phantom(seed: int, size: int = 2048, *, nodule: bool | None = None,
     rng = np.random.default_rng([int(seed), 0x5EED])
     spacing = field_mm / size
     has_nodule = bool(rng.random() < 0.5) if nodule is None else bool(nodule)
-    att, lung_mask, _frame = _attenuation(rng, size, spacing)
+    att, lung_mask = _attenuation(rng, size, spacing)
     found = None
     if has_nodule:
         found = _add_nodule(np.random.default_rng([int(seed), 0x40D]), att, lung_mask, spacing, gain,
