@@ -24,7 +24,10 @@ from datetime import datetime
 from sqlalchemy import Boolean, Enum, Float, ForeignKey, Integer, String, Text, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from node.db import Base, utcnow
+from node.db import Base, Job, JobState, utcnow
+
+# Jobs whose results exist: the ones a reviewer can read.
+PROCESSED = (JobState.ENCODED, JobState.DELIVERING, JobState.SENT, JobState.FAILED_DELIVERY)
 
 
 class Role(str, enum.Enum):
@@ -146,3 +149,17 @@ def awaits(outcome: Outcome, user: User) -> bool:
     if outcome.status is Status.FINAL or user.username in outcome.readers:
         return False
     return outcome.status is not Status.NEEDS_ADJUDICATION or user.role is Role.ADJUDICATOR
+
+
+def review_queue(session: Session, user: User) -> list[tuple[Job, Outcome]]:
+    """The processed jobs flagged for review that await `user`'s read, oldest first."""
+    jobs = list(session.scalars(select(Job).where(Job.review_required.is_(True), Job.state.in_(PROCESSED))
+                                .order_by(Job.received_at, Job.id)))
+    states = outcomes(session, [job.id for job in jobs])
+    return [(job, states[job.id]) for job in jobs if awaits(states[job.id], user)]
+
+
+def open_reviews(session: Session) -> int:
+    """How many processed jobs flagged for review have no final verdict yet."""
+    ids = session.scalars(select(Job.id).where(Job.review_required.is_(True), Job.state.in_(PROCESSED))).all()
+    return sum(outcome.status is not Status.FINAL for outcome in outcomes(session, ids).values())

@@ -1,0 +1,393 @@
+"""The review and health web app: server-rendered pages, a small JSON API, /healthz and /metrics.
+
+Owns the routes, who may see them and the session cookie. Pages need a login
+(anonymous visitors are sent to /login); /health and /api/health need the
+admin role; /healthz and /metrics are open (load balancer, Prometheus). The
+API (/api/..., described at /api/openapi.json) takes the session cookie or
+`Authorization: Bearer <api token>`. Every form carries the session's CSRF
+token. URLs carry job ids and UIDs only, never patient data.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated
+
+import pydicom
+import structlog
+from fastapi import APIRouter, Depends, FastAPI, Form, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from sqlalchemy import select
+from sqlalchemy.orm import sessionmaker
+from starlette.middleware.sessions import SessionMiddleware
+
+from config.settings import Settings
+from inference.types import ModelIdentity
+from node.db import Base, Job
+from node.jobs import TransitionError, requeue_delivery
+from retrieval.cases import similar_jobs
+from retrieval.index import CaseIndex
+from review_web import images
+from review_web.health import Health, HealthCollector, collect_health
+from review_web.models import PROCESSED, Role, User, current_reads, decide, final_verdict, record_verdict, review_queue
+from review_web.security import (MIN_SECRET_KEY_LENGTH, LoginLimiter, SecurityHeaders, check_password, csrf_token,
+                                 csrf_valid, user_by_token)
+from sr_writer.encode import SimilarCase
+
+log = structlog.get_logger(__name__)
+
+HERE = Path(__file__).resolve().parent
+UID_PATTERN = r"^[0-9.]{1,64}$"
+
+
+@dataclass
+class WebContext:
+    """What every route needs, kept on `app.state.web`."""
+
+    settings: Settings
+    sessions: sessionmaker
+    index: CaseIndex | None
+    identity: ModelIdentity | None
+    limiter: LoginLimiter
+    templates: Jinja2Templates
+    registry: CollectorRegistry
+    logins: Counter
+    verdicts: Counter
+
+
+class LoginRequired(Exception):
+    """Raised by page dependencies for an anonymous visitor; answered with a redirect to /login."""
+
+
+def create_app(settings: Settings, sessions: sessionmaker, index: CaseIndex | None = None,
+               identity: ModelIdentity | None = None) -> FastAPI:
+    """The web app over the node's database; `index` gives similar cases, `identity` the model in service."""
+    web = settings.web
+    if len(web.secret_key) < MIN_SECRET_KEY_LENGTH:
+        raise ValueError(f"web.secret_key must have at least {MIN_SECRET_KEY_LENGTH} characters")
+    Base.metadata.create_all(sessions.kw["bind"])  # the review tables, when the node created only its own
+    registry = CollectorRegistry()
+    registry.register(HealthCollector(settings, sessions, identity))
+    app = FastAPI(title="SmartNodule review", version="1", docs_url=None, redoc_url=None,
+                  openapi_url="/api/openapi.json")
+    app.state.web = WebContext(
+        settings=settings, sessions=sessions, index=index, identity=identity,
+        limiter=LoginLimiter(web.login_max_attempts, web.login_window_s),
+        templates=Jinja2Templates(directory=HERE / "templates"), registry=registry,
+        logins=Counter("smartnodule_web_logins", "Login attempts by outcome", ["outcome"], registry=registry),
+        verdicts=Counter("smartnodule_verdicts_recorded", "Verdicts recorded", registry=registry),
+    )
+    app.add_middleware(SessionMiddleware, secret_key=web.secret_key, session_cookie="smartnodule_session",
+                       max_age=web.session_max_age_s, same_site="strict", https_only=web.secure_cookies)
+    app.add_middleware(SecurityHeaders)
+    app.add_exception_handler(LoginRequired, lambda request, exc: RedirectResponse("/login", status_code=303))
+    app.add_exception_handler(images.MissingFile,
+                              lambda request, exc: JSONResponse({"detail": str(exc)}, status_code=404))
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    app.include_router(pages)
+    app.include_router(api)
+    return app
+
+
+def _web(request: Request) -> WebContext:
+    return request.app.state.web
+
+
+def _session_user(request: Request) -> User | None:
+    ctx = _web(request)
+    username, login_at = request.session.get("user"), request.session.get("login_at", 0)
+    if username is None:
+        return None
+    if time.time() - login_at > ctx.settings.web.session_max_age_s:
+        request.session.clear()
+        return None
+    with ctx.sessions() as session:
+        return session.scalar(select(User).where(User.username == username))
+
+
+def page_user(request: Request) -> User:
+    user = _session_user(request)
+    if user is None:
+        raise LoginRequired()
+    return user
+
+
+def admin_user(user: Annotated[User, Depends(page_user)]) -> User:
+    if user.role is not Role.ADMIN:
+        raise HTTPException(403, "administrators only")
+    return user
+
+
+def api_user(request: Request) -> User:
+    authorization = request.headers.get("authorization", "")
+    if authorization.lower().startswith("bearer "):
+        with _web(request).sessions() as session:
+            user = user_by_token(session, authorization[7:].strip())
+    else:
+        user = _session_user(request)
+    if user is None:
+        raise HTTPException(401, "log in or send Authorization: Bearer <api token>",
+                            headers={"WWW-Authenticate": "Bearer"})
+    return user
+
+
+def check_csrf(request: Request, csrf_token: Annotated[str, Form()] = "") -> None:
+    if not csrf_valid(request.session, csrf_token):
+        raise HTTPException(403, "missing or wrong CSRF token: reload the page and try again")
+
+
+def _render(request: Request, template: str, user: User | None = None, status_code: int = 200,
+            **context) -> HTMLResponse:
+    return _web(request).templates.TemplateResponse(
+        request, template, {"user": user, "csrf_token": csrf_token(request.session), **context},
+        status_code=status_code)
+
+
+def _client_ip(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+pages = APIRouter(include_in_schema=False)
+
+
+@pages.get("/")
+def index_page() -> RedirectResponse:
+    return RedirectResponse("/queue", status_code=303)
+
+
+@pages.get("/login")
+def login_form(request: Request) -> HTMLResponse:
+    return _render(request, "login.html")
+
+
+@pages.post("/login", dependencies=[Depends(check_csrf)])
+def login(request: Request, username: Annotated[str, Form()], password: Annotated[str, Form()]) -> Response:
+    ctx, ip = _web(request), _client_ip(request)
+    if ctx.limiter.blocked(ip, username):
+        log.warning("login_failed", username=username, client_ip=ip, reason="rate_limited")
+        ctx.logins.labels("rate_limited").inc()
+        return _render(request, "login.html", status_code=429,
+                       error="Too many failed attempts. Wait a few minutes and try again.")
+    with ctx.sessions() as session:
+        user = session.scalar(select(User).where(User.username == username))
+    if not check_password(user, password):
+        ctx.limiter.failed(ip, username)
+        log.warning("login_failed", username=username, client_ip=ip, reason="wrong_credentials")
+        ctx.logins.labels("failed").inc()
+        return _render(request, "login.html", status_code=401, error="Wrong username or password.")
+    ctx.limiter.succeeded(ip, username)
+    request.session.clear()
+    request.session.update(user=user.username, login_at=time.time())
+    log.info("login_succeeded", username=user.username, role=user.role.value, client_ip=ip)
+    ctx.logins.labels("succeeded").inc()
+    return RedirectResponse("/health" if user.role is Role.ADMIN else "/queue", status_code=303)
+
+
+@pages.post("/logout", dependencies=[Depends(check_csrf)])
+def logout(request: Request) -> RedirectResponse:
+    username = request.session.get("user")
+    request.session.clear()
+    if username:
+        log.info("logout_succeeded", username=username)
+    return RedirectResponse("/login", status_code=303)
+
+
+@pages.get("/queue")
+def queue_page(request: Request, user: Annotated[User, Depends(page_user)]) -> HTMLResponse:
+    with _web(request).sessions() as session:
+        items = review_queue(session, user)
+    return _render(request, "queue.html", user, items=items)
+
+
+def _processed_job(request: Request, job_id: int) -> Job:
+    with _web(request).sessions() as session:
+        job = session.get(Job, job_id)
+    if job is None or job.state not in PROCESSED:
+        raise HTTPException(404, f"job {job_id} has no results to review")
+    return job
+
+
+def _similar(request: Request, job_id: int) -> list[tuple[int, SimilarCase]]:
+    ctx = _web(request)
+    if ctx.index is None:
+        return []
+    return similar_jobs(ctx.sessions, ctx.index, job_id, ctx.settings.retrieval.k)
+
+
+@pages.get("/cases/{job_id}")
+def case_page(request: Request, job_id: int, user: Annotated[User, Depends(page_user)]) -> HTMLResponse:
+    job = _processed_job(request, job_id)
+    ds = pydicom.dcmread(job.spool_path, stop_before_pixels=True) if Path(job.spool_path).is_file() else None
+    with _web(request).sessions() as session:
+        reads = current_reads(session, [job_id])[job_id]
+    outcome = decide(reads)
+    return _render(request, "case.html", user, job=job, dataset=ds, outcome=outcome,
+                   reads=reads if user.role is Role.ADJUDICATOR else [],
+                   similar=_similar(request, job_id),
+                   has_report=bool(job.results_dir) and (Path(job.results_dir) / "pdf.dcm").is_file())
+
+
+@pages.get("/cases/{job_id}/image.png")
+def case_image(request: Request, job_id: int, user: Annotated[User, Depends(page_user)]) -> Response:
+    png, _ = images.display_png(images.source_dataset(_processed_job(request, job_id)))
+    return Response(png, media_type="image/png")
+
+
+@pages.get("/cases/{job_id}/overlay.png")
+def case_overlay(request: Request, job_id: int, user: Annotated[User, Depends(page_user)]) -> Response:
+    job = _processed_job(request, job_id)
+    return Response(images.overlay_png(job, images.source_dataset(job)), media_type="image/png")
+
+
+@pages.get("/cases/{job_id}/report.pdf")
+def case_report(request: Request, job_id: int, user: Annotated[User, Depends(page_user)]) -> Response:
+    pdf = images.report_pdf(_processed_job(request, job_id))
+    return Response(pdf, media_type="application/pdf",
+                    headers={"Content-Disposition": f'inline; filename="smartnodule-job-{job_id}.pdf"'})
+
+
+@pages.post("/cases/{job_id}/verdict", dependencies=[Depends(check_csrf)])
+def case_verdict(request: Request, job_id: int, user: Annotated[User, Depends(page_user)],
+                 nodule: Annotated[str, Form()], row: Annotated[str, Form()] = "",
+                 col: Annotated[str, Form()] = "", comment: Annotated[str, Form(max_length=2000)] = ""
+                 ) -> RedirectResponse:
+    if nodule not in ("present", "absent"):
+        raise HTTPException(422, f"nodule must be 'present' or 'absent', got {nodule!r}")
+    job = _processed_job(request, job_id)
+    location = _location(row, col)
+    ctx = _web(request)
+    with ctx.sessions.begin() as session:
+        verdict = record_verdict(session, job.id, user, nodule_present=nodule == "present",
+                                 location=location, comment=comment.strip())
+        outcome = final_verdict(session, job.id)
+        verdict_id = verdict.id
+    log.info("verdict_recorded", job_id=job.id, sop_instance_uid=job.sop_instance_uid, reviewer=user.username,
+             verdict_id=verdict_id, nodule_present=nodule == "present", status=outcome.status.value)
+    ctx.verdicts.inc()
+    return RedirectResponse("/queue", status_code=303)
+
+
+def _location(row: str, col: str) -> tuple[float, float] | None:
+    if not row and not col:
+        return None
+    try:
+        location = float(row), float(col)
+    except ValueError:
+        raise HTTPException(422, f"row and col must be numbers, got {row!r}, {col!r}") from None
+    if min(location) < 0:
+        raise HTTPException(422, f"row and col must not be negative, got {row!r}, {col!r}")
+    return location
+
+
+@pages.get("/health")
+def health_page(request: Request, user: Annotated[User, Depends(admin_user)]) -> HTMLResponse:
+    ctx = _web(request)
+    return _render(request, "health.html", user, health=collect_health(ctx.settings, ctx.sessions, ctx.identity),
+                   destinations=ctx.settings.destinations)
+
+
+@pages.post("/health/resend/{job_id}", dependencies=[Depends(check_csrf)])
+def resend(request: Request, job_id: int, user: Annotated[User, Depends(admin_user)]) -> RedirectResponse:
+    try:
+        previous = requeue_delivery(_web(request).sessions, job_id)
+    except TransitionError as exc:
+        raise HTTPException(409, str(exc)) from None
+    log.info("delivery_requeued", job_id=job_id, previous_state=previous.value, admin=user.username)
+    return RedirectResponse("/health", status_code=303)
+
+
+@pages.get("/healthz")
+def healthz(request: Request) -> JSONResponse:
+    ctx = _web(request)
+    try:
+        health = collect_health(ctx.settings, ctx.sessions, ctx.identity)
+    except Exception as exc:
+        log.error("health_check_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+        return JSONResponse({"status": "down"}, status_code=503)
+    return JSONResponse({"status": health.status, "queue_depth": health.queue_depth, "problems": health.problems})
+
+
+@pages.get("/metrics")
+def metrics(request: Request) -> Response:
+    return Response(generate_latest(_web(request).registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    """A job as the API shows it (no patient data)."""
+
+    job_id: int
+    sop_instance_uid: str
+    study_instance_uid: str
+    state: str
+    reason: str | None
+    received_at: datetime
+    finished_at: datetime | None
+    model_version: str | None
+    probability: float | None
+    uncertainty: float | None
+    positive: bool | None
+    review_required: bool | None
+    review_status: str
+    verdict: str | None
+
+    @classmethod
+    def of(cls, job: Job, status: str, verdict: str | None) -> "JobSummary":
+        return cls(job.id, job.sop_instance_uid, job.study_instance_uid, job.state.value, job.reason,
+                   job.received_at, job.finished_at, job.model_version, job.probability, job.uncertainty,
+                   job.positive, job.review_required, status, verdict)
+
+
+@dataclass(frozen=True)
+class SimilarJob:
+    job_id: int
+    received_date: str
+    probability: float
+    verdict: str | None
+    similarity: float
+
+
+api = APIRouter(prefix="/api", tags=["api"])
+
+
+@api.get("/studies/{study_instance_uid}/jobs", response_model=list[JobSummary])
+def api_study_jobs(request: Request, study_instance_uid: str, user: Annotated[User, Depends(api_user)]
+                   ) -> list[JobSummary]:
+    """The node's jobs for the instances of one study, oldest first, with their review status."""
+    if not study_instance_uid or len(study_instance_uid) > 64 or set(study_instance_uid) - set("0123456789."):
+        raise HTTPException(422, f"study_instance_uid must match {UID_PATTERN}")
+    with _web(request).sessions() as session:
+        jobs = list(session.scalars(select(Job).where(Job.study_instance_uid == study_instance_uid)
+                                    .order_by(Job.received_at, Job.id)))
+        states = {job.id: final_verdict(session, job.id) for job in jobs}
+    return [JobSummary.of(job, states[job.id].status.value, states[job.id].label) for job in jobs]
+
+
+@api.get("/queue", response_model=list[JobSummary])
+def api_queue(request: Request, user: Annotated[User, Depends(api_user)]) -> list[JobSummary]:
+    """The caller's review queue, oldest first."""
+    with _web(request).sessions() as session:
+        items = review_queue(session, user)
+    return [JobSummary.of(job, outcome.status.value, outcome.label) for job, outcome in items]
+
+
+@api.get("/jobs/{job_id}/similar", response_model=list[SimilarJob])
+def api_similar(request: Request, job_id: int, user: Annotated[User, Depends(api_user)]) -> list[SimilarJob]:
+    """Past cases most similar to the job's image, with their final verdicts."""
+    _processed_job(request, job_id)
+    return [SimilarJob(other, case.study_date, case.probability, case.verdict, case.similarity)
+            for other, case in _similar(request, job_id)]
+
+
+@api.get("/health", response_model=Health)
+def api_health(request: Request, user: Annotated[User, Depends(api_user)]) -> Health:
+    """The health page's figures (administrators)."""
+    if user.role is not Role.ADMIN:
+        raise HTTPException(403, "administrators only")
+    ctx = _web(request)
+    return collect_health(ctx.settings, ctx.sessions, ctx.identity)
