@@ -78,7 +78,7 @@ def create_app(settings: Settings, sessions: sessionmaker, index: CaseIndex | No
     app.state.web = WebContext(
         settings=settings, sessions=sessions, index=index, identity=identity,
         limiter=LoginLimiter(web.login_max_attempts, web.login_window_s),
-        templates=Jinja2Templates(directory=HERE / "templates"), registry=registry,
+        templates=_templates(), registry=registry,
         logins=Counter("smartnodule_web_logins", "Login attempts by outcome", ["outcome"], registry=registry),
         verdicts=Counter("smartnodule_verdicts_recorded", "Verdicts recorded", registry=registry),
     )
@@ -92,6 +92,13 @@ def create_app(settings: Settings, sessions: sessionmaker, index: CaseIndex | No
     app.include_router(pages)
     app.include_router(api)
     return app
+
+
+def _templates() -> Jinja2Templates:
+    templates = Jinja2Templates(directory=HERE / "templates")
+    templates.env.filters["dicom_date"] = lambda value: (
+        f"{value[:4]}-{value[4:6]}-{value[6:8]}" if len(value) == 8 and value.isdigit() else value)
+    return templates
 
 
 def _web(request: Request) -> WebContext:
