@@ -125,6 +125,27 @@ class RetrievalSettings(_Section):
     nprobe: int = Field(default=16, ge=1)
 
 
+class AlertSettings(_Section):
+    """Alerts to administrators by webhook and/or e-mail (both off while empty)."""
+
+    webhook_url: str = Field(default="", pattern=r"^(https?://.+)?$")
+    smtp_host: str = ""
+    smtp_port: Port = 25
+    mail_from: str = ""
+    mail_to: list[str] = []
+    check_interval_s: float = Field(default=60.0, gt=0)
+    repeat_after_s: float = Field(default=3600.0, ge=0)
+    failed_jobs_per_destination: int = Field(default=1, ge=1)
+    queue_depth_max: int = Field(default=100, ge=1)
+    disk_free_min_gb: float = Field(default=5.0, ge=0)
+
+    @model_validator(mode="after")
+    def _mail_complete(self) -> "AlertSettings":
+        if self.mail_to and not (self.smtp_host and self.mail_from):
+            raise ValueError("mail_to needs smtp_host and mail_from")
+        return self
+
+
 class Settings(BaseSettings):
     """All settings of one node."""
 
@@ -139,6 +160,7 @@ class Settings(BaseSettings):
     destinations: list[Destination] = []
     web: WebSettings = WebSettings()
     retrieval: RetrievalSettings = RetrievalSettings()
+    alerts: AlertSettings = AlertSettings()
 
     @model_validator(mode="after")
     def _unique_destination_names(self) -> "Settings":
