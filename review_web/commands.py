@@ -34,10 +34,10 @@ def register(subparsers) -> None:
 
 
 def _open(config: Path | None):
+    """Settings, logging and the database (with the review tables: review_web.models is imported above)."""
     from config.settings import load_settings
     from node.audit import configure_logging
     from node.db import open_database
-    import review_web.models  # noqa: F401  (its tables join the schema that open_database creates)
 
     settings = load_settings(config)
     settings.node.data_dir.mkdir(parents=True, exist_ok=True)

@@ -81,8 +81,6 @@ def node(tmp_path, case_files) -> Node:
                                   "login_max_attempts": 3},
                              destinations=[{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": 4242}])
     settings.node.data_dir.mkdir(parents=True)
-    import review_web.models  # noqa: F401  (tables)
-
     sessions = open_database(settings.database_url)
     now = utcnow()
     job_ids = []
