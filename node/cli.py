@@ -140,9 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-running", action="store_true")
     p.set_defaults(func=cmd_demo)
 
-    from inference.commands import register
+    from inference.commands import register as register_inference
+    from review_web.commands import register as register_web
 
-    register(sub)
+    register_inference(sub)
+    register_web(sub)
     return parser
 
 

@@ -25,6 +25,8 @@ from node.db import DeliveryState, Job, JobState, utcnow
 from node.jobs import Claim, ensure_deliveries, transition
 from node.scu import AssociationFailed, send_files
 from node.spool import checked_uid, write_atomic
+from retrieval.cases import similar_cases
+from retrieval.index import CaseIndex
 from sr_writer.encode import encode_results
 
 log = structlog.get_logger(__name__)
@@ -57,10 +59,11 @@ def backoff_s(attempt: int, initial: float, ceiling: float) -> float:
 class Processor:
     """Validate, prepare, predict, explain and encode one claimed job."""
 
-    def __init__(self, settings: Settings, sessions: sessionmaker, detector) -> None:
+    def __init__(self, settings: Settings, sessions: sessionmaker, detector, index: CaseIndex) -> None:
         self._settings = settings
         self._sessions = sessions
         self._detector = detector
+        self._index = index
 
     def run(self, claim: Claim) -> JobState:
         with self._sessions() as session:
@@ -77,8 +80,11 @@ class Processor:
                 image = prepare(source, input_size=self._detector.input_size)
             with timer.stage("predict"):
                 prediction = self._detector.predict(image)
+            with timer.stage("similar"):
+                similar = similar_cases(self._sessions, self._index, prediction.embedding,
+                                        self._settings.retrieval.k, exclude_job_id=claim.job_id)
             with timer.stage("encode"):
-                results = encode_results(source, image, prediction, review=prediction.review)
+                results = encode_results(source, image, prediction, review=prediction.review, similar_cases=similar)
                 folder = self._settings.results_dir / checked_uid(sop_uid, "SOP Instance UID")
                 for name, dataset in zip(RESULT_FILES, results.all()):
                     write_atomic(folder / f"{name}.dcm", _encode_file(dataset))
@@ -110,6 +116,7 @@ class Processor:
                 stage_seconds=timer.json(),
             )
             ensure_deliveries(session, job, [d.name for d in self._settings.destinations])
+        self._index.add(claim.job_id, prediction.embedding)
         bound.info("job_encoded", probability=round(float(prediction.probability), 4),
                    uncertainty=round(float(prediction.uncertainty), 4), positive=bool(prediction.positive),
                    review=bool(prediction.review), model_version=model.version, seconds=timer.seconds)

@@ -19,6 +19,10 @@ from node.jobs import DELIVER, PROCESS, Claim, claim, lease_owner, release_dead_
 from node.pipeline import Deliverer, Processor
 from node.scp import StorageSCP
 from node.spool import Spool
+from retrieval.index import CaseIndex
+from review_web import models as review_models  # noqa: F401  (its tables are created with the node's)
+from review_web.alerts import Alerter
+from review_web.server import WebServer
 
 log = structlog.get_logger(__name__)
 class WorkLoop(threading.Thread):
@@ -53,6 +57,9 @@ class Node:
         for folder in (settings.node.data_dir, settings.spool_dir, settings.results_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self.sessions = open_database(settings.database_url)
+        self.index = CaseIndex.from_settings(settings)
+        if len(self.index) == 0:
+            self.index.rebuild(self.sessions)
         self.spool = Spool(settings.spool_dir)
         self.scp = StorageSCP(settings, self.sessions, self.spool) if scp else None
         self._workers = settings.worker.count if workers is None else workers
@@ -60,6 +67,8 @@ class Node:
         self._detector_factory = detector_factory or self._load_detector
         self._stop = threading.Event()
         self._threads: list[WorkLoop] = []
+        self.web: WebServer | None = None
+        self.alerter: Alerter | None = None
 
     def _load_detector(self):
         from inference.predictor import Detector, ReviewPolicy
@@ -72,10 +81,11 @@ class Node:
         """Load the model (once per worker), start the loops, then listen."""
         release_dead_leases(self.sessions)
         worker = self.settings.worker
-        for index in range(self._workers):
+        detectors = [self._detector_factory() for _ in range(self._workers)]
+        for index, detector in enumerate(detectors):
             self._threads.append(WorkLoop(
                 f"process-{index}", self.sessions, PROCESS, lease_owner("process", index), worker.lease_s,
-                worker.poll_interval_s, Processor(self.settings, self.sessions, self._detector_factory()).run,
+                worker.poll_interval_s, Processor(self.settings, self.sessions, detector, self.index).run,
                 self._stop))
         if self._deliver and self.settings.destinations:
             self._threads.append(WorkLoop(
@@ -86,11 +96,22 @@ class Node:
             thread.start()
         if self.scp is not None:
             self.scp.start()
+        if self.settings.web.enabled:
+            identity = detectors[0].identity if detectors else None
+            self.web = WebServer(self.settings, self.sessions, self.index, identity)
+            self.web.start()
+        alerts = self.settings.alerts
+        if alerts.webhook_url or alerts.mail_to:
+            self.alerter = Alerter(self.settings, self.sessions)
+            self.alerter.start()
         log.info("node_started", workers=self._workers, destinations=[d.name for d in self.settings.destinations])
 
     def stop(self) -> None:
         if self.scp is not None:
             self.scp.stop()
+        for part in (self.web, self.alerter):
+            if part is not None:
+                part.stop()
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=60)

@@ -6,6 +6,7 @@ date the node received the past case (no patient data leaves the database).
 """
 from __future__ import annotations
 
+import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
@@ -23,10 +24,17 @@ def similar_jobs(sessions: sessionmaker, index: CaseIndex, job_id: int, k: int
     """
     with sessions() as session:
         embedding = session.scalar(select(Job.embedding).where(Job.id == job_id))
-        if embedding is None:
-            return []
-        neighbours = index.search(embedding, k, exclude_job_id=job_id)
-        ids = [n.job_id for n in neighbours]
+    if embedding is None:
+        return []
+    return nearest_cases(sessions, index, embedding, k, exclude_job_id=job_id)
+
+
+def nearest_cases(sessions: sessionmaker, index: CaseIndex, embedding: np.ndarray | bytes, k: int,
+                  exclude_job_id: int | None = None) -> list[tuple[int, SimilarCase]]:
+    """(job id, SimilarCase) of the `k` past cases nearest to `embedding`, with their final verdicts."""
+    neighbours = index.search(embedding, k, exclude_job_id=exclude_job_id)
+    ids = [n.job_id for n in neighbours]
+    with sessions() as session:
         jobs = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(ids)))}
         verdicts = outcomes(session, ids)
     return [(n.job_id, SimilarCase(study_date=jobs[n.job_id].received_at.date().isoformat(),
@@ -36,6 +44,7 @@ def similar_jobs(sessions: sessionmaker, index: CaseIndex, job_id: int, k: int
             for n in neighbours if n.job_id in jobs]
 
 
-def similar_cases(sessions: sessionmaker, index: CaseIndex, job_id: int, k: int) -> list[SimilarCase]:
-    """The `k` past cases nearest to `job_id` with their final verdicts (for the PDF report)."""
-    return [case for _, case in similar_jobs(sessions, index, job_id, k)]
+def similar_cases(sessions: sessionmaker, index: CaseIndex, embedding: np.ndarray | bytes, k: int,
+                  exclude_job_id: int | None = None) -> list[SimilarCase]:
+    """The `k` past cases nearest to `embedding` with their final verdicts (for the PDF report)."""
+    return [case for _, case in nearest_cases(sessions, index, embedding, k, exclude_job_id)]
