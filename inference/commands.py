@@ -1,0 +1,89 @@
+"""Owns the inference subcommands of the `smartnodule` CLI: predict, train, eval.
+
+`node/cli.py` calls `register(subparsers)`; each subcommand sets `func`,
+which takes the parsed namespace and returns the exit status.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    """Add `predict`, `train` and `eval` to an argparse subparsers object."""
+    from inference import evaluate, train
+
+    p = subparsers.add_parser("predict", help="run the model on DICOM files (no network, no database)")
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    p.add_argument("--json", action="store_true", help="one JSON object per file")
+    p.add_argument("--config", type=Path, default=None, help="settings file ([model] section: card, device, threads, review)")
+    p.set_defaults(func=cmd_predict)
+
+    p = subparsers.add_parser("train", help="train the nodule model on synthetic phantoms")
+    train.add_arguments(p)
+    p.set_defaults(func=train.run)
+
+    p = subparsers.add_parser("eval", help="evaluate a model card on held-out phantoms")
+    evaluate.add_arguments(p)
+    p.set_defaults(func=evaluate.run)
+
+
+def _detector(config: Path | None):
+    from config.settings import load_settings
+    from inference.predictor import Detector, ReviewPolicy
+
+    model = load_settings(config).model
+    return Detector.load(model.card, device=model.device, threads=model.threads or None,
+                         review=ReviewPolicy(model.review_margin, model.review_max_uncertainty))
+
+
+def predict_file(detector, path: Path) -> dict:
+    """The `predict --json` record of one file: processed, skipped (not applicable) or rejected (unreadable)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    from inference.preprocess import prepare
+    from inference.types import NotApplicable, Unreadable
+
+    record: dict = {"file": str(path), "sop_instance_uid": None, "outcome": "processed", "reason": None,
+                    "probability": None, "uncertainty": None, "review": None, "location": None,
+                    "model": {"name": detector.identity.name, "version": detector.identity.version}}
+    try:
+        ds = pydicom.dcmread(path)
+        record["sop_instance_uid"] = str(ds.get("SOPInstanceUID", "")) or None
+        image = prepare(ds, input_size=detector.input_size)
+    except NotApplicable as exc:
+        return record | {"outcome": "skipped", "reason": exc.reason}
+    except Unreadable as exc:
+        return record | {"outcome": "rejected", "reason": exc.reason}
+    except (InvalidDicomError, OSError) as exc:
+        return record | {"outcome": "rejected", "reason": f"not a readable DICOM file: {exc}"}
+    pred = detector.predict(image)
+    loc = pred.location
+    return record | {
+        "probability": round(pred.probability, 6),
+        "uncertainty": round(pred.uncertainty, 6),
+        "positive": pred.positive,
+        "review": pred.review,
+        "location": None if loc is None else {"row": round(loc.row, 1), "col": round(loc.col, 1), "radius": round(loc.radius, 1)},
+    }
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    detector = _detector(args.config)
+    status = 0
+    for path in args.files:
+        r = predict_file(detector, path)
+        if r["outcome"] == "rejected":
+            status = 1
+        if args.json:
+            print(json.dumps(r), flush=True)
+        elif r["outcome"] == "processed":
+            where = "" if r["location"] is None else f" at row {r['location']['row']}, col {r['location']['col']}"
+            flag = " REVIEW" if r["review"] else ""
+            print(f"{path}: p={r['probability']:.3f} ±{r['uncertainty']:.3f} "
+                  f"{'POSITIVE' if r['positive'] else 'negative'}{flag}{where}", flush=True)
+        else:
+            print(f"{path}: {r['outcome']}: {r['reason']}", flush=True)
+    return status

@@ -1,0 +1,134 @@
+"""Owns the network: a timm encoder, an FPN-lite decoder and the three output maps.
+
+Output maps at stride 2 of the model input: channel 0 nodule-centre heatmap
+logits, channel 1 lung-field logits, channel 2 log nodule radius (heatmap px).
+The image score is the heatmap's maximum logit inside the (dilated) predicted
+lung field; it is what calibration and Grad-CAM work on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from inference import torch_setup  # noqa: F401  (must precede timm)
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HEATMAP, LUNG, RADIUS = 0, 1, 2
+OUT_CHANNELS = 3
+HEAD_STRIDE = 2
+LUNG_DILATION_PX = 9  # heatmap px the predicted lung field is grown by before scoring
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    """Maps (B,3,H/2,W/2), decoder's last feature map, deepest encoder features."""
+
+    maps: torch.Tensor
+    decoder_features: torch.Tensor
+    deep_features: torch.Tensor
+
+
+def _conv_bn(cin: int, cout: int, k: int = 3) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class NoduleNet(nn.Module):
+    """timm encoder (strides 2/4/8/16) + FPN-lite decoder to stride-2 maps."""
+
+    def __init__(self, backbone: str = "resnet18", width: int = 64, fine_width: int = 32) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.encoder = timm.create_model(backbone, features_only=True, in_chans=1, pretrained=False, out_indices=(0, 1, 2, 3))
+        reductions = self.encoder.feature_info.reduction()
+        if reductions != [2, 4, 8, 16]:
+            raise ValueError(f"backbone {backbone!r} gives strides {reductions}, need [2, 4, 8, 16]")
+        c2, c4, c8, c16 = self.encoder.feature_info.channels()
+        self.lat16 = nn.Conv2d(c16, width, 1)
+        self.lat8 = nn.Conv2d(c8, width, 1)
+        self.lat4 = nn.Conv2d(c4, width, 1)
+        self.smooth4 = _conv_bn(width, width)
+        self.reduce4 = nn.Conv2d(width, fine_width, 1)
+        self.lat2 = nn.Conv2d(c2, fine_width, 1)
+        self.smooth2 = _conv_bn(fine_width, fine_width)
+        self.head = nn.Sequential(_conv_bn(fine_width, fine_width), nn.Conv2d(fine_width, OUT_CHANNELS, 1))
+        with torch.no_grad():
+            self.head[-1].bias.zero_()
+            self.head[-1].bias[HEATMAP] = -2.19  # CenterNet prior: p ~ 0.1 everywhere at start
+        self.embedding_dim = c16
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        f2, f4, f8, f16 = self.encoder(x)
+        p = self.lat16(f16)
+        p = self.lat8(f8) + F.interpolate(p, size=f8.shape[-2:], mode="nearest")
+        p = self.lat4(f4) + F.interpolate(p, size=f4.shape[-2:], mode="nearest")
+        p = self.reduce4(self.smooth4(p))
+        p = self.lat2(f2) + F.interpolate(p, size=f2.shape[-2:], mode="bilinear", align_corners=False)
+        dec = self.smooth2(p)
+        return ModelOutput(self.head(dec), dec, f16)
+
+
+def embed(deep_features: torch.Tensor) -> torch.Tensor:
+    """Global-average-pooled deepest features, L2-normalised (B, C) float32."""
+    return F.normalize(deep_features.float().mean(dim=(2, 3)), dim=1)
+
+
+def lung_region(maps: torch.Tensor) -> torch.Tensor:
+    """Predicted lung field grown by LUNG_DILATION_PX; whole image where none is predicted (B,H,W bool)."""
+    lung = (maps[:, LUNG] > 0).float().unsqueeze(1)
+    k = 2 * LUNG_DILATION_PX + 1
+    grown = F.max_pool2d(lung, k, stride=1, padding=LUNG_DILATION_PX)[:, 0] > 0
+    empty = ~grown.flatten(1).any(dim=1)
+    return grown | empty[:, None, None]
+
+
+def image_score(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image score (max heatmap logit in the lung region, B) and its flat argmax index (B)."""
+    logits = maps[:, HEATMAP].float().masked_fill(~lung_region(maps), float("-inf"))
+    score, idx = logits.flatten(1).max(dim=1)
+    return score, idx
+
+
+TTA_DESCRIPTION = "2 views in one batch: original; horizontal flip with contrast x0.9 about the image mean"
+
+
+def tta_views(x: torch.Tensor) -> torch.Tensor:
+    """(B,1,S,S) -> (2B,1,S,S): originals first, then their flipped, contrast-jittered copies."""
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return torch.cat([x, torch.flip(x, dims=[-1]) * 0.9 + 0.1 * mean])
+
+
+def build_network(architecture: dict) -> NoduleNet:
+    """A network from a card's `architecture` entry."""
+    return NoduleNet(architecture["backbone"], architecture["width"], architecture["fine_width"])
+
+
+def architecture_of(net: NoduleNet) -> dict:
+    return {
+        "backbone": net.backbone,
+        "width": net.lat16.out_channels,
+        "fine_width": net.lat2.out_channels,
+        "encoder_strides": [2, 4, 8, 16],
+        "head_stride": HEAD_STRIDE,
+        "outputs": ["nodule_centre_heatmap_logit", "lung_field_logit", "log_radius_heatmap_px"],
+        "embedding": f"GAP of stride-16 features, L2-normalised, {net.embedding_dim}-d",
+        "parameters": sum(p.numel() for p in net.parameters()),
+    }
+
+
+def save_weights(net: NoduleNet, path: str) -> None:
+    """Write the state dict as float16 safetensors (integer buffers kept)."""
+    from safetensors.torch import save_file
+
+    state = {k: (v.half() if v.is_floating_point() else v).contiguous().cpu() for k, v in net.state_dict().items()}
+    save_file(state, path)
+
+
+def load_weights(net: NoduleNet, path: str) -> NoduleNet:
+    from safetensors.torch import load_file
+
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(path).items()}
+    net.load_state_dict(state)
+    return net

@@ -1,0 +1,121 @@
+"""Owns the node's entry point: load a carded model once, turn a PreparedImage into a Prediction.
+
+One forward pass of a two-view TTA batch (original + flipped, contrast-jittered
+copy) gives the calibrated probability (Platt on the mean view score) and the
+uncertainty (std of the views' calibrated probabilities); one backward pass
+through the head gives Grad-CAM on the original view. Heatmap and location are
+mapped back to the source geometry through preprocess's letterbox helpers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from inference import torch_setup
+from inference.gradcam import gradcam
+from inference.model import RADIUS, build_network, embed, image_score, load_weights, tta_views
+from inference.model_card import ModelCard, load_card, verify_weights
+from inference.preprocess import letterbox, model_map_to_source, model_to_source
+from inference.samples import model_coord
+from inference.types import Location, ModelIdentity, PreparedImage, Prediction
+
+DEFAULT_CARD = Path(__file__).resolve().parent / "models" / "card.json"
+
+
+@dataclass(frozen=True)
+class ReviewPolicy:
+    """Review when |p - threshold| < margin or uncertainty > max_uncertainty."""
+
+    margin: float = 0.1
+    max_uncertainty: float = 0.15
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.margin <= 1.0:
+            raise ValueError(f"margin must be in [0, 1], got {self.margin!r}")
+        if not 0.0 <= self.max_uncertainty <= 0.5:
+            raise ValueError(f"max_uncertainty must be in [0, 0.5], got {self.max_uncertainty!r}")
+
+
+class Detector:
+    """A loaded, verified model; `predict` is safe to call repeatedly from one thread."""
+
+    def __init__(self, card: ModelCard, net: torch.nn.Module, device: torch.device, review: ReviewPolicy) -> None:
+        self.card, self.net, self.device, self.review = card, net, device, review
+        self.identity = ModelIdentity(card.name, card.version, card.weights_sha256)
+        self.input_size = card.input_size
+
+    @classmethod
+    def load(cls, card_path: str | Path | None = None, *, device: str = "auto", threads: int | None = None,
+             review: ReviewPolicy | None = None) -> "Detector":
+        """Load the card (None: DEFAULT_CARD), verify the weights' sha256, build the network once."""
+        card_path = Path(card_path) if card_path is not None else DEFAULT_CARD
+        card = load_card(card_path)
+        weights = verify_weights(card, card_path)
+        torch_setup.limit_threads(threads)
+        dev = torch_setup.select_device(device)
+        net = load_weights(build_network(card.architecture), str(weights)).to(dev).eval()
+        for p in net.parameters():
+            p.requires_grad_(False)
+        return cls(card, net, dev, review or ReviewPolicy(**card.review))
+
+    def _input(self, image: PreparedImage) -> torch.Tensor:
+        x = np.asarray(image.model_input, dtype=np.float32)
+        if x.shape != (self.input_size, self.input_size):
+            raise ValueError(f"image.model_input has shape {x.shape}, model expects {(self.input_size, self.input_size)}")
+        return torch.from_numpy(x)[None, None].to(self.device)
+
+    def _calibrated(self, view_scores: torch.Tensor) -> tuple[float, float]:
+        cal = self.card.calibration
+        scores = view_scores.detach().double().cpu().numpy()
+        views = np.array([cal.probability(float(s)) for s in scores])
+        return cal.probability(float(scores.mean())), float(views.std())
+
+    def probability(self, image: PreparedImage) -> tuple[float, float]:
+        """Calibrated probability and uncertainty only (no Grad-CAM, no location)."""
+        with torch.inference_mode():
+            out = self.net(tta_views(self._input(image)))
+            scores, _ = image_score(out.maps)
+        return self._calibrated(scores)
+
+    def predict(self, image: PreparedImage) -> Prediction:
+        """Probability, uncertainty, decision, review flag, location and Grad-CAM in source geometry, embedding.
+
+        `location` is the most suspicious spot; it is given when the case is
+        positive or flagged for review, else None.
+        """
+        with torch.enable_grad():
+            out = self.net(tta_views(self._input(image).requires_grad_(True)))
+            scores, idx = image_score(out.maps)
+            cam = gradcam(out, scores[:1])
+        p, unc = self._calibrated(scores)
+        positive = p >= self.card.threshold
+        review = abs(p - self.card.threshold) < self.review.margin or unc > self.review.max_uncertainty
+        cam_np = cam[0].cpu().numpy()
+        w = cam_np.shape[1]
+        if self.card.location_source == "gradcam":
+            peak = int(np.argmax(cam_np))
+        else:
+            peak = int(idx[0])
+        radius_model = float(torch.exp(out.maps[0, RADIUS].detach().flatten()[peak].float())) * (self.input_size / w)
+        location = None
+        if positive or review:
+            location = self._location(peak // w, peak % w, radius_model, image.display.shape[:2])
+        return Prediction(
+            probability=p,
+            uncertainty=unc,
+            positive=positive,
+            review=review,
+            location=location,
+            heatmap=np.clip(model_map_to_source(cam_np, image.display.shape[:2], self.input_size), 0.0, 1.0),
+            embedding=embed(out.deep_features[:1].detach())[0].cpu().numpy().astype(np.float32),
+            model=self.identity,
+        )
+
+    def _location(self, hm_row: int, hm_col: int, radius_model: float, shape: tuple[int, int]) -> Location:
+        row, col = model_to_source(float(model_coord(hm_row)), float(model_coord(hm_col)), source_shape=shape,
+                                   input_size=self.input_size)
+        row, col = min(max(row, 0.0), shape[0] - 1.0), min(max(col, 0.0), shape[1] - 1.0)
+        return Location(row=float(row), col=float(col), radius=radius_model / letterbox(shape, self.input_size).scale)

@@ -1,0 +1,145 @@
+"""Owns phantom samples for training and held-out scoring: seed splits, targets, datasets.
+
+Seeds of the three splits lie in disjoint ranges (`SPLITS`), so a held-out
+image is never a training image. Nothing here imports pydicom, so training
+runs where only torch, timm, numpy and OpenCV exist.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from inference.model import HEAD_STRIDE
+
+SPLITS = {"calibration": 1_000_000, "test": 2_000_000, "train": 10_000_000}
+SPLIT_SIZE = 1_000_000  # calibration and test seeds: base .. base + SPLIT_SIZE - 1
+HELD_OUT_GAIN = 1.0
+
+
+def seed_of(split: str, index: int) -> int:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
+    if index < 0 or (split != "train" and index >= SPLIT_SIZE):
+        raise ValueError(f"index {index!r} is outside split {split!r}")
+    return SPLITS[split] + index
+
+
+def heatmap_coord(model_px: float) -> float:
+    """Model-input pixel coordinate -> output-map pixel coordinate (pixel centres)."""
+    return (model_px - (HEAD_STRIDE - 1) / 2) / HEAD_STRIDE
+
+
+def model_coord(heatmap_px: float | np.ndarray) -> float | np.ndarray:
+    return heatmap_px * HEAD_STRIDE + (HEAD_STRIDE - 1) / 2
+
+
+@dataclass(frozen=True)
+class Curriculum:
+    """Nodule gain and diameter range as a function of the fraction of training time spent."""
+
+    gains: tuple[float, ...] = (3.0, 2.0, 1.5, 1.25, 1.0)
+    ends: tuple[float, ...] = (0.12, 0.3, 0.5, 0.68, 1.0)
+    min_diameters: tuple[float | None, ...] = (15.0, 10.0, 7.0, None, None)  # None: the generator's own sizes
+
+    def at(self, frac: float) -> tuple[float, float | None]:
+        for gain, end, dmin in zip(self.gains, self.ends, self.min_diameters):
+            if frac < end:
+                return gain, dmin
+        return self.gains[-1], self.min_diameters[-1]
+
+    def describe(self) -> list[dict]:
+        start = 0.0
+        rows = []
+        for gain, end, dmin in zip(self.gains, self.ends, self.min_diameters):
+            rows.append({"time_fraction": [start, end], "gain": gain, "diameter_mm": f"U({dmin}, 30)" if dmin else "generator default"})
+            start = end
+        return rows
+
+
+def phantom_sample(phantom, input_size: int) -> dict[str, torch.Tensor]:
+    """Model input and dense targets of one phantom (the dict a DataLoader batches)."""
+    from inference.preprocess import letterbox, phantom_model_input, source_to_model
+
+    image, scale = phantom_model_input(phantom, input_size)
+    out = input_size // HEAD_STRIDE
+    lung = cv2.resize(phantom.lung_mask.astype(np.float32), (out, out), interpolation=cv2.INTER_AREA) > 0.5
+    heat = np.zeros((out, out), np.float32)
+    radius_hm = 0.0
+    row = col = -1.0
+    nod = phantom.nodule
+    if nod is not None:
+        row, col = source_to_model(nod.row, nod.col, source_shape=phantom.pixels.shape, input_size=input_size)
+        radius_hm = nod.radius_px * letterbox(phantom.pixels.shape, input_size).scale / HEAD_STRIDE
+        sigma = max(1.0, radius_hm / 4)
+        r, c = heatmap_coord(row), heatmap_coord(col)
+        yy, xx = np.mgrid[0:out, 0:out].astype(np.float32)
+        heat = np.exp(-((yy - r) ** 2 + (xx - c) ** 2) / (2 * sigma**2)).astype(np.float32)
+        heat[min(out - 1, max(0, round(r))), min(out - 1, max(0, round(c)))] = 1.0
+    return {
+        "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],
+        "heat": torch.from_numpy(heat)[None],
+        "lung": torch.from_numpy(lung.astype(np.float32))[None],
+        "log_radius": torch.tensor(math.log(max(radius_hm, 0.5)), dtype=torch.float32),
+        "label": torch.tensor(float(nod is not None)),
+        "row": torch.tensor(row, dtype=torch.float32),
+        "col": torch.tensor(col, dtype=torch.float32),
+        "radius": torch.tensor(radius_hm * HEAD_STRIDE, dtype=torch.float32),
+        "diameter_mm": torch.tensor(nod.diameter_mm if nod else 0.0, dtype=torch.float32),
+        "contrast": torch.tensor(nod.contrast if nod else 0.0, dtype=torch.float32),
+        "mm_per_px": torch.tensor(phantom.pixel_spacing_mm / scale, dtype=torch.float32),
+    }
+
+
+class HeldOut(Dataset):
+    """Calibration or test phantoms at the physical gain, positives on even indices."""
+
+    def __init__(self, split: str, n: int, input_size: int, start: int = 0) -> None:
+        if n < 2:
+            raise ValueError(f"n must be >= 2, got {n!r}")
+        seed_of(split, start + n - 1)
+        self.split, self.n, self.input_size, self.start = split, n, input_size, start
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        from inference.phantoms import generate_phantom
+
+        idx = self.start + i
+        p = generate_phantom(seed_of(self.split, idx), size=self.input_size, nodule=idx % 2 == 0, gain=HELD_OUT_GAIN)
+        return phantom_sample(p, self.input_size)
+
+
+class TrainStream(Dataset):
+    """Training phantoms generated on the fly; gain and sizes follow `curriculum` by wall-clock time."""
+
+    def __init__(self, input_size: int, t0: float, budget_s: float, curriculum: Curriculum, length: int = 10**8) -> None:
+        self.input_size, self.t0, self.budget_s, self.curriculum, self.length = input_size, t0, budget_s, curriculum, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        from inference.phantoms import generate_phantom
+
+        frac = min(1.0, (time.time() - self.t0) / self.budget_s)
+        gain, dmin = self.curriculum.at(frac)
+        seed = seed_of("train", i)
+        positive = i % 2 == 0
+        diameter = None
+        if positive and dmin is not None:
+            diameter = float(np.random.default_rng(seed).uniform(dmin, 30.0))
+        p = generate_phantom(seed, size=self.input_size, nodule=positive, gain=gain, diameter_mm=diameter)
+        return phantom_sample(p, self.input_size)
+
+
+def worker_init(_: int) -> None:
+    """Keep each DataLoader worker to one thread (generation is per-process parallel)."""
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)

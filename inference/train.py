@@ -1,0 +1,337 @@
+"""Owns training (`smartnodule train`): phantoms on the fly -> weights, calibration, card.
+
+Dense supervision (shared/MODEL-NOTES.md): CenterNet focal loss on a Gaussian
+at the nodule centre, BCE on the lung field, L1 on the log radius at the
+centre, and a small BCE on the image score. Full images at the model input
+size, balanced positives/negatives, a time-based curriculum stepping the
+nodule gain down and the sizes from large to small, AdamW with cosine decay.
+Generation runs in DataLoader workers; on a GPU a replay buffer of recent
+samples (flipped and contrast-jittered anew each time) keeps the GPU busy
+while the workers generate. A hard wall-clock budget ends training, then a
+calibration split fits Platt scaling and the threshold, a test split is
+scored, and weights (float16 safetensors), card JSON and log are written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from inference import torch_setup
+from inference.evaluate import HeldOutScores, fit_platt, platt, pointing_hits, score_heldout, summarize, youden_threshold
+from inference.model import HEATMAP, LUNG, RADIUS, TTA_DESCRIPTION, NoduleNet, architecture_of, image_score, save_weights
+from inference.model_card import Calibration, ModelCard, save_card, sha256_file
+from inference.samples import HELD_OUT_GAIN, SPLITS, Curriculum, TrainStream, worker_init
+
+PREPROCESSING = (
+    "inference.preprocess.prepare: modality LUT, VOI LUT/window, MONOCHROME1 inverted, "
+    "letterboxed to input_size x input_size, per-image percentile scaling (see preprocess.py)"
+)
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """CenterNet focal loss (alpha 2, beta 4), normalised by the number of centre pixels."""
+    logits, target = logits.float(), target.float()
+    pos = target >= 0.999
+    log_p, log_q = F.logsigmoid(logits), F.logsigmoid(-logits)
+    p = torch.sigmoid(logits)
+    pos_loss = (log_p * (1 - p) ** 2)[pos].sum()
+    neg_loss = (log_q * p**2 * (1 - target) ** 4)[~pos].sum()
+    return -(pos_loss + neg_loss) / pos.sum().clamp_min(1)
+
+
+def losses(net: NoduleNet, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    maps = net(batch["image"]).maps.float()
+    heat = batch["heat"][:, 0].float()
+    label = batch["label"]
+    peak = heat.flatten(1).argmax(dim=1)
+    log_r = maps[:, RADIUS].flatten(1).gather(1, peak[:, None])[:, 0]
+    pos = label > 0
+    radius = F.smooth_l1_loss(log_r[pos], batch["log_radius"][pos]) if pos.any() else maps.sum() * 0
+    score, _ = image_score(maps)
+    return {
+        "focal": focal_loss(maps[:, HEATMAP], heat),
+        "lung": F.binary_cross_entropy_with_logits(maps[:, LUNG], batch["lung"][:, 0].float()),
+        "radius": radius,
+        "image": F.binary_cross_entropy_with_logits(score, label),
+    }
+
+
+LOSS_WEIGHTS = {"focal": 1.0, "lung": 0.5, "radius": 0.1, "image": 0.1}
+
+
+def augment(batch: dict[str, torch.Tensor], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random horizontal flip (image and maps) and contrast/brightness jitter, on the batch's device."""
+    dev = batch["image"].device
+    b = batch["image"].shape[0]
+    flip = torch.rand(b, generator=gen, device=dev) < 0.5
+    out = dict(batch)
+    for key in ("image", "heat", "lung"):
+        out[key] = torch.where(flip[:, None, None, None], torch.flip(batch[key], dims=[-1]), batch[key])
+    img = out["image"].float()
+    mean = img.mean(dim=(1, 2, 3), keepdim=True)
+    std = img.std(dim=(1, 2, 3), keepdim=True)
+    a = 0.85 + 0.3 * torch.rand(b, 1, 1, 1, generator=gen, device=dev)
+    c = (torch.rand(b, 1, 1, 1, generator=gen, device=dev) - 0.5) * 0.1 * std
+    out["image"] = mean + a * (img - mean) + c
+    return out
+
+
+class Replay:
+    """Ring buffer of recent samples on the training device."""
+
+    KEYS = ("image", "heat", "lung", "log_radius", "label")
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self.size, self.next = capacity, 0, 0
+        self.store: dict[str, torch.Tensor] = {}
+
+    def add(self, batch: dict[str, torch.Tensor]) -> None:
+        b = batch["image"].shape[0]
+        if not self.store:
+            self.store = {k: torch.empty((self.capacity, *batch[k].shape[1:]), dtype=torch.float16 if batch[k].dim() > 1 else torch.float32,
+                                         device=batch[k].device) for k in self.KEYS}
+        idx = (self.next + torch.arange(b, device=batch["image"].device)) % self.capacity
+        for k in self.KEYS:
+            self.store[k][idx] = batch[k].to(self.store[k].dtype)
+        self.next = (self.next + b) % self.capacity
+        self.size = min(self.capacity, self.size + b)
+
+    def sample(self, b: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        dev = self.store["image"].device
+        idx = torch.randint(0, self.size, (b,), generator=gen, device=dev)
+        return {k: v[idx].float() for k, v in self.store.items()}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="smartnodule train", description="Train the nodule model on synthetic phantoms.")
+    add_arguments(p)
+    return p.parse_args(argv)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, required=True, help="folder for weights, card and log")
+    p.add_argument("--device", default="auto", choices=torch_setup.DEVICES)
+    p.add_argument("--minutes", type=float, default=25.0, help="wall-clock budget of the training loop")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
+    p.add_argument("--workers", type=int, default=1, help="DataLoader workers generating phantoms")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads in the main process")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--input-size", type=int, default=512)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--replay", type=int, default=None, help="replay steps per fresh batch (default 4 on cuda, 0 on cpu)")
+    p.add_argument("--buffer", type=int, default=2048, help="replay buffer capacity (samples)")
+    p.add_argument("--calib-n", type=int, default=1000)
+    p.add_argument("--test-n", type=int, default=1000)
+    p.add_argument("--backbone", default="resnet10t")
+    p.add_argument("--name", default="smartnodule-nodule")
+    p.add_argument("--version", default="1.0.0")
+    p.add_argument("--log-every", type=float, default=15.0, help="seconds between progress lines")
+
+
+class Log:
+    """Progress lines to stdout and to OUT/train.log."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = open(path, "a", buffering=1)
+
+    def __call__(self, msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        self.file.write(line + "\n")
+
+
+def train(args: argparse.Namespace) -> ModelCard:
+    if args.minutes <= 0:
+        raise ValueError(f"minutes must be > 0, got {args.minutes!r}")
+    if args.batch < 2:
+        raise ValueError(f"batch must be >= 2, got {args.batch!r}")
+    torch_setup.limit_threads(args.threads)
+    device = torch_setup.select_device(args.device)
+    replay = args.replay if args.replay is not None else (4 if device.type == "cuda" else 0)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = Log(args.out / "train.log")
+    torch.manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)
+    net = NoduleNet(args.backbone).to(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        net = net.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    curriculum = Curriculum()
+    budget = args.minutes * 60
+    t0 = time.time()
+    stream = TrainStream(args.input_size, t0, budget, curriculum)
+    prefetch = _prefetch(args) if args.workers else None
+    loader = DataLoader(stream, batch_size=args.batch, num_workers=args.workers, worker_init_fn=worker_init if args.workers else None,
+                        pin_memory=device.type == "cuda", prefetch_factor=prefetch, drop_last=True)
+    buffer = Replay(args.buffer) if replay else None
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    log(f"training {args.backbone} on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}), "
+        f"budget {args.minutes} min, batch {args.batch}, workers {args.workers} (prefetch {prefetch}), replay {replay}")
+    step = fresh = 0
+    sums: dict[str, float] = {}
+    last_log = time.time()
+    net.train()
+
+    def optimise(batch: dict[str, torch.Tensor], frac: float) -> None:
+        nonlocal step
+        for g in opt.param_groups:
+            g["lr"] = args.lr * min(1.0, (frac + 1e-3) / 0.03) * 0.5 * (1 + math.cos(math.pi * frac))
+        batch = augment(batch, gen)
+        if device.type == "cuda":
+            batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+        with amp:
+            parts = losses(net, batch)
+        loss = sum(LOSS_WEIGHTS[k] * v for k, v in parts.items())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+        opt.step()
+        step += 1
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        sums["n"] = sums.get("n", 0) + 1
+
+    for batch in loader:
+        frac = (time.time() - t0) / budget
+        if frac >= 1.0 or (args.max_steps is not None and step >= args.max_steps):
+            break
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        fresh += batch["image"].shape[0]
+        if buffer is not None:
+            buffer.add(batch)
+        optimise(batch, frac)
+        if buffer is not None and buffer.size >= 4 * args.batch:
+            for _ in range(replay):
+                optimise(buffer.sample(args.batch, gen), (time.time() - t0) / budget)
+        if time.time() - last_log >= args.log_every:
+            el = time.time() - t0
+            gain, dmin = curriculum.at(frac)
+            parts = " ".join(f"{k} {sums[k] / sums['n']:.4f}" for k in LOSS_WEIGHTS)
+            log(f"{el:6.0f}s {100 * frac:5.1f}% step {step} fresh {fresh} ({fresh / el:.1f} img/s) gain {gain} dmin {dmin} "
+                f"lr {opt.param_groups[0]['lr']:.2e} | {parts}")
+            sums.clear()
+            last_log = time.time()
+    train_s = time.time() - t0
+    del loader
+    log(f"training ended after {train_s:.0f} s, {step} steps, {fresh} fresh images")
+    net.eval()
+    net = net.to(memory_format=torch.contiguous_format)
+
+    t1 = time.time()
+    cal = score_heldout(net, "calibration", args.calib_n, args.input_size, device, args.workers)
+    a, b = fit_platt(cal.view_scores.mean(axis=1), cal.labels)
+    threshold = youden_threshold(platt(cal.view_scores.mean(axis=1), a, b), cal.labels)
+    review = {"margin": 0.1, "max_uncertainty": 0.15}
+    cal_figs = summarize(cal, a, b, threshold, **review)
+    location_source = "gradcam" if cal_figs["pointing_gradcam"] > cal_figs["pointing_heatmap"] else "heatmap"
+    n_enc = min(200, args.calib_n)
+    enc = score_heldout(net, "calibration", n_enc, args.input_size, device, args.workers, cam_target="encoder")
+    first = HeldOutScores(**{k: v[:n_enc] for k, v in vars(cal).items()})
+    cam_compare = {"decoder": float(pointing_hits(first.gradcam_rc, first).mean()),
+                   "encoder": float(pointing_hits(enc.gradcam_rc, enc).mean()), "n": n_enc}
+    log(f"calibration: platt a={a:.4f} b={b:.4f} threshold {threshold:.4f} auc {cal_figs['auc']:.4f} "
+        f"pointing heatmap {cal_figs['pointing_heatmap']:.3f} gradcam {cal_figs['pointing_gradcam']:.3f} -> {location_source}; "
+        f"Grad-CAM target pointing {cam_compare}")
+    test = score_heldout(net, "test", args.test_n, args.input_size, device, args.workers)
+    figs = summarize(test, a, b, threshold, **review)
+    figs["test_seeds"] = [SPLITS["test"], SPLITS["test"] + args.test_n - 1]
+    log(f"test: {json.dumps(figs, sort_keys=True)}")
+    log(f"calibration + test scoring took {time.time() - t1:.0f} s")
+
+    weights_name = f"{args.name}-{args.version}.safetensors"
+    save_weights(net, str(args.out / weights_name))
+    card = ModelCard(
+        name=args.name,
+        version=args.version,
+        weights_file=weights_name,
+        weights_sha256=sha256_file(args.out / weights_name),
+        architecture=architecture_of(net),
+        input_size=args.input_size,
+        preprocessing=PREPROCESSING,
+        threshold=threshold,
+        calibration=Calibration("platt on mean TTA image score (max heatmap logit in lung field)", a, b),
+        review=review,
+        tta=TTA_DESCRIPTION,
+        location_source=location_source,
+        training={
+            "generator": _generator_version(),
+            "train_seeds": f"{SPLITS['train']} + i, i < {fresh} (positives on even i, generated at {args.input_size} px)",
+            "calibration_seeds": [SPLITS["calibration"], SPLITS["calibration"] + args.calib_n - 1],
+            "held_out_gain": HELD_OUT_GAIN,
+            "curriculum": curriculum.describe(),
+            "steps": step,
+            "fresh_images": fresh,
+            "replay_steps_per_fresh_batch": replay,
+            "batch": args.batch,
+            "optimizer": f"AdamW lr {args.lr} wd {args.weight_decay}, 3% warm-up, cosine over the time budget",
+            "loss_weights": LOSS_WEIGHTS,
+            "training_time_s": round(train_s, 1),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+            "torch": torch.__version__,
+            "calibration_figures": {k: cal_figs[k] for k in ("auc", "ece", "pointing_heatmap", "pointing_gradcam")},
+            "gradcam_target_pointing": cam_compare,
+        },
+        evaluation=figs,
+    )
+    save_card(card, args.out / "card.json")
+    log(f"wrote {args.out / weights_name} and {args.out / 'card.json'}")
+    _mlflow_hook(args, card)
+    return card
+
+
+def _prefetch(args: argparse.Namespace) -> int:
+    """Batches each worker keeps ready: up to 4, fewer when /dev/shm cannot hold them."""
+    batch_bytes = args.batch * args.input_size**2 * 4 * 1.4
+    try:
+        free = shutil.disk_usage("/dev/shm").free
+    except OSError:
+        return 2
+    return int(max(1, min(4, free // (2 * batch_bytes * args.workers))))
+
+
+def _generator_version() -> str:
+    """The generator's identity: its module file's sha256 (it has no version constant)."""
+    from inference import phantoms
+
+    return f"inference/phantoms.py sha256 {sha256_file(phantoms.__file__)[:16]}"
+
+
+def _mlflow_hook(args: argparse.Namespace, card: ModelCard) -> None:
+    """Log the run to MLflow when it is installed and MLFLOW_TRACKING_URI is set; otherwise nothing."""
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        return
+    try:
+        import mlflow
+    except ImportError:
+        return
+    with mlflow.start_run(run_name=f"{card.name}-{card.version}"):
+        mlflow.log_params({k: str(v) for k, v in vars(args).items()})
+        mlflow.log_metrics({k: v for k, v in card.evaluation.items() if isinstance(v, float) and np.isfinite(v)})
+        mlflow.log_artifacts(str(args.out))
+
+
+def run(args: argparse.Namespace) -> int:
+    train(args)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
