@@ -112,7 +112,7 @@ class HeldOutScores:
     pred_radius: np.ndarray
 
 
-def score_batch(net: NoduleNet, images: torch.Tensor, cam_target: str = "decoder") -> dict[str, torch.Tensor]:
+def score_batch(net: NoduleNet, images: torch.Tensor, cam_target: str = "head") -> dict[str, torch.Tensor]:
     """TTA scores, heatmap/Grad-CAM peaks (output-map px) and radius of a batch (B,1,S,S) on the net's device."""
     b = images.shape[0]
     with torch.enable_grad():
@@ -133,7 +133,7 @@ def score_batch(net: NoduleNet, images: torch.Tensor, cam_target: str = "decoder
 
 
 def score_heldout(net: NoduleNet, split: str, n: int, input_size: int, device: torch.device, workers: int,
-                  batch: int = 16, start: int = 0, cam_target: str = "decoder") -> HeldOutScores:
+                  batch: int = 16, start: int = 0, cam_target: str = "head") -> HeldOutScores:
     """Generate `n` held-out phantoms of `split` and score them."""
     loader = DataLoader(HeldOut(split, n, input_size, start), batch_size=batch, num_workers=workers,
                         worker_init_fn=worker_init if workers else None)
@@ -206,6 +206,17 @@ def summarize(r: HeldOutScores, a: float, b: float, threshold: float, margin: fl
     return figs
 
 
+def json_safe(obj):
+    """`obj` with NaN/inf floats replaced by None, so it dumps as strict JSON."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
 def format_table(f: dict) -> str:
     rows = [
         ("held-out images (positives)", f"{f['n']} ({f['positives']})"),
@@ -272,8 +283,7 @@ def run(args: argparse.Namespace) -> int:
 
     det = Detector.load(args.card, device=args.device, threads=args.threads)
     t0 = time.perf_counter()
-    r = score_heldout(det.net, "test", args.n, det.input_size, det.device, args.workers, start=args.start,
-                      cam_target="decoder")
+    r = score_heldout(det.net, "test", args.n, det.input_size, det.device, args.workers, start=args.start)
     cal = det.card.calibration
     figs = summarize(r, cal.a, cal.b, det.card.threshold, det.review.margin, det.review.max_uncertainty)
     figs["scoring_s"] = time.perf_counter() - t0
@@ -284,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
     figs["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     figs["model"] = {"name": det.identity.name, "version": det.identity.version}
     print(format_table(figs))
-    print(json.dumps(figs, sort_keys=True))
+    print(json.dumps(json_safe(figs), sort_keys=True))
     return 0
 
 

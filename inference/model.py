@@ -24,9 +24,10 @@ LUNG_DILATION_PX = 9  # heatmap px the predicted lung field is grown by before s
 
 @dataclass(frozen=True)
 class ModelOutput:
-    """Maps (B,3,H/2,W/2), decoder's last feature map, deepest encoder features."""
+    """Maps (B,3,H/2,W/2), the head's hidden features, the decoder's last map, the deepest encoder features."""
 
     maps: torch.Tensor
+    head_features: torch.Tensor
     decoder_features: torch.Tensor
     deep_features: torch.Tensor
 
@@ -67,7 +68,8 @@ class NoduleNet(nn.Module):
         p = self.reduce4(self.smooth4(p))
         p = self.lat2(f2) + F.interpolate(p, size=f2.shape[-2:], mode="bilinear", align_corners=False)
         dec = self.smooth2(p)
-        return ModelOutput(self.head(dec), dec, f16)
+        hidden = self.head[0](dec)
+        return ModelOutput(self.head[1](hidden), hidden, dec, f16)
 
 
 def embed(deep_features: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from inference import torch_setup
-from inference.evaluate import HeldOutScores, fit_platt, platt, pointing_hits, score_heldout, summarize, youden_threshold
+from inference.evaluate import (HeldOutScores, fit_platt, json_safe, platt, pointing_hits, score_heldout, summarize,
+                                youden_threshold)
 from inference.model import HEATMAP, LUNG, RADIUS, TTA_DESCRIPTION, NoduleNet, architecture_of, image_score, save_weights
 from inference.model_card import Calibration, ModelCard, save_card, sha256_file
 from inference.samples import HELD_OUT_GAIN, SPLITS, Curriculum, TrainStream, worker_init
@@ -238,18 +239,19 @@ def train(args: argparse.Namespace) -> ModelCard:
     review = {"margin": 0.1, "max_uncertainty": 0.15}
     cal_figs = summarize(cal, a, b, threshold, **review)
     location_source = "gradcam" if cal_figs["pointing_gradcam"] > cal_figs["pointing_heatmap"] else "heatmap"
-    n_enc = min(200, args.calib_n)
-    enc = score_heldout(net, "calibration", n_enc, args.input_size, device, args.workers, cam_target="encoder")
-    first = HeldOutScores(**{k: v[:n_enc] for k, v in vars(cal).items()})
-    cam_compare = {"decoder": float(pointing_hits(first.gradcam_rc, first).mean()),
-                   "encoder": float(pointing_hits(enc.gradcam_rc, enc).mean()), "n": n_enc}
+    n_cmp = min(200, args.calib_n)
+    first = HeldOutScores(**{k: v[:n_cmp] for k, v in vars(cal).items()})
+    cam_compare: dict = {"n": n_cmp, "head": float(pointing_hits(first.gradcam_rc, first).mean())}
+    for target in ("decoder", "encoder"):
+        other = score_heldout(net, "calibration", n_cmp, args.input_size, device, args.workers, cam_target=target)
+        cam_compare[target] = float(pointing_hits(other.gradcam_rc, other).mean())
     log(f"calibration: platt a={a:.4f} b={b:.4f} threshold {threshold:.4f} auc {cal_figs['auc']:.4f} "
         f"pointing heatmap {cal_figs['pointing_heatmap']:.3f} gradcam {cal_figs['pointing_gradcam']:.3f} -> {location_source}; "
         f"Grad-CAM target pointing {cam_compare}")
     test = score_heldout(net, "test", args.test_n, args.input_size, device, args.workers)
     figs = summarize(test, a, b, threshold, **review)
     figs["test_seeds"] = [SPLITS["test"], SPLITS["test"] + args.test_n - 1]
-    log(f"test: {json.dumps(figs, sort_keys=True)}")
+    log(f"test: {json.dumps(json_safe(figs), sort_keys=True)}")
     log(f"calibration + test scoring took {time.time() - t1:.0f} s")
 
     weights_name = f"{args.name}-{args.version}.safetensors"
@@ -285,7 +287,7 @@ def train(args: argparse.Namespace) -> ModelCard:
             "calibration_figures": {k: cal_figs[k] for k in ("auc", "ece", "pointing_heatmap", "pointing_gradcam")},
             "gradcam_target_pointing": cam_compare,
         },
-        evaluation=figs,
+        evaluation=json_safe(figs),
     )
     save_card(card, args.out / "card.json")
     log(f"wrote {args.out / weights_name} and {args.out / 'card.json'}")
