@@ -72,4 +72,6 @@ def configure_logging(log_dir: Path | None, *, console_level: str = "INFO") -> P
         root.addHandler(audit)
     # pynetdicom's own logger is chatty at INFO and may print dataset contents at DEBUG.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # highdicom reports every module it copies at INFO, naming source UIDs: noise in an audit trail.
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
     return audit_path

@@ -33,19 +33,19 @@ class WorkLoop(threading.Thread):
         super().__init__(name=name, daemon=True)
         self._sessions, self._work, self._owner = sessions, work, owner
         self._lease_s, self._poll_s = lease_s, poll_s
-        self._run_claim, self._stop = run_claim, stop
+        self._run_claim, self._stopping = run_claim, stop
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._stopping.is_set():
             try:
                 taken = claim(self._sessions, self._work, self._owner, self._lease_s)
                 if taken is None:
-                    self._stop.wait(self._poll_s)
+                    self._stopping.wait(self._poll_s)
                     continue
                 self._run_claim(taken)
             except Exception:
                 log.exception("worker_loop_error", worker=self.name)
-                self._stop.wait(1.0)
+                self._stopping.wait(1.0)
 
 
 class Node:
