@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from inference.gradcam import gradcam
-from inference.model import HEATMAP, RADIUS, NoduleNet, image_score, tta_views
+from inference.gradcam import explained_forward
+from inference.model import HEATMAP, RADIUS, NoduleNet, tta_views
 from inference.samples import HeldOut, model_coord, seed_of, worker_init
 
 SIZE_BINS_MM = ((5.0, 8.0), (8.0, 12.0), (12.0, 18.0), (18.0, 30.0))
@@ -115,16 +115,13 @@ class HeldOutScores:
 def score_batch(net: NoduleNet, images: torch.Tensor, cam_target: str = "head") -> dict[str, torch.Tensor]:
     """TTA scores, heatmap/Grad-CAM peaks (output-map px) and radius of a batch (B,1,S,S) on the net's device."""
     b = images.shape[0]
-    with torch.enable_grad():
-        out = net(tta_views(images.requires_grad_(True)))
-        scores, idx = image_score(out.maps)
-        cam = gradcam(out, scores, cam_target)[:b]
+    out, scores, idx, cam = explained_forward(net, tta_views(images), b, cam_target)
     w = out.maps.shape[-1]
     maps = out.maps.detach()[:b]
     log_r = maps[:, RADIUS].flatten(1).gather(1, idx[:b, None])[:, 0]
     cam_idx = cam.flatten(1).argmax(dim=1)
     return {
-        "view_scores": scores.detach().view(-1, b).T,
+        "view_scores": scores.view(-1, b).T,
         "heatmap_rc": torch.stack([idx[:b] // w, idx[:b] % w], dim=1).float(),
         "gradcam_rc": torch.stack([cam_idx // w, cam_idx % w], dim=1).float(),
         "radius": torch.exp(log_r.float()),

@@ -69,7 +69,11 @@ class NoduleNet(nn.Module):
         p = self.lat2(f2) + F.interpolate(p, size=f2.shape[-2:], mode="bilinear", align_corners=False)
         dec = self.smooth2(p)
         hidden = self.head[0](dec)
-        return ModelOutput(self.head[1](hidden), hidden, dec, f16)
+        return ModelOutput(self.head_output(hidden), hidden, dec, f16)
+
+    def head_output(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output maps from the head's hidden features (the last, 1x1, convolution)."""
+        return self.head[1](hidden)
 
 
 def embed(deep_features: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 One forward pass of a two-view TTA batch (original + flipped, contrast-jittered
 copy) gives the calibrated probability (Platt on the mean view score) and the
-uncertainty (std of the views' calibrated probabilities); one backward pass
-through the head gives Grad-CAM on the original view. Heatmap and location are
+uncertainty (std of the views' calibrated probabilities); a backward pass
+through the head's last convolution gives Grad-CAM on the original view. Heatmap and location are
 mapped back to the source geometry through preprocess's letterbox helpers.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from inference import torch_setup
-from inference.gradcam import gradcam
+from inference.gradcam import explained_forward
 from inference.model import RADIUS, build_network, embed, image_score, load_weights, tta_views
 from inference.model_card import ModelCard, load_card, verify_weights
 from inference.preprocess import letterbox, model_map_to_source, model_to_source
@@ -86,10 +86,7 @@ class Detector:
         `location` is the most suspicious spot; it is given when the case is
         positive or flagged for review, else None.
         """
-        with torch.enable_grad():
-            out = self.net(tta_views(self._input(image).requires_grad_(True)))
-            scores, idx = image_score(out.maps)
-            cam = gradcam(out, scores[:1])
+        out, scores, idx, cam = explained_forward(self.net, tta_views(self._input(image)), 1)
         p, unc = self._calibrated(scores)
         positive = p >= self.card.threshold
         review = abs(p - self.card.threshold) < self.review.margin or unc > self.review.max_uncertainty
