@@ -116,7 +116,7 @@ class Job(Base):
     results_dir: Mapped[str | None] = mapped_column(String(512))
 
     deliveries: Mapped[list["Delivery"]] = relationship(
-        back_populates="job", cascade="all, delete-orphan", order_by="Delivery.destination"
+        back_populates="job", cascade="all, delete-orphan", order_by="Delivery.destination", lazy="selectin"
     )
 
 
