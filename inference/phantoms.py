@@ -489,6 +489,7 @@ def phantom_dataset(phantom: Phantom, *, monochrome1: bool = False, patient_name
     ds.ManufacturerModelName = "Chest phantom"
     ds.ReferringPhysicianName = ""
     ds.StudyDescription = "Chest phantom"
+    ds.ImageComments = phantom_truth(phantom)
     ds.SeriesDescription = f"Chest {view_position}"
     ds.PatientName = patient_name
     ds.PatientID = patient_id
@@ -528,6 +529,14 @@ def phantom_dataset(phantom: Phantom, *, monochrome1: bool = False, patient_name
     return ds
 
 
+def phantom_truth(phantom: Phantom) -> str:
+    """The ground truth as one line (written to Image Comments, shown by the demo)."""
+    n = phantom.nodule
+    if n is None:
+        return "synthetic phantom: no nodule"
+    return f"synthetic phantom: nodule {n.diameter_mm:.1f} mm at row {n.row:.0f}, col {n.col:.0f}"
+
+
 def write_phantom_series(out_dir: str | Path, count: int, seed0: int, size: int = 2048, **kw: object
                          ) -> list[Path]:
     """Write `count` phantoms (seeds seed0...) as DICOM files, one study each; returns the paths.
@@ -546,7 +555,7 @@ def write_phantom_series(out_dir: str | Path, count: int, seed0: int, size: int 
     for i in range(count):
         seed = seed0 + i
         ds = phantom_dataset(generate_phantom(seed, size, **gen_kw), patient_name=f"PHANTOM^{seed:04d}",
-                             patient_id=f"PH{seed:04d}", **ds_kw)
+                             patient_id=f"PH{seed:04d}", **{"accession": f"A{seed:06d}", **ds_kw})
         path = out / f"phantom_{seed:06d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)

@@ -91,16 +91,20 @@ def _wait_for_jobs(node: Node, expected: int, timeout_s: float) -> list[Job]:
 
 
 def _print_table(jobs: list[Job], orthanc: OrthancPeer | None) -> None:
-    header = f"{'job':>3}  {'study (accession)':<18} {'state':<10} {'P(nodule)':>9} {'±':>5}  {'decision':<9} {'review':<6}  results"
+    header = (f"{'accession':<10} {'truth (phantom)':<22} {'state':<8} {'P(nodule)':>9} {'±':>5}  "
+              f"{'decision':<9} {'review':<6}  results")
     print(header)
     print("-" * len(header))
-    for job in jobs:
-        accession = dcmread(job.spool_path, stop_before_pixels=True).get("AccessionNumber", "") if Path(job.spool_path).exists() else ""
+    sources = {job.id: dcmread(job.spool_path, stop_before_pixels=True) for job in jobs}
+    for job in sorted(jobs, key=lambda j: str(sources[j.id].get("AccessionNumber", ""))):
+        source = sources[job.id]
+        truth = str(source.get("ImageComments", "")).replace("synthetic phantom: ", "").split(" at ")[0]
+        accession = str(source.get("AccessionNumber", ""))
         if job.probability is None:
-            print(f"{job.id:>3}  {accession:<18} {job.state.value:<10} {'':>9} {'':>5}  {'':<9} {'':<6}  {job.reason or ''}")
+            print(f"{accession:<10} {truth:<22} {job.state.value:<8} {job.reason or ''}")
             continue
         decision = "NODULE" if job.positive else "no nodule"
-        print(f"{job.id:>3}  {accession:<18} {job.state.value:<10} {job.probability:>9.3f} {job.uncertainty:>5.3f}  "
+        print(f"{accession:<10} {truth:<22} {job.state.value:<8} {job.probability:>9.3f} {job.uncertainty:>5.3f}  "
               f"{decision:<9} {'yes' if job.review_required else 'no':<6}  {_where(job, orthanc)}")
 
 
