@@ -65,3 +65,17 @@ def test_wrong_input_size_is_refused(detector: Detector) -> None:
     image = prepare(phantom_dataset(ph), input_size=256)
     with pytest.raises(ValueError, match="model_input"):
         detector.predict(image)
+
+
+def test_predict_records_for_processed_skipped_and_rejected_files(detector: Detector, tmp_path) -> None:
+    from inference.commands import predict_file
+
+    ph = generate_phantom(7_000_005, size=512, nodule=True, gain=3.0, diameter_mm=20.0)
+    phantom_dataset(ph).save_as(tmp_path / "pa.dcm", enforce_file_format=True)
+    phantom_dataset(ph, view_position="LL").save_as(tmp_path / "lateral.dcm", enforce_file_format=True)
+    (tmp_path / "junk.dcm").write_bytes(b"not dicom at all")
+    pa, lateral, junk = (predict_file(detector, tmp_path / n) for n in ("pa.dcm", "lateral.dcm", "junk.dcm"))
+    assert pa["outcome"] == "processed" and pa["sop_instance_uid"] and 0.0 <= pa["probability"] <= 1.0
+    assert set(pa["location"]) == {"row", "col", "radius"} and pa["model"]["name"] == detector.identity.name
+    assert lateral["outcome"] == "skipped" and lateral["reason"].startswith("lateral_view")
+    assert junk["outcome"] == "rejected" and junk["probability"] is None
