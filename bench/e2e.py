@@ -19,24 +19,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
 from pydicom import dcmread
 from sqlalchemy import select
 
-from inference.phantoms import write_phantom_series
+from bench.common import STORESCU, DCMTK_ENV, free_port, model_card, node_env, phantoms, print_table, rss_mb, \
+    start_node, stop, wait_listening
 from node.db import Job, open_database
-from node.orthanc_peer import OrthancPeer, free_port
-
-STORESCU = "/usr/bin/storescu"
-
-
-def wait_listening(port: int, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if subprocess.run(["/usr/bin/echoscu", "-aet", "STORESCU", "127.0.0.1", str(port)], capture_output=True).returncode == 0:
-            return
-        time.sleep(0.3)
-    raise RuntimeError("node did not start")
+from node.orthanc_peer import OrthancPeer
 
 
 def sr_in_orthanc(client, study_uid: str) -> bool:
@@ -53,42 +42,34 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=2048)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
-    files = write_phantom_series(work / "phantoms", args.n, seed0=777000, size=args.size)
+    files = phantoms(args.n, args.size, seed0=777000)
     node_port = free_port()
-    env = {**os.environ, "TCP_NODELAY": "1"}
     with OrthancPeer(work / "orthanc") as orthanc:
-        node_env = {**env,
-                    "SMARTNODULE_NODE__PORT": str(node_port), "SMARTNODULE_NODE__DATA_DIR": str(work / "node"),
-                    "SMARTNODULE_NODE__ALLOWED_CALLING_AETS": '["STORESCU"]',
-                    "SMARTNODULE_WORKER__POLL_INTERVAL_S": "0.02",
-                    "SMARTNODULE_DESTINATIONS": json.dumps([{"name": "orthanc", "ae_title": "ORTHANC",
-                                                             "host": "127.0.0.1", "port": orthanc.dicom_port}])}
-        node = subprocess.Popen([sys.executable, "-m", "node.cli", "run"], env=node_env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        node = start_node("run", node_env(
+            node_port, work / "node", model__card=str(model_card()[0]), worker__poll_interval_s="0.02",
+            destinations=[{"name": "orthanc", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}]))
         try:
-            wait_listening(node_port)
+            wait_listening(node_port, process=node)
             client = orthanc.client
             latencies = []
             for path in files:
                 study_uid = str(dcmread(path, stop_before_pixels=True).StudyInstanceUID)
                 start = time.perf_counter()
                 subprocess.run([STORESCU, "-aet", "STORESCU", "-aec", "SMARTNODULE", "127.0.0.1", str(node_port),
-                                str(path)], check=True, env=env, capture_output=True)
+                                str(path)], check=True, env=DCMTK_ENV, capture_output=True)
                 while not sr_in_orthanc(client, study_uid):
                     if time.perf_counter() - start > 120:
                         raise RuntimeError(f"no SR in Orthanc for {path.name} after 120 s")
                     time.sleep(0.02)
                 latencies.append(time.perf_counter() - start)
-            peak_rss = psutil.Process(node.pid).memory_info().rss / 2**20
+            peak_rss = rss_mb(node.pid)
         finally:
-            node.terminate()
-            node.wait(timeout=60)
+            stop(node)
     sessions = open_database(f"sqlite:///{work / 'node' / 'smartnodule.db'}")
     with sessions() as session:
         stages = [json.loads(j.stage_seconds) for j in session.scalars(select(Job).order_by(Job.id))]
-    print(f"{'#':>2}  {'e2e s':>6}  " + "  ".join(f"{k:>10}" for k in stages[0]))
-    for i, (latency, split) in enumerate(zip(latencies, stages)):
-        print(f"{i:>2}  {latency:6.2f}  " + "  ".join(f"{v:10.3f}" for v in split.values()))
+    print_table(["#", "e2e s", *stages[0]], [[i, f"{latency:.2f}", *(f"{v:.3f}" for v in split.values())]
+                                             for i, (latency, split) in enumerate(zip(latencies, stages))])
     ordered = sorted(latencies)
     p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
     print(json.dumps({"bench": "e2e", "median_s": round(statistics.median(latencies), 3), "p95_s": round(p95, 3),
