@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from inference.gradcam import explained_forward
-from inference.model import HEATMAP, RADIUS, NoduleNet, tta_views
+from inference.model import HEAD_STRIDE, RADIUS, NoduleNet, tta_views
 from inference.samples import HeldOut, model_coord, seed_of, worker_init
 
 SIZE_BINS_MM = ((5.0, 8.0), (8.0, 12.0), (12.0, 18.0), (18.0, 30.0))
@@ -115,7 +115,7 @@ class HeldOutScores:
 
 
 def score_batch(net: NoduleNet, images: torch.Tensor, cam_target: str = "head") -> dict[str, torch.Tensor]:
-    """TTA scores, heatmap/Grad-CAM peaks (output-map px) and radius of a batch (B,1,S,S) on the net's device."""
+    """TTA scores, heatmap/Grad-CAM peaks (output-map px) and radius (heatmap px) of a batch (B,1,S,S)."""
     b = images.shape[0]
     out, scores, idx, cam = explained_forward(net, tta_views(images), b, cam_target)
     w = out.maps.shape[-1]
@@ -127,7 +127,6 @@ def score_batch(net: NoduleNet, images: torch.Tensor, cam_target: str = "head") 
         "heatmap_rc": torch.stack([idx[:b] // w, idx[:b] % w], dim=1).float(),
         "gradcam_rc": torch.stack([cam_idx // w, cam_idx % w], dim=1).float(),
         "radius": torch.exp(log_r.float()),
-        "heat": maps[:, HEATMAP],
     }
 
 
@@ -143,7 +142,7 @@ def score_heldout(net: NoduleNet, split: str, n: int, input_size: int, device: t
         cols["view_scores"].append(r["view_scores"].cpu().numpy())
         cols["heatmap_rc"].append(model_coord(r["heatmap_rc"].cpu().numpy()))
         cols["gradcam_rc"].append(model_coord(r["gradcam_rc"].cpu().numpy()))
-        cols["pred_radius"].append(r["radius"].cpu().numpy() * 2)
+        cols["pred_radius"].append(r["radius"].cpu().numpy() * HEAD_STRIDE)
         cols["labels"].append(s["label"].numpy())
         cols["diameter_mm"].append(s["diameter_mm"].numpy())
         cols["contrast"].append(s["contrast"].numpy())
@@ -194,6 +193,9 @@ def summarize(r: HeldOutScores, a: float, b: float, threshold: float, margin: fl
     for t, name in enumerate(("low", "mid", "high")):
         m = (~y) | (tertile == t)
         figs["auc_by_contrast"][name] = {"auc": auc(probs[m], y[m]), "n_pos": int((m & y).sum())}
+    hit = pointing_hits(r.heatmap_rc, r)
+    rel = np.abs(r.pred_radius[y][hit] - r.true_radius[y][hit]) / r.true_radius[y][hit]
+    figs["radius_rel_error_median"] = float(np.median(rel)) if len(rel) else float("nan")
     for source in ("heatmap", "gradcam"):
         hits = pointing_hits(getattr(r, f"{source}_rc"), r)
         figs[f"pointing_{source}"] = float(hits.mean()) if len(hits) else float("nan")
@@ -229,6 +231,7 @@ def format_table(f: dict) -> str:
         rows.append((f"pointing ({src} peak, r+{POINTING_MARGIN_MM:g}mm)", f"{f[f'pointing_{src}']:.3f}"))
         rows += [(f"  pointing {src} {k}", f"{v:.3f}") for k, v in f[f"pointing_{src}_by_size"].items()]
     rows += [
+        ("radius |relative error|, median over found nodules", f"{f['radius_rel_error_median']:.3f}"),
         ("errors / flagged for review", f"{f['errors']} / {f['errors_flagged']} (review rate {f['review_rate']:.3f})"),
         ("error rate: uncertainty above / below median", f"{f['error_rate_uncertain']:.3f} / {f['error_rate_certain']:.3f}"),
     ]
