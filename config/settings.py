@@ -41,6 +41,7 @@ class NodeSettings(_Section):
     accept_any_calling_ae: bool = False
     max_associations: int = Field(default=10, ge=1)
     max_instance_mb: float = Field(default=256.0, gt=0)
+    min_free_disk_mb: float = Field(default=1024.0, ge=0)
     network_timeout_s: float = Field(default=60.0, gt=0)
 
     @model_validator(mode="after")
@@ -86,6 +87,7 @@ class DeliverySettings(_Section):
     backoff_initial_s: float = Field(default=2.0, gt=0)
     backoff_max_s: float = Field(default=300.0, gt=0)
     timeout_s: float = Field(default=30.0, gt=0)
+    return_to_calling_ae: bool = False
 
 
 class Destination(_Section):
@@ -95,6 +97,38 @@ class Destination(_Section):
     ae_title: AETitle
     host: str
     port: Port
+    tls: bool = False
+
+
+class Source(_Section):
+    """A sender known by AE title: the hosts it may connect from, and its own C-STORE port for returned results."""
+
+    ae_title: AETitle
+    hosts: list[str] = []
+    port: Port | None = None
+    tls: bool = False
+
+
+class TLSSettings(_Section):
+    """DICOM TLS (secure transport connection profile) for the listener and for destinations with `tls = true`."""
+
+    enabled: bool = False
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = False
+
+    @model_validator(mode="after")
+    def _files_present(self) -> "TLSSettings":
+        if self.enabled and (self.certificate is None or self.private_key is None):
+            raise ValueError("certificate and private_key are required when TLS is enabled")
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("ca_certificates is required to verify client certificates")
+        for name in ("certificate", "private_key", "ca_certificates"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name} {path} does not exist")
+        return self
 
 
 class WebSettings(_Section):
@@ -158,6 +192,8 @@ class Settings(BaseSettings):
     model: ModelSettings = ModelSettings()
     delivery: DeliverySettings = DeliverySettings()
     destinations: list[Destination] = []
+    sources: list[Source] = []
+    tls: TLSSettings = TLSSettings()
     web: WebSettings = WebSettings()
     retrieval: RetrievalSettings = RetrievalSettings()
     alerts: AlertSettings = AlertSettings()
@@ -169,6 +205,26 @@ class Settings(BaseSettings):
         if duplicated:
             raise ValueError(f"destination names must be unique, repeated: {', '.join(duplicated)}")
         return self
+
+    @model_validator(mode="after")
+    def _sources_allowed(self) -> "Settings":
+        unknown = sorted({s.ae_title for s in self.sources} - set(self.node.allowed_calling_aets))
+        if unknown and not self.node.accept_any_calling_ae:
+            raise ValueError(f"sources {', '.join(unknown)} are not in node.allowed_calling_aets")
+        return self
+
+    @model_validator(mode="after")
+    def _return_addresses_known(self) -> "Settings":
+        if self.delivery.return_to_calling_ae:
+            ports = {s.ae_title for s in self.sources if s.port is not None}
+            missing = sorted(set(self.node.allowed_calling_aets) - ports)
+            if missing or self.node.accept_any_calling_ae:
+                raise ValueError("delivery.return_to_calling_ae needs a [[sources]] entry with a port for every "
+                                 f"calling AE title (missing: {', '.join(missing) or 'any AE is accepted'})")
+        return self
+
+    def source(self, ae_title: str) -> "Source | None":
+        return next((s for s in self.sources if s.ae_title == ae_title), None)
 
     @classmethod
     def settings_customise_sources(

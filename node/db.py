@@ -83,6 +83,7 @@ class Job(Base):
     series_instance_uid: Mapped[str] = mapped_column(String(64))
     transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
     calling_aet: Mapped[str] = mapped_column(String(16), index=True)
+    calling_host: Mapped[str | None] = mapped_column(String(64))
     spool_path: Mapped[str] = mapped_column(String(512))
     size_bytes: Mapped[int] = mapped_column(Integer)
     modality: Mapped[str | None] = mapped_column(String(16))

@@ -48,7 +48,8 @@ def run_demo(count: int = 4, size: int = 2048, keep_running: bool = False, workd
         files = write_phantom_series(workdir / "phantoms", count, seed0=20260, size=size)
         started = time.monotonic()
         _push(files, orthanc, node_port)
-        jobs = _wait_for_jobs(node, len(files), timeout_s=120 + 30 * len(files))
+        done = TERMINAL if destinations else TERMINAL | {JobState.ENCODED}
+        jobs = _wait_for_jobs(node, len(files), done, timeout_s=120 + 30 * len(files))
         print(f"\nAll {len(files)} studies finished in {time.monotonic() - started:.1f} s:\n")
         _print_table(jobs, orthanc)
         if keep_running:
@@ -78,12 +79,12 @@ def _study_of(instance_ids: list[str], client) -> str:
     return client.instances.get_parent_study_id(instance_ids[0])
 
 
-def _wait_for_jobs(node: Node, expected: int, timeout_s: float) -> list[Job]:
+def _wait_for_jobs(node: Node, expected: int, done: set[JobState], timeout_s: float) -> list[Job]:
     deadline = time.monotonic() + timeout_s
     while True:
         with node.sessions() as session:
             jobs = list(session.scalars(select(Job).order_by(Job.id)))
-        if len(jobs) >= expected and all(job.state in TERMINAL for job in jobs):
+        if len(jobs) >= expected and all(job.state in done for job in jobs):
             return jobs
         if time.monotonic() > deadline:
             return jobs

@@ -54,6 +54,7 @@ class ReceivedInstance:
     transfer_syntax_uid: str
     modality: str | None
     calling_aet: str
+    calling_host: str
     spool_path: str
     size_bytes: int
 

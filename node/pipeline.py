@@ -25,12 +25,14 @@ from node.db import DeliveryState, Job, JobState, utcnow
 from node.jobs import Claim, ensure_deliveries, transition
 from node.scu import AssociationFailed, send_files
 from node.spool import checked_uid, write_atomic
+from node.tls import client_context
 from retrieval.cases import similar_cases
 from retrieval.index import CaseIndex
 from sr_writer.encode import encode_results
 
 log = structlog.get_logger(__name__)
 RESULT_FILES = ("sr", "heatmap", "pdf")
+RETURN_TO_CALLER = "calling-ae"  # the delivery row of `delivery.return_to_calling_ae`
 
 
 class StageTimer:
@@ -115,7 +117,7 @@ class Processor:
                 quality_flags=",".join(image.quality_flags) or None,
                 stage_seconds=timer.json(),
             )
-            ensure_deliveries(session, job, [d.name for d in self._settings.destinations])
+            ensure_deliveries(session, job, delivery_names(self._settings))
         self._index.add(claim.job_id, prediction.embedding)
         bound.info("job_encoded", probability=round(float(prediction.probability), 4),
                    uncertainty=round(float(prediction.uncertainty), 4), positive=bool(prediction.positive),
@@ -128,6 +130,12 @@ class Processor:
             transition(session, claim.job_id, claim, state, reason=reason, stage_seconds=timer.json(), **terminal, **values)
         bound.info(f"job_{state.value.lower()}", reason=reason)
         return state
+
+
+def delivery_names(settings: Settings) -> list[str]:
+    """The deliveries every job's results need: each destination, and the caller when configured."""
+    names = [d.name for d in settings.destinations]
+    return names + [RETURN_TO_CALLER] if settings.delivery.return_to_calling_ae else names
 
 
 def _encode_file(dataset) -> bytes:
@@ -143,17 +151,19 @@ class Deliverer:
         self._settings = settings
         self._sessions = sessions
         self._destinations: dict[str, Destination] = {d.name: d for d in settings.destinations}
+        self._tls = client_context(settings.tls) if any(d.tls for d in settings.destinations) or any(
+            s.tls for s in settings.sources) else None
 
     def run(self, claim: Claim) -> JobState:
         with self._sessions() as session:
             job = session.get(Job, claim.job_id)
             files = [Path(job.results_dir) / f"{name}.dcm" for name in RESULT_FILES]
             pending = [d.destination for d in job.deliveries if d.state is not DeliveryState.SENT]
-            sop_uid = job.sop_instance_uid
+            sop_uid, caller = job.sop_instance_uid, (job.calling_aet, job.calling_host)
         bound = log.bind(job_id=claim.job_id, sop_instance_uid=sop_uid, attempt=claim.attempt)
         timer = StageTimer()
         with timer.stage("deliver"):
-            outcomes = {name: self._deliver_to(name, files, bound) for name in pending}
+            outcomes = {name: self._deliver_to(self._resolve(name, *caller), name, files, bound) for name in pending}
         delivery = self._settings.delivery
         with self._sessions.begin() as session:
             job = session.get(Job, claim.job_id)
@@ -180,15 +190,25 @@ class Deliverer:
         bound.info("job_delivery_finished", state=state.value)
         return state
 
-    def _deliver_to(self, name: str, files: list[Path], bound) -> tuple[bool, str, str | None]:
-        destination = self._destinations.get(name)
+    def _resolve(self, name: str, calling_aet: str, calling_host: str | None) -> Destination | None:
+        """The peer behind a delivery row: a configured destination, or the calling AE at its source port."""
+        if name != RETURN_TO_CALLER:
+            return self._destinations.get(name)
+        source = self._settings.source(calling_aet)
+        if source is None or source.port is None or not calling_host:
+            return None
+        return Destination(name=name, ae_title=calling_aet, host=calling_host, port=source.port, tls=source.tls)
+
+    def _deliver_to(self, destination: Destination | None, name: str, files: list[Path], bound
+                    ) -> tuple[bool, str, str | None]:
         if destination is None:
-            bound.error("result_delivery_failed", destination=name, error="destination no longer configured")
-            return False, "unknown", "destination no longer configured"
+            bound.error("result_delivery_failed", destination=name, error="destination not configured")
+            return False, "unknown", "destination not configured"
         try:
             results = send_files(files, host=destination.host, port=destination.port,
                                  called_aet=destination.ae_title, calling_aet=self._settings.node.ae_title,
-                                 timeout_s=self._settings.delivery.timeout_s)
+                                 timeout_s=self._settings.delivery.timeout_s,
+                                 tls=self._tls if destination.tls else None)
         except (AssociationFailed, OSError) as exc:
             bound.warning("result_delivery_failed", destination=name, error=str(exc))
             return False, "association", str(exc)

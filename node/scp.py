@@ -7,6 +7,7 @@ exception escapes it: every failure is a defined status with an error comment.
 """
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from sqlalchemy.orm import sessionmaker
 from config.settings import Settings
 from node.jobs import ReceivedInstance, admit
 from node.spool import Spool, UnsafeUID
+from node.tls import server_context
 
 log = structlog.get_logger(__name__)
 
@@ -53,6 +55,10 @@ ACCEPTED_TRANSFER_SYNTAXES = (
     "1.2.840.10008.1.2.5",  # RLE Lossless
 )
 
+# A-ASSOCIATE-RJ (result, source, reason) used by admission control (PS3.8 9.3.4).
+REJECT_CALLING_AE_NOT_RECOGNIZED = (0x01, 0x01, 0x03)
+REJECT_LOCAL_LIMIT_EXCEEDED = (0x02, 0x03, 0x02)
+
 # Storage service statuses (PS3.4 Annex B.2.3) answered by the handler.
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
@@ -76,6 +82,7 @@ class StorageSCP:
         self._sessions = session_factory
         self._spool = spool
         self._max_bytes = int(settings.node.max_instance_mb * 1024 * 1024)
+        self._min_free_bytes = int(settings.node.min_free_disk_mb * 1024 * 1024)
         self._server: ThreadedAssociationServer | None = None
 
     def _make_ae(self) -> AE:
@@ -97,10 +104,13 @@ class StorageSCP:
         _config.STORE_RECV_CHUNKED_DATASET = True
         tempfile.tempdir = str(self._spool.incoming)
         node = self._settings.node
+        tls = self._settings.tls
         self._server = self._make_ae().start_server(
             (node.host, node.port),
             block=False,
+            ssl_context=server_context(tls) if tls.enabled else None,
             evt_handlers=[
+                (evt.EVT_REQUESTED, self._on_requested),
                 (evt.EVT_C_ECHO, self._on_echo),
                 (evt.EVT_C_STORE, self._on_store),
                 (evt.EVT_ACCEPTED, self._on_association, ["association_accepted"]),
@@ -109,7 +119,7 @@ class StorageSCP:
                 (evt.EVT_ABORTED, self._on_association, ["association_aborted"]),
             ],
         )
-        log.info("scp_started", ae_title=node.ae_title, host=node.host, port=node.port)
+        log.info("scp_started", ae_title=node.ae_title, host=node.host, port=node.port, tls=tls.enabled)
         return self._server
 
     def stop(self) -> None:
@@ -117,6 +127,27 @@ class StorageSCP:
             self._server.shutdown()
             self._server = None
             log.info("scp_stopped")
+
+    def _disk_free(self) -> int:
+        return shutil.disk_usage(self._spool.root).free
+
+    def _on_requested(self, event: evt.Event) -> None:
+        """Admission control before negotiation: the sender's host, and room in the spool."""
+        requestor = event.assoc.requestor
+        calling_aet = requestor.primitive.calling_ae_title
+        source = self._settings.source(calling_aet)
+        reason = None
+        if source is not None and source.hosts and requestor.address not in source.hosts:
+            reason, rejection = "host_not_allowed", REJECT_CALLING_AE_NOT_RECOGNIZED
+        elif self._disk_free() < self._min_free_bytes:
+            reason, rejection = "disk_nearly_full", REJECT_LOCAL_LIMIT_EXCEEDED
+        if reason is None:
+            return
+        log.warning("association_refused", calling_aet=calling_aet, peer=f"{requestor.address}:{requestor.port}",
+                    reason=reason)
+        event.assoc.acse.send_reject(*rejection)
+        event.assoc.is_rejected = True
+        event.assoc.kill()
 
     @staticmethod
     def _on_association(event: evt.Event, what: str) -> None:
@@ -146,6 +177,9 @@ class StorageSCP:
         if size > self._max_bytes:
             bound.warning("instance_refused", reason="too_large", size_bytes=size)
             return _status(OUT_OF_RESOURCES, f"instance larger than {self._settings.node.max_instance_mb} MB")
+        if self._disk_free() < self._min_free_bytes:
+            bound.error("instance_refused", reason="disk_nearly_full", size_bytes=size)
+            return _status(OUT_OF_RESOURCES, "spool disk nearly full, retry later")
         try:
             header = dcmread(temp_path, stop_before_pixels=True)
             sop_uid = str(header.SOPInstanceUID)
@@ -173,6 +207,7 @@ class StorageSCP:
             transfer_syntax_uid=str(header.file_meta.TransferSyntaxUID),
             modality=str(header.get("Modality", "")) or None,
             calling_aet=event.assoc.requestor.ae_title,
+            calling_host=event.assoc.requestor.address,
             spool_path=str(spooled),
             size_bytes=size,
         )

@@ -6,6 +6,7 @@ uncompressed one.
 """
 from __future__ import annotations
 
+import ssl
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,7 @@ def send_files(
     called_aet: str,
     calling_aet: str = "SMARTNODULE",
     timeout_s: float = 30.0,
+    tls: ssl.SSLContext | None = None,
 ) -> list[StoreResult]:
     """C-STORE every file in `paths` over one association; raises AssociationFailed when none is made."""
     datasets = [(Path(p), dcmread(p)) for p in paths]
@@ -62,7 +64,7 @@ def send_files(
         build_context(sop_class, sorted(own) + [ts for ts in UNCOMPRESSED if ts not in own])
         for sop_class, own in syntaxes.items()
     ]
-    assoc = ae.associate(host, port, ae_title=called_aet)
+    assoc = ae.associate(host, port, ae_title=called_aet, tls_args=(tls, None) if tls is not None else None)
     if not assoc.is_established:
         reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no connection"
         raise AssociationFailed(f"association with {called_aet}@{host}:{port} {reason}")

@@ -16,7 +16,7 @@ from sqlalchemy.orm import sessionmaker
 from config.settings import Settings
 from node.db import open_database
 from node.jobs import DELIVER, PROCESS, Claim, claim, lease_owner, release_dead_leases
-from node.pipeline import Deliverer, Processor
+from node.pipeline import Deliverer, Processor, delivery_names
 from node.scp import StorageSCP
 from node.spool import Spool
 from retrieval.index import CaseIndex
@@ -87,7 +87,7 @@ class Node:
                 f"process-{index}", self.sessions, PROCESS, lease_owner("process", index), worker.lease_s,
                 worker.poll_interval_s, Processor(self.settings, self.sessions, detector, self.index).run,
                 self._stop))
-        if self._deliver and self.settings.destinations:
+        if self._deliver and delivery_names(self.settings):
             self._threads.append(WorkLoop(
                 "deliver-0", self.sessions, DELIVER, lease_owner("deliver", 0),
                 self.settings.delivery.timeout_s * 4, worker.poll_interval_s,

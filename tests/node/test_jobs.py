@@ -17,7 +17,7 @@ def instance(n: int) -> ReceivedInstance:
     return ReceivedInstance(
         sop_instance_uid=f"1.2.3.{n}", sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1", study_instance_uid="1.2.3",
         series_instance_uid="1.2.3.0", transfer_syntax_uid="1.2.840.10008.1.2.1", modality="DX",
-        calling_aet="STORESCU", spool_path=f"/spool/{n}.dcm", size_bytes=100)
+        calling_aet="STORESCU", calling_host="127.0.0.1", spool_path=f"/spool/{n}.dcm", size_bytes=100)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
