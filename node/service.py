@@ -20,7 +20,7 @@ from node.pipeline import Deliverer, Processor, delivery_names
 from node.scp import StorageSCP
 from node.spool import Spool
 from retrieval.index import CaseIndex
-from review_web import models as review_models  # noqa: F401  (its tables are created with the node's)
+
 from review_web.alerts import Alerter
 from review_web.server import WebServer
 

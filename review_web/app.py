@@ -28,7 +28,7 @@ from starlette.middleware.sessions import SessionMiddleware
 
 from config.settings import Settings
 from inference.types import ModelIdentity
-from node.db import Base, Job
+from node.db import Job
 from node.jobs import TransitionError, requeue_delivery
 from retrieval.cases import similar_jobs
 from retrieval.index import CaseIndex
@@ -70,7 +70,6 @@ def create_app(settings: Settings, sessions: sessionmaker, index: CaseIndex | No
     web = settings.web
     if len(web.secret_key) < MIN_SECRET_KEY_LENGTH:
         raise ValueError(f"web.secret_key must have at least {MIN_SECRET_KEY_LENGTH} characters")
-    Base.metadata.create_all(sessions.kw["bind"])  # the review tables, when the node created only its own
     registry = CollectorRegistry()
     registry.register(HealthCollector(settings, sessions, identity))
     app = FastAPI(title="SmartNodule review", version="1", docs_url=None, redoc_url=None,
