@@ -7,35 +7,19 @@ import pytest
 from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
-from sqlalchemy import select
 
-from node.audit import configure_logging
 from node.db import Job, JobState
-from node.service import Node
-from tests.conftest import ECHOSCU, STORESCU, audit_events, require_binary
+from tests.conftest import ECHOSCU, STORESCU, all_jobs, audit_events, require_binary
 
 
 @pytest.fixture
-def receiver(make_settings):
+def receiver(make_settings, running_node):
     """A node that receives only (no workers), so job rows stay RECEIVED for inspection."""
-    nodes = []
-
-    def start(**sections):
-        settings = make_settings(**sections)
-        configure_logging(settings.log_dir)
-        node = Node(settings, workers=0, deliver=False)
-        node.start()
-        nodes.append(node)
-        return node
-
-    yield start
-    for node in nodes:
-        node.stop()
+    return lambda **sections: running_node(make_settings(**sections), workers=0, deliver=False)
 
 
 def jobs(node) -> list[Job]:
-    with node.sessions() as session:
-        return list(session.scalars(select(Job).order_by(Job.id)))
+    return all_jobs(node.sessions)
 
 
 def test_echoscu_is_answered(receiver):
