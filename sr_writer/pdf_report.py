@@ -177,16 +177,17 @@ def _images(image: PreparedImage, prediction: Prediction) -> Table:
                           long_side=long_side)
     overlay = render_overlay(image.display, prediction.heatmap, prediction.location,
                              long_side=long_side)
-    table = Table([[_png(gray), _png(overlay)], ["Image", "AI heatmap"]])
+    table = Table([[_jpeg(gray), _jpeg(overlay)], ["Image", "AI heatmap"]])
     table.setStyle(TableStyle([("ALIGN", (0, 0), (-1, -1), "CENTER"),
                                ("VALIGN", (0, 0), (-1, -1), "MIDDLE")]))
     return table
 
 
-def _png(rgb: np.ndarray) -> Image:
-    ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+def _jpeg(rgb: np.ndarray) -> Image:
+    """A report panel as JPEG: reportlab embeds JPEG data as it is, where PNG would be decoded and re-encoded."""
+    ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
     if not ok:
-        raise RuntimeError("PNG encoding of a report image failed")
+        raise RuntimeError("JPEG encoding of a report image failed")
     rows, cols = rgb.shape[:2]
     width = _PANEL_WIDTH if cols >= rows else _PANEL_WIDTH * cols / rows
     return Image(io.BytesIO(encoded.tobytes()), width=width, height=width * rows / cols)
