@@ -180,6 +180,66 @@ class AlertSettings(_Section):
         return self
 
 
+_SCHEDULE = r"^(|every \d+(\.\d+)?\s*[smhd]|(\S+\s+){4}\S+)$"
+Schedule = Annotated[str, Field(pattern=_SCHEDULE)]
+
+
+class SchedulerSettings(_Section):
+    """Background jobs (drift check, retraining, housekeeping) and their schedules.
+
+    A schedule is a 5-field crontab ("0 2 * * *"), "every N" with a unit s/m/h/d
+    ("every 15m"), or "" (job off). Times are in `timezone`.
+    """
+
+    enabled: bool = False
+    timezone: str = "UTC"
+    misfire_grace_s: int = Field(default=3600, ge=1)
+    drift: Schedule = "0 2 * * *"
+    retrain: Schedule = "every 6h"
+    reindex: Schedule = "30 1 * * *"
+    retention: Schedule = "0 4 * * *"
+    echo: Schedule = "every 15m"
+    backup: Schedule = "0 5 * * *"
+    drift_window_days: float = Field(default=7.0, gt=0)
+    drift_window_jobs: int = Field(default=500, ge=10)
+    drift_min_cases: int = Field(default=30, ge=5)
+    drift_psi_max: float = Field(default=0.25, gt=0)
+    drift_ks_p_min: float = Field(default=0.001, ge=0, le=1)
+    drift_category_max: float = Field(default=0.25, gt=0, le=1)
+    drift_embedding_max: float = Field(default=0.5, gt=0)
+    drift_min_verdicts: int = Field(default=20, ge=1)
+    drift_sensitivity_min: float = Field(default=0.5, ge=0, le=1)
+    drift_specificity_min: float = Field(default=0.5, ge=0, le=1)
+    drift_ece_max: float = Field(default=0.2, ge=0, le=1)
+    retention_days: float = Field(default=30.0, gt=0)
+    backup_dir: Path | None = None
+    backup_keep: int = Field(default=7, ge=1)
+
+
+class RegistrySettings(_Section):
+    """MLflow tracking and model registry, fine-tuning and the promotion gate."""
+
+    tracking_uri: str = ""
+    artifact_root: Path | None = None
+    model_name: str = Field(default="smartnodule-nodule", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    experiment: str = "smartnodule-fine-tune"
+    min_new_verdicts: int = Field(default=50, ge=1)
+    heldout_percent: int = Field(default=20, ge=0, le=90)
+    fine_tune_steps: int = Field(default=300, ge=0)
+    fine_tune_batch: int = Field(default=8, ge=2)
+    fine_tune_lr: float = Field(default=2e-4, gt=0)
+    fine_tune_phantoms: int = Field(default=128, ge=0)
+    fine_tune_timeout_s: float = Field(default=4 * 3600.0, gt=0)
+    calibration_phantoms: int = Field(default=0, ge=0)
+    eval_phantoms: int = Field(default=200, ge=2)
+    eval_start: int = Field(default=1000, ge=0)
+    auc_tolerance: float = Field(default=0.02, ge=0, le=1)
+    ece_tolerance: float = Field(default=0.02, ge=0, le=1)
+    sensitivity_tolerance: float = Field(default=0.0, ge=0, le=1)
+    auto_promote: bool = False
+    watch_interval_s: float = Field(default=5.0, gt=0)
+
+
 class Settings(BaseSettings):
     """All settings of one node."""
 
@@ -197,6 +257,8 @@ class Settings(BaseSettings):
     web: WebSettings = WebSettings()
     retrieval: RetrievalSettings = RetrievalSettings()
     alerts: AlertSettings = AlertSettings()
+    scheduler: SchedulerSettings = SchedulerSettings()
+    registry: RegistrySettings = RegistrySettings()
 
     @model_validator(mode="after")
     def _unique_destination_names(self) -> "Settings":
@@ -252,6 +314,18 @@ class Settings(BaseSettings):
     @property
     def log_dir(self) -> Path:
         return self.node.data_dir / "logs"
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.registry.tracking_uri or f"sqlite:///{(self.node.data_dir / 'mlflow.db').resolve()}"
+
+    @property
+    def artifact_root(self) -> Path:
+        return (self.registry.artifact_root or self.node.data_dir / "mlartifacts").resolve()
+
+    @property
+    def backup_dir(self) -> Path:
+        return self.scheduler.backup_dir or self.node.data_dir / "backups"
 
 
 def load_settings(path: Path | str | None = None, **overrides: dict) -> Settings:
