@@ -29,15 +29,6 @@ def register(subparsers) -> None:
     p.set_defaults(func=evaluate.run)
 
 
-def _detector(config: Path | None):
-    from config.settings import load_settings
-    from inference.predictor import Detector, ReviewPolicy
-
-    model = load_settings(config).model
-    return Detector.load(model.card, device=model.device, threads=model.threads or None,
-                         review=ReviewPolicy(model.review_margin, model.review_max_uncertainty))
-
-
 def predict_file(detector, path: Path) -> dict:
     """The `predict --json` record of one file: processed, skipped (not applicable) or rejected (unreadable)."""
     import pydicom
@@ -71,7 +62,10 @@ def predict_file(detector, path: Path) -> dict:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    detector = _detector(args.config)
+    from config.settings import load_settings
+    from inference.predictor import Detector
+
+    detector = Detector.from_settings(load_settings(args.config).model)
     status = 0
     for path in args.files:
         r = predict_file(detector, path)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from config.settings import ModelSettings
 from inference import torch_setup
 from inference.gradcam import explained_forward
 from inference.model import RADIUS, build_network, embed, image_score, load_weights, tta_views
@@ -60,6 +61,12 @@ class Detector:
         for p in net.parameters():
             p.requires_grad_(False)
         return cls(card, net, dev, review or ReviewPolicy(**card.review))
+
+    @classmethod
+    def from_settings(cls, model: ModelSettings, card_path: str | Path | None = None) -> "Detector":
+        """The detector the `[model]` settings describe (`card_path` overrides `model.card`)."""
+        return cls.load(card_path or model.card, device=model.device, threads=model.threads or None,
+                        review=ReviewPolicy(model.review_margin, model.review_max_uncertainty))
 
     def _input(self, image: PreparedImage) -> torch.Tensor:
         x = np.asarray(image.model_input, dtype=np.float32)

@@ -71,11 +71,9 @@ class Node:
         self.alerter: Alerter | None = None
 
     def _load_detector(self):
-        from inference.predictor import Detector, ReviewPolicy
+        from inference.predictor import Detector
 
-        model = self.settings.model
-        return Detector.load(model.card, device=model.device, threads=model.threads or None,
-                             review=ReviewPolicy(model.review_margin, model.review_max_uncertainty))
+        return Detector.from_settings(self.settings.model)
 
     def start(self) -> None:
         """Load the model (once per worker), start the loops, then listen."""
