@@ -40,8 +40,8 @@ demo: system-packages $(STAMP)
 test: system-packages postgres $(STAMP)
 	$(PY) -m pytest -rs tests
 
-bench: system-packages $(STAMP)
-	$(PY) -m bench.e2e --n 5
+bench: system-packages postgres $(STAMP)
+	$(PY) -m bench
 
 gpu-check: $(STAMP)
 	$(PY) -m inference.gpu_check

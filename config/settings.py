@@ -41,6 +41,7 @@ class NodeSettings(_Section):
     accept_any_calling_ae: bool = False
     max_associations: int = Field(default=10, ge=1)
     max_instance_mb: float = Field(default=256.0, gt=0)
+    max_pdu_bytes: int = Field(default=1 << 20, ge=4096, le=1 << 26)
     min_free_disk_mb: float = Field(default=1024.0, ge=0)
     network_timeout_s: float = Field(default=60.0, gt=0)
 

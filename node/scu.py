@@ -59,6 +59,7 @@ def send_files(
     for _, ds in datasets:
         syntaxes[str(ds.SOPClassUID)].add(str(ds.file_meta.TransferSyntaxUID))
     ae = AE(ae_title=calling_aet)
+    ae.maximum_pdu_size = 1 << 20
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     ae.requested_contexts = [
         build_context(sop_class, sorted(own) + [ts for ts in UNCOMPRESSED if ts not in own])

@@ -48,6 +48,7 @@ class Spool:
     def place(self, source: Path, study_uid: str, sop_uid: str) -> Path:
         """Move `source` into the spool durably: fsync, rename (or copy across file systems), fsync folder."""
         target = self.path_for(study_uid, sop_uid)
+        new_folder = not target.parent.is_dir()
         target.parent.mkdir(exist_ok=True)
         with open(source, "rb+") as f:
             os.fsync(f.fileno())
@@ -61,7 +62,8 @@ class Spool:
                 os.fsync(tmp.fileno())
             os.replace(tmp.name, target)
         fsync_dir(target.parent)
-        fsync_dir(self.root)
+        if new_folder:
+            fsync_dir(self.root)
         return target
 
 
