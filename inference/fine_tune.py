@@ -1,0 +1,331 @@
+"""Owns fine-tuning the model in service on adjudicated cases: `python -m inference.fine_tune MANIFEST`.
+
+Runs as a separate process with one torch thread so the node keeps serving.
+The manifest (JSON, written by `scheduler.jobs.retrain`) carries the settings,
+the champion's card, the adjudicated cases (spool DICOM, final verdict, click
+location) split into training and held-out, and the phantom seeds. Steps:
+
+1. training samples: each case through `inference.preprocess.prepare` (image
+   label; a Gaussian heatmap target at the verdict click when there is one),
+   plus fresh training phantoms made as `train.py` makes them (dense targets);
+2. a short AdamW fine-tune from the champion's weights (BatchNorm statistics
+   frozen: batches are small), losses from `train.py` masked per sample
+   (cases have no lung mask, unlocated positives no heatmap target);
+3. MLflow: parameters, loss per block of steps, the training-data fingerprint
+   (sha256 over sorted SOP UIDs + verdicts + phantom seeds), card and
+   safetensors weights as artifacts, registered as a new version of the
+   registered model whose card version is `<base>+ft.<registry version>`;
+4. the promotion gate (`inference.registry.evaluate_gate`) against the
+   champion; figures go to the run's metrics and the version's tags.
+
+The last stdout line is a JSON summary.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+PHANTOM_SEED_INDEX0 = 50_000_000  # train-split indices far beyond any training run's (train.py uses 0..fresh)
+CLICK_SIGMA_HM = 2.0  # heatmap pixels: sigma of the target at a verdict click (radius unknown)
+
+
+def case_model_input(spool_path: str | Path, input_size: int) -> np.ndarray:
+    from pydicom import dcmread
+
+    from inference.preprocess import prepare
+
+    return prepare(dcmread(spool_path), input_size=input_size).model_input
+
+
+def case_sample(case: dict, input_size: int, flip: bool = False) -> dict:
+    """Training sample of one adjudicated case: image label, heatmap target at the click when given."""
+    import torch
+    from pydicom import dcmread
+
+    from inference.model import HEAD_STRIDE
+    from inference.preprocess import prepare, source_to_model
+    from inference.samples import heatmap_coord
+
+    prepared = prepare(dcmread(case["spool_path"]), input_size=input_size)
+    out = input_size // HEAD_STRIDE
+    present = bool(case["nodule_present"]) != flip
+    heat = np.zeros((out, out), np.float32)
+    heat_valid = not present  # a negative's target is all zeros; a positive's needs the click
+    if present and case.get("location") and not flip:
+        row, col = source_to_model(*case["location"], source_shape=prepared.display.shape[:2], input_size=input_size)
+        r, c = heatmap_coord(row), heatmap_coord(col)
+        yy, xx = np.mgrid[0:out, 0:out].astype(np.float32)
+        heat = np.exp(-((yy - r) ** 2 + (xx - c) ** 2) / (2 * CLICK_SIGMA_HM**2)).astype(np.float32)
+        heat[min(out - 1, max(0, round(r))), min(out - 1, max(0, round(c)))] = 1.0
+        heat_valid = True
+    return {
+        "image": torch.from_numpy(np.ascontiguousarray(prepared.model_input, np.float32))[None],
+        "heat": torch.from_numpy(heat)[None],
+        "lung": torch.zeros((1, out, out)),
+        "log_radius": torch.tensor(0.0),
+        "label": torch.tensor(float(present)),
+        "heat_valid": torch.tensor(float(heat_valid)),
+        "lung_valid": torch.tensor(0.0),
+        "radius_valid": torch.tensor(0.0),
+    }
+
+
+def phantom_samples(seed_indices: list[int], input_size: int, flip: bool = False) -> list[dict]:
+    """Fresh training phantoms (train split, physical gain, positives on even indices) with dense targets."""
+    import torch
+
+    from inference.phantoms import generate_phantom
+    from inference.samples import HELD_OUT_GAIN, phantom_sample, seed_of
+
+    samples = []
+    for i in seed_indices:
+        p = generate_phantom(seed_of("train", i), size=input_size, nodule=i % 2 == 0, gain=HELD_OUT_GAIN)
+        s = {k: s_v for k, s_v in phantom_sample(p, input_size).items()
+             if k in ("image", "heat", "lung", "log_radius", "label")}
+        s.update(heat_valid=torch.tensor(1.0), lung_valid=torch.tensor(1.0), radius_valid=torch.tensor(1.0))
+        if flip:
+            s["label"] = 1.0 - s["label"]
+            s["heat"] = torch.zeros_like(s["heat"])
+            s["heat_valid"] = torch.tensor(float(s["label"] == 0))
+            s["radius_valid"] = torch.tensor(0.0)
+        samples.append(s)
+    return samples
+
+
+def fingerprint(cases: list[dict], phantom_indices: list[int]) -> str:
+    """sha256 over the sorted SOP Instance UIDs with their verdicts (and click), and the phantom seed indices."""
+    rows = sorted((c["sop_instance_uid"], bool(c["nodule_present"]), c.get("location")) for c in cases)
+    blob = json.dumps({"cases": rows, "phantom_train_indices": sorted(phantom_indices)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def masked_losses(net, batch: dict) -> dict:
+    """train.py's losses, each over the samples that have its target."""
+    import torch
+    import torch.nn.functional as F
+
+    from inference.model import HEATMAP, LUNG, RADIUS, image_score
+    from inference.train import focal_loss
+
+    maps = net(batch["image"]).maps.float()
+    zero = maps.sum() * 0
+    heat_ok, lung_ok = batch["heat_valid"] > 0, batch["lung_valid"] > 0
+    pos = (batch["label"] > 0) & (batch["radius_valid"] > 0)
+    parts = {"focal": focal_loss(maps[heat_ok][:, HEATMAP], batch["heat"][heat_ok][:, 0]) if heat_ok.any() else zero,
+             "lung": F.binary_cross_entropy_with_logits(maps[lung_ok][:, LUNG], batch["lung"][lung_ok][:, 0].float())
+             if lung_ok.any() else zero}
+    if pos.any():
+        peak = batch["heat"][pos][:, 0].flatten(1).argmax(dim=1)
+        log_r = maps[pos][:, RADIUS].flatten(1).gather(1, peak[:, None])[:, 0]
+        parts["radius"] = F.smooth_l1_loss(log_r, batch["log_radius"][pos])
+    else:
+        parts["radius"] = zero
+    score, _ = image_score(maps)
+    parts["image"] = F.binary_cross_entropy_with_logits(score, batch["label"].float())
+    return parts
+
+
+def fine_tune(manifest: dict) -> dict:
+    """Fine-tune, register, gate; returns the summary (also printed as the last stdout line)."""
+    import cv2
+    import torch
+
+    from config.settings import Settings
+    from inference import registry
+    from inference.evaluate import fit_platt
+    from inference.model import build_network, load_weights, save_weights
+    from inference.model_card import Calibration, load_card, save_card, sha256_file, verify_weights
+    from inference.train import LOSS_WEIGHTS, augment
+
+    t_start = time.time()
+    torch.set_num_threads(int(manifest.get("threads", 1)))
+    cv2.setNumThreads(1)
+    settings = Settings(**manifest["settings"])
+    reg = settings.registry
+    steps = int(manifest.get("steps", reg.fine_tune_steps))
+    batch_size = int(manifest.get("batch", reg.fine_tune_batch))
+    lr = float(manifest.get("lr", reg.fine_tune_lr))
+    flip = bool(manifest.get("flip_labels", False))
+    champion_card_path = Path(manifest["champion_card"])
+    card = load_card(champion_card_path)
+    size = card.input_size
+    torch.manual_seed(int(manifest.get("seed", 0)))
+    gen = torch.Generator().manual_seed(int(manifest.get("seed", 0)))
+
+    train_cases = [c for c in manifest["cases"] if not c["heldout"]]
+    heldout_cases = [c for c in manifest["cases"] if c["heldout"]]
+    n_ph = int(manifest.get("phantoms", reg.fine_tune_phantoms))
+    ph0 = int(manifest.get("phantom_index0", PHANTOM_SEED_INDEX0))
+    phantom_indices = list(range(ph0, ph0 + n_ph))
+    print_fp = fingerprint(train_cases, phantom_indices)
+
+    t_data = time.time()
+    case_set = [case_sample(c, size, flip) for c in train_cases]
+    phantom_set = phantom_samples(phantom_indices, size, flip)
+    data_s = time.time() - t_data
+
+    net = load_weights(build_network(card.architecture), str(verify_weights(card, champion_card_path)))
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+
+    client = registry.client(settings)
+    exp = registry.experiment_id(client, settings)
+    run = client.create_run(exp, run_name=f"fine-tune-from-{card.version}", tags={
+        "data_fingerprint": print_fp, "parent_card_version": card.version,
+        "parent_registry_version": str(manifest.get("champion_version")), "flip_labels": str(flip).lower()})
+    run_id = run.info.run_id
+    try:
+        client.log_batch(run_id, params=[_param(k, v) for k, v in {
+            "steps": steps, "batch": batch_size, "lr": lr, "weight_decay": 1e-4, "train_cases": len(train_cases),
+            "heldout_cases": len(heldout_cases), "phantoms": n_ph, "phantom_train_indices": f"{ph0}..{ph0 + n_ph - 1}",
+            "phantom_gain": 1.0, "input_size": size, "torch_threads": torch.get_num_threads(),
+            "batchnorm": "frozen (eval statistics)", "loss_weights": json.dumps(LOSS_WEIGHTS),
+            "data_fingerprint": print_fp, "parent": f"{card.name} {card.version}", "flip_labels": flip}.items()])
+        from mlflow.entities import Metric
+
+        net.train()
+        for m in net.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        pools = [p for p in (case_set, phantom_set) if p]
+        block = max(1, steps // 10)
+        sums: dict[str, float] = {}
+        t_train = time.time()
+        for step in range(steps):
+            for g in opt.param_groups:
+                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / max(steps, 1)))
+            picks = []
+            for k in range(batch_size):
+                pool = pools[k % len(pools)]
+                picks.append(pool[int(torch.randint(0, len(pool), (1,), generator=gen))])
+            batch = {key: torch.stack([torch.as_tensor(p[key]) for p in picks]) for key in picks[0]}
+            batch = augment(batch, gen)
+            parts = masked_losses(net, batch)
+            loss = sum(LOSS_WEIGHTS[k] * v for k, v in parts.items())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+            opt.step()
+            for k, v in {**parts, "loss": loss}.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            if (step + 1) % block == 0 or step + 1 == steps:
+                n = (step % block) + 1
+                now = int(time.time() * 1000)
+                client.log_batch(run_id, metrics=[Metric(f"train_{k}", v / n, now, step + 1) for k, v in sums.items()])
+                sums.clear()
+        train_s = time.time() - t_train
+        net.eval()
+
+        work = Path(tempfile.mkdtemp(prefix="fine-tune-"))
+        weights_tmp = work / "weights.safetensors"
+        save_weights(net, str(weights_tmp))
+        calibration, threshold = card.calibration, card.threshold
+        n_cal = int(manifest.get("calibration_phantoms", reg.calibration_phantoms))
+        if n_cal:
+            from inference.evaluate import platt, youden_threshold
+
+            scores, labels = _calibration_scores(net, n_cal, size)
+            a, b = fit_platt(scores, labels)
+            calibration = Calibration(card.calibration.method, a, b)
+            threshold = youden_threshold(platt(scores, a, b), labels)
+
+        mv = client.create_model_version(reg.model_name, f"{run.info.artifact_uri}/{registry.ARTIFACT_DIR}", run_id=run_id,
+                                         tags={"state": "training-done", "data_fingerprint": print_fp,
+                                               "verdict_watermark": str(manifest.get("verdict_watermark", 0)),
+                                               "parent_version": str(manifest.get("champion_version"))})
+        registry_version = str(mv.version)
+        version = registry.candidate_version_name(card.version, registry_version)
+        weights_name = f"{card.name}-{version}.safetensors"
+        model_dir = work / registry.ARTIFACT_DIR
+        model_dir.mkdir()
+        os.replace(weights_tmp, model_dir / weights_name)
+        new_card = dataclasses.replace(
+            card, version=version, weights_file=weights_name, weights_sha256=sha256_file(model_dir / weights_name),
+            calibration=calibration, threshold=threshold,
+            training={"fine_tuned_from": {"name": card.name, "version": card.version,
+                                          "registry_version": manifest.get("champion_version")},
+                      "data_fingerprint": print_fp, "steps": steps, "batch": batch_size, "lr": lr,
+                      "train_cases": len(train_cases), "phantom_train_indices": [ph0, ph0 + n_ph - 1],
+                      "batchnorm": "frozen", "training_time_s": round(train_s, 1), "mlflow_run_id": run_id,
+                      "calibration": f"refit on {n_cal} calibration phantoms" if n_cal else "kept from parent",
+                      "parent_training": card.training},
+            evaluation={})
+        save_card(new_card, model_dir / "card.json")
+        client.log_artifacts(run_id, str(model_dir), registry.ARTIFACT_DIR)
+        client.set_model_version_tag(reg.model_name, registry_version, "card_version", version)
+        client.set_model_version_tag(reg.model_name, registry_version, "state", "ready")
+        client.set_tag(run_id, "registry_version", registry_version)
+        client.set_tag(run_id, "card_version", version)
+
+        t_gate = time.time()
+        passed, reasons, cand, champ = registry.evaluate_gate(settings, model_dir / "card.json", champion_card_path,
+                                                              heldout_cases)
+        gate_s = time.time() - t_gate
+        registry.record_gate(settings, registry_version, passed, reasons, cand, champ, client)
+        metrics = {f"gate_candidate_{k}": v for k, v in dataclasses.asdict(cand).items()}
+        metrics |= {f"gate_champion_{k}": v for k, v in dataclasses.asdict(champ).items()}
+        metrics |= {"gate_passed": float(passed), "train_seconds": train_s, "data_seconds": data_s,
+                    "gate_seconds": gate_s}
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, steps) for k, v in metrics.items()
+                                          if isinstance(v, (int, float)) and np.isfinite(v)])
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    summary = {"run_id": run_id, "registry_version": registry_version, "card_version": version, "gate_passed": passed,
+               "gate_reasons": reasons, "candidate": registry._finite(dataclasses.asdict(cand)),
+               "champion": registry._finite(dataclasses.asdict(champ)), "data_fingerprint": print_fp,
+               "train_cases": len(train_cases), "heldout_cases": len(heldout_cases), "phantoms": n_ph,
+               "steps": steps, "train_seconds": round(train_s, 2), "gate_seconds": round(gate_s, 2),
+               "total_seconds": round(time.time() - t_start, 2)}
+    return summary
+
+
+def _calibration_scores(net, n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+
+    from inference.model import image_score, tta_views
+    from inference.phantoms import generate_phantom
+    from inference.preprocess import phantom_model_input
+    from inference.samples import HELD_OUT_GAIN, seed_of
+
+    scores, labels = [], []
+    for i in range(n):
+        p = generate_phantom(seed_of("calibration", i), size=size, nodule=i % 2 == 0, gain=HELD_OUT_GAIN)
+        x = torch.from_numpy(phantom_model_input(p, size)[0])[None, None]
+        with torch.inference_mode():
+            s, _ = image_score(net(tta_views(x)).maps)
+        scores.append(float(s.mean()))
+        labels.append(i % 2 == 0)
+    return np.array(scores), np.array(labels)
+
+
+def _param(key: str, value):
+    from mlflow.entities import Param
+
+    return Param(key, str(value)[:6000])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m inference.fine_tune", description=__doc__.splitlines()[0])
+    parser.add_argument("manifest", type=Path)
+    args = parser.parse_args(argv)
+    summary = fine_tune(json.loads(args.manifest.read_text()))
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,392 @@
+"""Owns the MLflow side of the model: the registered model, candidates, the promotion gate, champion and rollback.
+
+Registered model `registry.model_name` (default `smartnodule-nodule`) in the MLflow
+registry at `settings.tracking_uri` (SQLite by default). Version 1 is the shipped
+checkpoint, registered on first use and made `champion`. Each fine-tune run
+registers a candidate version whose card names it `<base>+ft.<version>`, evaluates
+it against the champion on a fixed set (the gate) and tags the version with the
+figures. `promote` moves the alias `champion` (the old one becomes
+`previous-champion`; the full history is the model tag `champion_history`),
+`rollback` moves it back. `ChampionWatcher` gives each worker the champion's
+`Detector`, switching between jobs when the alias moves.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import structlog
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from config.settings import Settings  # noqa: E402
+
+log = structlog.get_logger(__name__)
+
+CHAMPION = "champion"
+PREVIOUS = "previous-champion"
+HISTORY_TAG = "champion_history"
+SHIPPED_EXPERIMENT = "smartnodule-shipped"
+ARTIFACT_DIR = "model"
+
+
+class RegistryError(ValueError):
+    """A registry operation that cannot be done (unknown version, nothing to roll back to, gate failed)."""
+
+
+def client(settings: Settings):
+    """An MlflowClient on the node's tracking/registry URI (the SQLite file's folder is created)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = settings.tracking_uri
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def experiment_id(mlflow_client, settings: Settings, name: str | None = None) -> str:
+    name = name or settings.registry.experiment
+    found = mlflow_client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    settings.artifact_root.mkdir(parents=True, exist_ok=True)
+    try:
+        return mlflow_client.create_experiment(name, artifact_location=(settings.artifact_root / name).as_uri())
+    except Exception:  # created meanwhile by another process
+        return mlflow_client.get_experiment_by_name(name).experiment_id
+
+
+def shipped_card(settings: Settings) -> Path:
+    from inference.predictor import DEFAULT_CARD
+
+    return Path(settings.model.card or DEFAULT_CARD)
+
+
+def _history(mlflow_client, name: str) -> list[str]:
+    tags = mlflow_client.get_registered_model(name).tags
+    return json.loads(tags.get(HISTORY_TAG, "[]"))
+
+
+def champion_version(mlflow_client, settings: Settings) -> str | None:
+    """The version the alias `champion` points to, or None (no registered model yet)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(mlflow_client.get_model_version_by_alias(settings.registry.model_name, CHAMPION).version)
+    except MlflowException:
+        return None
+
+
+def ensure_registered(settings: Settings, mlflow_client=None) -> str:
+    """Register the shipped checkpoint as version 1 and make it champion, once; returns the champion version."""
+    from mlflow.exceptions import MlflowException
+
+    mlflow_client = mlflow_client or client(settings)
+    current = champion_version(mlflow_client, settings)
+    if current is not None:
+        return current
+    name = settings.registry.model_name
+    try:
+        mlflow_client.create_registered_model(name, description="SmartNodule nodule model (champion serves)")
+    except MlflowException:
+        current = champion_version(mlflow_client, settings)
+        if current is not None:
+            return current
+    card_path = shipped_card(settings)
+    from inference.model_card import load_card
+
+    card = load_card(card_path)
+    run = mlflow_client.create_run(experiment_id(mlflow_client, settings, SHIPPED_EXPERIMENT),
+                                   run_name=f"{card.name}-{card.version}-shipped")
+    run_id = run.info.run_id
+    mlflow_client.log_artifact(run_id, str(card_path), ARTIFACT_DIR)
+    mlflow_client.log_artifact(run_id, str(card_path.parent / card.weights_file), ARTIFACT_DIR)
+    for ref in ("drift_reference.npz",):
+        if (card_path.parent / ref).is_file():
+            mlflow_client.log_artifact(run_id, str(card_path.parent / ref), ARTIFACT_DIR)
+    mlflow_client.set_tag(run_id, "card_version", card.version)
+    mlflow_client.set_terminated(run_id)
+    mv = mlflow_client.create_model_version(name, f"{run.info.artifact_uri}/{ARTIFACT_DIR}", run_id=run_id,
+                                            tags={"state": "ready", "shipped": "true", "card_version": card.version,
+                                                  "gate": "shipped"})
+    mlflow_client.set_registered_model_alias(name, CHAMPION, str(mv.version))
+    mlflow_client.set_registered_model_tag(name, HISTORY_TAG, json.dumps([str(mv.version)]))
+    log.info("model_registered", version=mv.version, card_version=card.version, shipped=True)
+    return str(mv.version)
+
+
+def candidate_version_name(base_version: str, registry_version: str) -> str:
+    """The card version of a fine-tuned candidate: `1.0.0+ft.7` (the base without any previous +suffix)."""
+    return f"{base_version.split('+')[0]}+ft.{registry_version}"
+
+
+def versions(settings: Settings, mlflow_client=None) -> list[dict]:
+    """Every registered version with its tags and aliases, oldest first."""
+    mlflow_client = mlflow_client or client(settings)
+    found = mlflow_client.search_model_versions(f"name='{settings.registry.model_name}'")
+    return sorted(({"version": str(v.version), "run_id": v.run_id, "aliases": list(v.aliases), "tags": dict(v.tags),
+                    "source": v.source} for v in found), key=lambda v: int(v["version"]))
+
+
+def promote(settings: Settings, version: str, *, approved_by: str, force: bool = False, mlflow_client=None) -> str:
+    """Make `version` champion (the old one becomes previous-champion); returns the old champion version.
+
+    Refused (RegistryError) unless the version is ready and passed the gate, or `force`.
+    """
+    from mlflow.exceptions import MlflowException
+
+    mlflow_client = mlflow_client or client(settings)
+    name = settings.registry.model_name
+    try:
+        mv = mlflow_client.get_model_version(name, str(version))
+    except MlflowException:
+        raise RegistryError(f"version {version!r} of {name} does not exist") from None
+    if mv.tags.get("state") != "ready":
+        raise RegistryError(f"version {version} is not ready (state {mv.tags.get('state')!r})")
+    if not force and mv.tags.get("gate") not in ("passed", "shipped"):
+        raise RegistryError(f"version {version} did not pass the promotion gate ({mv.tags.get('gate_reasons', 'not evaluated')}); "
+                            "use --force to promote it anyway")
+    old = champion_version(mlflow_client, settings)
+    if old == str(version):
+        return old
+    history = _history(mlflow_client, name)
+    if old is not None:
+        mlflow_client.set_registered_model_alias(name, PREVIOUS, old)
+    mlflow_client.set_registered_model_alias(name, CHAMPION, str(version))
+    mlflow_client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history + [str(version)]))
+    mlflow_client.set_model_version_tag(name, str(version), "promoted_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    mlflow_client.set_model_version_tag(name, str(version), "promoted_by", approved_by)
+    log.info("model_promoted", version=str(version), previous=old, approved_by=approved_by, forced=force)
+    return old
+
+
+def rollback(settings: Settings, mlflow_client=None) -> tuple[str, str]:
+    """Move `champion` back to the previous champion; returns (from, to). History keeps every step."""
+    mlflow_client = mlflow_client or client(settings)
+    name = settings.registry.model_name
+    current = champion_version(mlflow_client, settings)
+    history = _history(mlflow_client, name) if current is not None else []
+    if current is None or len(history) < 2:
+        raise RegistryError("no previous champion to roll back to")
+    history.pop()
+    target = history[-1]
+    mlflow_client.set_registered_model_alias(name, CHAMPION, target)
+    if len(history) >= 2:
+        mlflow_client.set_registered_model_alias(name, PREVIOUS, history[-2])
+    else:
+        mlflow_client.delete_registered_model_alias(name, PREVIOUS)
+    mlflow_client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+    mlflow_client.set_model_version_tag(name, current, "rolled_back_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    log.info("model_rolled_back", version=current, to=target)
+    return current, target
+
+
+def download(settings: Settings, version: str, mlflow_client=None) -> Path:
+    """Card path of registered `version`, downloaded once to `<data_dir>/models/<version>/`."""
+    import mlflow.artifacts
+
+    dest = settings.node.data_dir / "models" / str(version)
+    if (dest / "card.json").is_file():
+        return dest / "card.json"
+    mlflow_client = mlflow_client or client(settings)
+    mv = mlflow_client.get_model_version(settings.registry.model_name, str(version))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=dest.parent))
+    try:
+        got = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(tmp),
+                                                       tracking_uri=settings.tracking_uri))
+        card = next(got.rglob("card.json"))
+        os.replace(card.parent, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest / "card.json"
+
+
+# --- the promotion gate -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GateFigures:
+    """A model's figures on the gate's evaluation set (probabilities from the serving path)."""
+
+    auc: float
+    ece: float
+    sensitivity: float
+    specificity: float
+    threshold: float
+    n: int
+    n_phantoms: int
+    n_verdicts: int
+
+
+def figures(probs: np.ndarray, labels: np.ndarray, threshold: float, n_phantoms: int) -> GateFigures:
+    from inference.evaluate import auc, ece
+
+    probs, labels = np.asarray(probs, float), np.asarray(labels).astype(bool)
+    pred = probs >= threshold
+    sens = float(pred[labels].mean()) if labels.any() else float("nan")
+    spec = float((~pred[~labels]).mean()) if (~labels).any() else float("nan")
+    return GateFigures(auc(probs, labels), ece(probs, labels.astype(float)), sens, spec, float(threshold),
+                       len(labels), n_phantoms, len(labels) - n_phantoms)
+
+
+def gate_inputs(settings: Settings, input_size: int, verdict_cases: list[dict]) -> tuple[list[np.ndarray], np.ndarray, int]:
+    """The fixed evaluation set: `eval_phantoms` test-split phantoms from `eval_start`, then the held-out verdict cases."""
+    from inference.fine_tune import case_model_input
+    from inference.phantoms import generate_phantom
+    from inference.preprocess import phantom_model_input
+    from inference.samples import HELD_OUT_GAIN, seed_of
+
+    reg = settings.registry
+    images, labels = [], []
+    for i in range(reg.eval_start, reg.eval_start + reg.eval_phantoms):
+        p = generate_phantom(seed_of("test", i), size=input_size, nodule=i % 2 == 0, gain=HELD_OUT_GAIN)
+        images.append(phantom_model_input(p, input_size)[0])
+        labels.append(i % 2 == 0)
+    n_phantoms = len(images)
+    for case in verdict_cases:
+        images.append(case_model_input(case["spool_path"], input_size))
+        labels.append(bool(case["nodule_present"]))
+    return images, np.array(labels, bool), n_phantoms
+
+
+def score(card_path: Path, images: list[np.ndarray]) -> tuple[np.ndarray, float]:
+    """Calibrated probabilities of `images` (model inputs) by the carded Detector, and its threshold."""
+    from inference.predictor import Detector
+    from inference.types import PreparedImage
+
+    detector = Detector.load(card_path, device="cpu")
+    blank = np.zeros((1, 1), np.uint8)
+    probs = [detector.probability(PreparedImage("", blank, x, None))[0] for x in images]
+    return np.array(probs), detector.card.threshold
+
+
+def gate(candidate: GateFigures, champion: GateFigures, settings: Settings) -> tuple[bool, list[str]]:
+    """Whether the candidate is not worse than the champion beyond the tolerances; the reasons when not."""
+    reg = settings.registry
+    reasons = []
+    if np.isfinite(champion.auc) and not candidate.auc >= champion.auc - reg.auc_tolerance:
+        reasons.append(f"AUC {candidate.auc:.4f} < champion {champion.auc:.4f} - {reg.auc_tolerance}")
+    if not candidate.ece <= champion.ece + reg.ece_tolerance:
+        reasons.append(f"ECE {candidate.ece:.4f} > champion {champion.ece:.4f} + {reg.ece_tolerance}")
+    if np.isfinite(champion.sensitivity) and not candidate.sensitivity >= champion.sensitivity - reg.sensitivity_tolerance:
+        reasons.append(f"sensitivity {candidate.sensitivity:.4f} < champion {champion.sensitivity:.4f} - "
+                       f"{reg.sensitivity_tolerance}")
+    return not reasons, reasons
+
+
+def evaluate_gate(settings: Settings, candidate_card: Path, champion_card: Path, verdict_cases: list[dict]
+                  ) -> tuple[bool, list[str], GateFigures, GateFigures]:
+    from inference.model_card import load_card
+
+    images, labels, n_ph = gate_inputs(settings, load_card(candidate_card).input_size, verdict_cases)
+    cand = figures(*_swap(score(candidate_card, images), labels), n_ph)
+    champ = figures(*_swap(score(champion_card, images), labels), n_ph)
+    passed, reasons = gate(cand, champ, settings)
+    return passed, reasons, cand, champ
+
+
+def _swap(scored: tuple[np.ndarray, float], labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    probs, threshold = scored
+    return probs, labels, threshold
+
+
+def record_gate(settings: Settings, version: str, passed: bool, reasons: list[str], cand: GateFigures,
+                champ: GateFigures, mlflow_client=None) -> None:
+    mlflow_client = mlflow_client or client(settings)
+    name = settings.registry.model_name
+    mlflow_client.set_model_version_tag(name, version, "gate", "passed" if passed else "failed")
+    mlflow_client.set_model_version_tag(name, version, "gate_reasons", "; ".join(reasons) or "none")
+    mlflow_client.set_model_version_tag(name, version, "gate_candidate", json.dumps(_finite(asdict(cand))))
+    mlflow_client.set_model_version_tag(name, version, "gate_champion", json.dumps(_finite(asdict(champ))))
+
+
+def _finite(d: dict) -> dict:
+    return {k: (v if not isinstance(v, float) or np.isfinite(v) else None) for k, v in d.items()}
+
+
+# --- serving the champion -----------------------------------------------------------------------------------
+
+
+class ChampionWatcher:
+    """The champion's Detector for one worker, switched between jobs when the registry's alias moves.
+
+    `current()` looks the alias up at most every `registry.watch_interval_s`; a new
+    champion is downloaded to `<data_dir>/models/<version>/` and loaded with
+    `Detector.load`. Before any fine-tuned candidate was promoted (no registry, or
+    the champion is the shipped version) it is the shipped default Detector. A
+    registry that cannot be read keeps the detector in service (logged).
+
+    It also quacks like a Detector for `node.pipeline.Processor`: `input_size`
+    pins the current detector for the job and `predict` uses the pinned one, so
+    `Node(settings, detector_factory=lambda: ChampionWatcher(settings))` switches
+    models between jobs without further changes.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._lock = threading.Lock()
+        self._checked_at = -float("inf")
+        self._version: str | None = None
+        self._detector = None
+        self._pinned = None
+        self._client = None
+
+    def _load(self, card: Path | None):
+        from inference.predictor import Detector, ReviewPolicy
+
+        model = self._settings.model
+        return Detector.load(card, device=model.device, threads=model.threads or None,
+                             review=ReviewPolicy(model.review_margin, model.review_max_uncertainty))
+
+    @property
+    def version(self) -> str | None:
+        """The registry version in service (None: the shipped default, registry not consulted yet)."""
+        return self._version
+
+    def current(self):
+        with self._lock:
+            now = time.monotonic()
+            if self._detector is not None and now - self._checked_at < self._settings.registry.watch_interval_s:
+                return self._detector
+            self._checked_at = now
+            try:
+                if self._client is None:
+                    self._client = client(self._settings)
+                version = champion_version(self._client, self._settings)
+                if version is not None and version != self._version:
+                    mv = self._client.get_model_version(self._settings.registry.model_name, version)
+                    card = None if mv.tags.get("shipped") == "true" else download(self._settings, version, self._client)
+                    detector = self._load(card)
+                    log.info("champion_loaded", version=version, model_version=detector.identity.version,
+                             previous=self._version)
+                    self._detector, self._version = detector, version
+            except Exception as exc:
+                log.error("champion_check_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+            if self._detector is None:
+                self._detector = self._load(None)
+            return self._detector
+
+    # Detector-like surface for Processor: one detector per job.
+    @property
+    def input_size(self) -> int:
+        self._pinned = self.current()
+        return self._pinned.input_size
+
+    @property
+    def identity(self):
+        return (self._pinned or self.current()).identity
+
+    def predict(self, image):
+        detector, self._pinned = self._pinned or self.current(), None
+        return detector.predict(image)
+
+    def probability(self, image):
+        return self.current().probability(image)

@@ -1,0 +1,118 @@
+"""The scheduler's subcommands of the `smartnodule` CLI: scheduler, job NAME, model rollback / promote / list.
+
+`node/cli.py` calls `register(subparsers)`.
+"""
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import signal
+import threading
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    from scheduler.jobs import JOBS
+
+    p = subparsers.add_parser("scheduler", help="run the scheduled jobs alone (drift, retraining, housekeeping)")
+    p.add_argument("--config", type=Path, default=None)
+    p.set_defaults(func=cmd_scheduler)
+
+    p = subparsers.add_parser("job", help="run one scheduled job now and print its summary")
+    p.add_argument("name", choices=sorted(JOBS))
+    p.add_argument("--config", type=Path, default=None)
+    p.add_argument("--force", action="store_true", help="retrain: fine-tune even without enough new verdicts")
+    p.set_defaults(func=cmd_job)
+
+    p = subparsers.add_parser("model", help="the model registry: list, promote VERSION, rollback")
+    model = p.add_subparsers(dest="model_command", required=True)
+    q = model.add_parser("list", help="registered versions with their gate figures")
+    q.add_argument("--config", type=Path, default=None)
+    q.set_defaults(func=cmd_model_list)
+    q = model.add_parser("promote", help="make VERSION the champion (administrator approval)")
+    q.add_argument("version")
+    q.add_argument("--config", type=Path, default=None)
+    q.add_argument("--force", action="store_true", help="promote even though the gate failed")
+    q.set_defaults(func=cmd_model_promote)
+    q = model.add_parser("rollback", help="move the champion back to the previous champion")
+    q.add_argument("--config", type=Path, default=None)
+    q.set_defaults(func=cmd_model_rollback)
+
+
+def _open(config: Path | None):
+    from config.settings import load_settings
+    from node.db import open_database
+
+    settings = load_settings(config)
+    settings.node.data_dir.mkdir(parents=True, exist_ok=True)
+    return settings, open_database(settings.database_url)
+
+
+def cmd_scheduler(args: argparse.Namespace) -> int:
+    from node.audit import configure_logging
+    from scheduler.service import Scheduler
+
+    settings, sessions = _open(args.config)
+    configure_logging(settings.log_dir)
+    scheduler = Scheduler(settings, sessions)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    scheduler.start()
+    for name, when in scheduler.jobs().items():
+        print(f"{name}\tnext run {when}")
+    stop.wait()
+    scheduler.stop()
+    return 0
+
+
+def cmd_job(args: argparse.Namespace) -> int:
+    from scheduler.models import Outcome
+    from scheduler.service import run_job
+
+    settings, sessions = _open(args.config)
+    kwargs = {"force": True} if args.force and args.name == "retrain" else {}
+    run = run_job(settings, sessions, args.name, trigger="manual", **kwargs)
+    print(json.dumps({"job": run.job, "outcome": run.outcome.value, "summary": json.loads(run.summary or "{}")},
+                     indent=2, default=str))
+    return {Outcome.OK: 0, Outcome.BREACH: 1}.get(run.outcome, 2)
+
+
+def cmd_model_list(args: argparse.Namespace) -> int:
+    from inference import registry
+
+    settings, _ = _open(args.config)
+    champion = registry.champion_version(registry.client(settings), settings)
+    for v in registry.versions(settings):
+        tags = v["tags"]
+        mark = "*" if v["version"] == champion else " "
+        print(f"{mark} {v['version']}\t{tags.get('card_version', '?')}\tgate {tags.get('gate', '?')}\t"
+              f"{tags.get('gate_reasons', '')}\trun {v['run_id']}")
+    return 0
+
+
+def cmd_model_promote(args: argparse.Namespace) -> int:
+    from inference import registry
+
+    settings, _ = _open(args.config)
+    try:
+        old = registry.promote(settings, args.version, approved_by=getpass.getuser(), force=args.force)
+    except registry.RegistryError as exc:
+        print(f"error: {exc}")
+        return 2
+    print(f"champion: {old} -> {args.version}; running nodes switch within {settings.registry.watch_interval_s:g} s")
+    return 0
+
+
+def cmd_model_rollback(args: argparse.Namespace) -> int:
+    from inference import registry
+
+    settings, _ = _open(args.config)
+    try:
+        old, new = registry.rollback(settings)
+    except registry.RegistryError as exc:
+        print(f"error: {exc}")
+        return 2
+    print(f"champion: {old} -> {new} (rolled back)")
+    return 0

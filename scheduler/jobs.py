@@ -1,0 +1,240 @@
+"""The scheduled jobs. Each takes (settings, sessions) and returns (outcome, summary dict).
+
+drift: `scheduler.drift.check`, alert on breach. retrain: fine-tune in a child
+process when enough new adjudicated cases exist, then promote when the gate
+passed and `registry.auto_promote`. reindex: rebuild the FAISS case index.
+retention: delete spool files and results of finished jobs past retention.
+echo: C-ECHO every destination. backup: SQLite online backup of the node
+database and the MLflow registry.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import structlog
+from sqlalchemy import func, select
+from sqlalchemy.orm import sessionmaker
+
+from config.settings import Settings
+from node.db import Job, JobState, utcnow
+from scheduler.models import Outcome
+
+log = structlog.get_logger(__name__)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def drift(settings: Settings, sessions: sessionmaker, **_) -> tuple[Outcome, dict]:
+    from scheduler.drift import check
+
+    report = check(settings, sessions)
+    if report.get("breaches"):
+        _alert(settings, sessions, "drift", f"model drift: {len(report['breaches'])} breach(es)",
+               "; ".join(report["breaches"]))
+        return Outcome.BREACH, report
+    return Outcome.OK, report
+
+
+def _alert(settings: Settings, sessions: sessionmaker, key: str, summary: str, detail: str) -> None:
+    alerts = settings.alerts
+    if not (alerts.webhook_url or alerts.mail_to):
+        return
+    from review_web.alerts import Alert, Alerter
+
+    alerter = Alerter(settings, sessions)
+    send = getattr(alerter, "send", None) or alerter._send  # public send() requested from review_web
+    send(Alert(key, summary, detail))
+
+
+# --- retraining ---------------------------------------------------------------------------------------------
+
+def adjudicated_cases(settings: Settings, sessions: sessionmaker) -> list[dict]:
+    """Processed jobs with a final verdict and their spool file: label, click location, held-out flag, watermark."""
+    from review_web.models import PROCESSED, Status, current_reads, decide
+
+    with sessions() as session:
+        jobs = {j.id: j for j in session.scalars(select(Job).where(Job.state.in_(PROCESSED)))}
+        reads = current_reads(session, list(jobs))
+    cases = []
+    for job_id, job_reads in reads.items():
+        outcome = decide(job_reads)
+        if outcome.status is not Status.FINAL or not Path(jobs[job_id].spool_path).is_file():
+            continue
+        clicks = [(v.location_row, v.location_col) for v in job_reads
+                  if v.nodule_present == outcome.nodule_present and v.location_row is not None]
+        location = [sum(c[0] for c in clicks) / len(clicks), sum(c[1] for c in clicks) / len(clicks)] if clicks else None
+        uid = jobs[job_id].sop_instance_uid
+        cases.append({"job_id": job_id, "sop_instance_uid": uid, "spool_path": str(jobs[job_id].spool_path),
+                      "nodule_present": bool(outcome.nodule_present), "location": location if outcome.nodule_present else None,
+                      "heldout": int(hashlib.sha256(uid.encode()).hexdigest()[:8], 16) % 100 < settings.registry.heldout_percent,
+                      "verdict_id": max(v.id for v in job_reads)})
+    return sorted(cases, key=lambda c: c["job_id"])
+
+
+def verdict_watermark(settings: Settings) -> int:
+    """The newest verdict id any registered candidate was trained with (0: none yet)."""
+    from inference import registry
+
+    return max([int(v["tags"].get("verdict_watermark", 0)) for v in registry.versions(settings)] + [0])
+
+
+def retrain(settings: Settings, sessions: sessionmaker, *, force: bool = False, overrides: dict | None = None,
+            **_) -> tuple[Outcome, dict]:
+    """Fine-tune on the adjudicated cases in a child process when enough are new (or `force`)."""
+    from inference import registry
+
+    champion = registry.ensure_registered(settings)
+    cases = adjudicated_cases(settings, sessions)
+    watermark = verdict_watermark(settings)
+    new = sum(c["verdict_id"] > watermark for c in cases)
+    if new < settings.registry.min_new_verdicts and not force:
+        return Outcome.OK, {"status": "waiting", "new_adjudicated": new, "needed": settings.registry.min_new_verdicts}
+    mv = registry.client(settings).get_model_version(settings.registry.model_name, champion)
+    champion_card = registry.shipped_card(settings) if mv.tags.get("shipped") == "true" \
+        else registry.download(settings, champion)
+    manifest = {"settings": settings.model_dump(mode="json"), "champion_card": str(champion_card),
+                "champion_version": champion, "cases": cases,
+                "verdict_watermark": max([c["verdict_id"] for c in cases] + [watermark]), "threads": 1,
+                **(overrides or {})}
+    work = settings.node.data_dir / "fine-tune"
+    work.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", dir=work, delete=False) as f:
+        json.dump(manifest, f)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    started = time.monotonic()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "inference.fine_tune", f.name], cwd=REPO_ROOT, env=env,
+                              capture_output=True, text=True, timeout=settings.registry.fine_tune_timeout_s)
+    finally:
+        Path(f.name).unlink(missing_ok=True)
+    (work / "last.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(f"fine-tune exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    summary["wall_seconds"] = round(time.monotonic() - started, 2)
+    summary["new_adjudicated"] = new
+    if summary["gate_passed"] and settings.registry.auto_promote:
+        registry.promote(settings, summary["registry_version"], approved_by="auto (gate passed)")
+        summary["promoted"] = True
+    log.info("candidate_trained", version=summary["registry_version"], card_version=summary["card_version"],
+             gate_passed=summary["gate_passed"], promoted=summary.get("promoted", False))
+    return Outcome.OK, summary
+
+
+# --- housekeeping -------------------------------------------------------------------------------------------
+
+def reindex(settings: Settings, sessions: sessionmaker, **_) -> tuple[Outcome, dict]:
+    from retrieval.index import CaseIndex
+
+    return Outcome.OK, {"cases": CaseIndex.from_settings(settings).rebuild(sessions)}
+
+
+def retention(settings: Settings, sessions: sessionmaker, **_) -> tuple[Outcome, dict]:
+    """Delete the spool file and results of SENT / SKIPPED / REJECTED jobs finished before the retention limit.
+
+    The job rows stay (with their figures and verdicts); a purged case no longer
+    feeds retraining or the drift check's image statistics.
+    """
+    import shutil
+
+    cutoff = utcnow() - timedelta(days=settings.scheduler.retention_days)
+    done = (JobState.SENT, JobState.SKIPPED, JobState.REJECTED)
+    files = folders = 0
+    freed = 0
+    with sessions() as session:
+        rows = session.execute(select(Job.id, Job.spool_path, Job.results_dir)
+                               .where(Job.state.in_(done), Job.finished_at < cutoff)).all()
+    spool_root, results_root = settings.spool_dir.resolve(), settings.results_dir.resolve()
+    for row in rows:
+        spool = Path(row.spool_path).resolve()
+        if spool.is_file() and spool.is_relative_to(spool_root):
+            freed += spool.stat().st_size
+            spool.unlink()
+            files += 1
+        if row.results_dir:
+            results = Path(row.results_dir).resolve()
+            if results.is_dir() and results.is_relative_to(results_root):
+                freed += sum(p.stat().st_size for p in results.rglob("*") if p.is_file())
+                shutil.rmtree(results)
+                folders += 1
+    return Outcome.OK, {"jobs_considered": len(rows), "spool_files_deleted": files, "result_folders_deleted": folders,
+                        "bytes_freed": freed, "cutoff": cutoff.isoformat()}
+
+
+def echo(settings: Settings, sessions: sessionmaker, **_) -> tuple[Outcome, dict]:
+    """C-ECHO every destination; failed when any does not answer success."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    from node.tls import client_context
+
+    results = {}
+    for dest in settings.destinations:
+        ae = AE(ae_title=settings.node.ae_title)
+        ae.add_requested_context(Verification)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = settings.delivery.timeout_s
+        started = time.perf_counter()
+        tls = (client_context(settings.tls), None) if dest.tls else None
+        try:
+            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls)
+            if not assoc.is_established:
+                results[dest.name] = {"ok": False, "error": "association rejected or aborted"}
+                continue
+            status = assoc.send_c_echo()
+            assoc.release()
+            ok = bool(status) and status.Status == 0x0000
+            results[dest.name] = {"ok": ok, "round_trip_ms": round((time.perf_counter() - started) * 1000, 1),
+                                  "status": f"0x{status.Status:04X}" if status else None}
+        except Exception as exc:
+            results[dest.name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:200]}
+    failed = [name for name, r in results.items() if not r["ok"]]
+    if failed:
+        _alert(settings, sessions, "echo_failed", f"C-ECHO failed: {', '.join(failed)}", json.dumps(results))
+    return (Outcome.FAILED if failed else Outcome.OK), {"destinations": results}
+
+
+def backup(settings: Settings, sessions: sessionmaker, **_) -> tuple[Outcome, dict]:
+    """Online backup (sqlite3 backup API) of the node database and the MLflow registry, `backup_keep` kept."""
+    folder = settings.backup_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    done = {}
+    for label, url in (("smartnodule", settings.database_url), ("mlflow", settings.tracking_uri)):
+        if not url.startswith("sqlite:///"):
+            done[label] = "not SQLite: back up with the server's tools"
+            continue
+        source = Path(url[len("sqlite:///"):])
+        if not source.is_file():
+            done[label] = "absent"
+            continue
+        target = folder / f"{label}-{stamp}.db"
+        src, dst = sqlite3.connect(source), sqlite3.connect(target)
+        try:
+            src.backup(dst)
+        finally:
+            dst.close()
+            src.close()
+        done[label] = str(target)
+        for old in sorted(folder.glob(f"{label}-*.db"))[:-settings.scheduler.backup_keep]:
+            old.unlink()
+    return Outcome.OK, {"backups": done}
+
+
+JOBS = {"drift": drift, "retrain": retrain, "reindex": reindex, "retention": retention, "echo": echo,
+        "backup": backup}
+
+
+def count_runs(sessions: sessionmaker, job: str) -> int:
+    from scheduler.models import SchedulerRun
+
+    with sessions() as session:
+        return session.scalar(select(func.count()).select_from(SchedulerRun).where(SchedulerRun.job == job))

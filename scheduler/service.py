@@ -1,0 +1,130 @@
+"""The node's background scheduler: APScheduler 3 BackgroundScheduler, job store in the node's database.
+
+`Scheduler(settings, sessions)` adds each job of `scheduler.jobs.JOBS` whose
+schedule in `[scheduler]` is not empty (crontab or "every N[smhd]"), replacing
+the stored definition, so the settings file stays the one home of every
+schedule. Every run is a row of `scheduler_runs` (outcome ok / failed /
+breach, summary JSON). A job that raises is logged (`scheduled_job_failed`),
+recorded as failed and runs again at its next time; nothing reaches the node.
+"""
+from __future__ import annotations
+
+import json
+import re
+import threading
+import traceback
+
+import structlog
+from sqlalchemy.orm import sessionmaker
+
+from config.settings import Settings
+from node.db import utcnow
+from scheduler.models import Outcome, SchedulerRun
+
+log = structlog.get_logger(__name__)
+
+_ACTIVE: "Scheduler | None" = None  # the started scheduler whose jobs the stored job references run
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def trigger_of(schedule: str, timezone: str):
+    """An APScheduler trigger from a schedule setting: 5-field crontab or "every N<unit>"; None when empty."""
+    from apscheduler.triggers.cron import CronTrigger
+    from apscheduler.triggers.interval import IntervalTrigger
+
+    schedule = schedule.strip()
+    if not schedule:
+        return None
+    every = re.fullmatch(r"every (\d+(?:\.\d+)?)\s*([smhd])", schedule)
+    if every:
+        return IntervalTrigger(seconds=float(every.group(1)) * _UNITS[every.group(2)], timezone=timezone)
+    return CronTrigger.from_crontab(schedule, timezone=timezone)
+
+
+def run_job(settings: Settings, sessions: sessionmaker, name: str, trigger: str = "schedule", **kwargs) -> SchedulerRun:
+    """Run job `name` now, recorded in `scheduler_runs`; never raises for the job's own errors."""
+    from scheduler.jobs import JOBS
+
+    if name not in JOBS:
+        raise ValueError(f"job must be one of {', '.join(JOBS)}, got {name!r}")
+    with sessions.begin() as session:
+        run = SchedulerRun(job=name, started_at=utcnow(), outcome=Outcome.RUNNING, trigger=trigger)
+        session.add(run)
+        session.flush()
+        run_id = run.id
+    bound = log.bind(job=name, run_id=run_id)
+    bound.info("scheduled_job_started", trigger=trigger)
+    try:
+        outcome, summary = JOBS[name](settings, sessions, **kwargs)
+    except Exception as exc:
+        outcome, summary = Outcome.FAILED, {"error": f"{type(exc).__name__}: {exc}"[:1000],
+                                            "traceback": traceback.format_exc()[-3000:]}
+        bound.error("scheduled_job_failed", error=summary["error"])
+    with sessions.begin() as session:
+        run = session.get(SchedulerRun, run_id)
+        run.outcome, run.finished_at = outcome, utcnow()
+        run.summary = json.dumps(summary, default=str)
+    bound.info("scheduled_job_finished", outcome=outcome.value)
+    return run
+
+
+def _run_stored(name: str) -> None:
+    """What the persistent job store references (`scheduler.service:_run_stored`)."""
+    active = _ACTIVE
+    if active is None:
+        log.error("scheduled_job_failed", job=name, error="no scheduler is running in this process")
+        return
+    run_job(active.settings, active.sessions, name)
+
+
+class Scheduler:
+    """Start/stop the background jobs of one node (or of `smartnodule scheduler` alone)."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker) -> None:
+        from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+        from apscheduler.schedulers.background import BackgroundScheduler
+
+        from scheduler.jobs import JOBS
+
+        self.settings, self.sessions = settings, sessions
+        cfg = settings.scheduler
+        self.triggers = {name: trigger_of(getattr(cfg, name), cfg.timezone) for name in JOBS}
+        self._scheduler = BackgroundScheduler(
+            jobstores={"default": SQLAlchemyJobStore(engine=sessions.kw["bind"])},
+            executors={"default": {"type": "threadpool", "max_workers": 2}},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": cfg.misfire_grace_s},
+            timezone=cfg.timezone)
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        global _ACTIVE
+        with self._lock:
+            _ACTIVE = self
+            self._scheduler.start(paused=True)
+            from scheduler.jobs import JOBS
+
+            for name in JOBS:
+                trigger = self.triggers[name]
+                if trigger is None:
+                    if self._scheduler.get_job(name):
+                        self._scheduler.remove_job(name)
+                    continue
+                self._scheduler.add_job("scheduler.service:_run_stored", trigger, args=[name], id=name, name=name,
+                                        replace_existing=True)
+            self._scheduler.resume()
+        log.info("scheduler_started", jobs={j.id: str(j.next_run_time) for j in self._scheduler.get_jobs()})
+
+    def jobs(self) -> dict[str, str]:
+        return {j.id: str(j.next_run_time) for j in self._scheduler.get_jobs()}
+
+    def run_now(self, name: str, **kwargs) -> SchedulerRun:
+        return run_job(self.settings, self.sessions, name, trigger="manual", **kwargs)
+
+    def stop(self) -> None:
+        global _ACTIVE
+        with self._lock:
+            if self._scheduler.running:
+                self._scheduler.shutdown(wait=False)
+            if _ACTIVE is self:
+                _ACTIVE = None
+        log.info("scheduler_stopped")
