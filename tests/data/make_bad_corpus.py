@@ -9,6 +9,7 @@ acknowledged instance whose job ends in `state` with a reason starting with
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -18,7 +19,8 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.sequence import Sequence
-from pydicom.uid import CTImageStorage, ImplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
+from pydicom.uid import (CTImageStorage, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit,
+                         generate_uid)
 
 from pynetdicom.dsutils import split_dataset
 
@@ -70,10 +72,11 @@ def _save(ds: Dataset, path: Path) -> Path:
     return path
 
 
-def _truncated(ds: Dataset, path: Path, keep: float) -> Path:
+def _truncated(ds: Dataset, path: Path, keep: Callable[[int], int]) -> Path:
+    """The file cut after `keep(file size)` bytes."""
     _save(ds, path)
     data = path.read_bytes()
-    path.write_bytes(data[:int(len(data) * keep)])
+    path.write_bytes(data[:keep(len(data))])
     return path
 
 
@@ -117,8 +120,8 @@ def build_corpus(folder: Path | str = DEFAULT_FOLDER, *, round_: int = 0, huge_m
     out.mkdir(parents=True, exist_ok=True)
     cases: list[BadCase] = []
 
-    def add(name: str, what: str, edit, *, sender: str = "pynetdicom", status: int | None = SUCCESS,
-            state: str | None = None, reason: str | None = None) -> None:
+    def add(name: str, what: str, edit: Callable[[Dataset, Path], Dataset | Path], *, sender: str = "pynetdicom",
+            status: int | None = SUCCESS, state: str | None = None, reason: str | None = None) -> None:
         path = out / f"{name}.dcm"
         ds = _base(name, round_)
         sop_uid = str(ds.SOPInstanceUID)
@@ -127,23 +130,25 @@ def build_corpus(folder: Path | str = DEFAULT_FOLDER, *, round_: int = 0, huge_m
             _save(result, path)
         cases.append(BadCase(name, path, sop_uid, what, sender, status, state, reason))
 
-    def setting(**values):
+    def setting(**values: object) -> Callable[[Dataset, Path], Dataset]:
         def edit(ds: Dataset, _path: Path) -> Dataset:
             for keyword, value in values.items():
                 setattr(ds, keyword, value)
             return ds
         return edit
 
-    add("truncated_pixels", "file cut at 60 %, inside Pixel Data", lambda ds, p: _truncated(ds, p, 0.6),
-        state="REJECTED", reason="pixel_data_truncated")
-    add("truncated_header", "file cut 400 bytes in, inside the header", lambda ds, p: _truncated(ds, p, 400 / 140000),
-        status=CANNOT_UNDERSTAND)
+    add("truncated_pixels", "file cut at 60 %, inside Pixel Data",
+        lambda ds, p: _truncated(ds, p, lambda n: n * 6 // 10), state="REJECTED", reason="pixel_data_truncated")
+    add("truncated_header", "file cut 400 bytes in, inside the header",
+        lambda ds, p: _truncated(ds, p, lambda n: 400), status=CANNOT_UNDERSTAND)
     add("ts_missing", "file meta without Transfer Syntax UID (storescu detects Explicit VR LE)",
         lambda ds, p: (delattr(ds.file_meta, "TransferSyntaxUID"), ds)[1], sender="storescu", state="ENCODED")
     add("ts_implicit_label", "Explicit VR LE body labelled Implicit VR LE in the file meta",
         lambda ds, p: _relabel(ds, p, ImplicitVRLittleEndian), state="ENCODED")
     add("ts_jpeg_label", "native pixels labelled JPEG Baseline in the file meta",
         lambda ds, p: _relabel(ds, p, JPEGBaseline8Bit), state="REJECTED", reason="pixel_data_unreadable")
+    add("ts_deflate_label", "Explicit VR LE body labelled Deflated Explicit VR LE in the file meta",
+        lambda ds, p: _relabel(ds, p, DeflatedExplicitVRLittleEndian), status=CANNOT_UNDERSTAND)
     add("pixel_data_short", "Pixel Data half of Rows*Columns*BitsAllocated/8",
         lambda ds, p: setattr(ds, "PixelData", ds.PixelData[:len(ds.PixelData) // 2]) or ds,
         state="REJECTED", reason="pixel_data_truncated")
@@ -155,7 +160,7 @@ def build_corpus(folder: Path | str = DEFAULT_FOLDER, *, round_: int = 0, huge_m
     add("declared_30000", "30000x30000 declared over 256x256 pixels", setting(Rows=30000, Columns=30000),
         state="REJECTED", reason="pixel_data_truncated")
     add("ct_image", "CT Image Storage (CT SOP class is not accepted)",
-        setting(SOPClassUID=CTImageStorage, Modality="CT"), sender="storescu", status=None)
+        lambda ds, p: _as_ct(ds), sender="storescu", status=None)
     add("rgb", "RGB, 3 samples per pixel", lambda ds, p: _colour(ds, "RGB"),
         state="SKIPPED", reason="photometric_not_supported")
     add("palette_color", "PALETTE COLOR with 8-bit LUTs", lambda ds, p: _colour(ds, "PALETTE COLOR"),
@@ -183,6 +188,12 @@ def _relabel(ds: Dataset, path: Path, syntax: str) -> Path:
     write_file_meta_info(meta, ds.file_meta)
     path.write_bytes(data[:132] + meta.getvalue() + data[body_offset:])
     return path
+
+
+def _as_ct(ds: Dataset) -> Dataset:
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.Modality = "CT"
+    return ds
 
 
 def _frames(ds: Dataset, frames: int) -> Dataset:
