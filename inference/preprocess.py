@@ -185,6 +185,15 @@ def _text(ds: pydicom.Dataset, keyword: str) -> str:
     return "" if value is None else str(value).strip().upper()
 
 
+def read_dataset(source) -> pydicom.Dataset:
+    """Read a DICOM file (path or binary file object) for `prepare`; any parse failure is Unreadable."""
+    try:
+        return pydicom.dcmread(source)
+    except Exception as exc:  # pydicom raises many kinds (InvalidDicomError, zlib.error, struct.error, ...)
+        detail = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+        raise Unreadable(f"file_unreadable: {detail[:200]}") from exc
+
+
 def _validate(ds: pydicom.Dataset) -> list[str]:
     """Checks that need no pixel decoding; returns quality flags."""
     flags: list[str] = []
@@ -225,6 +234,8 @@ def _validate(ds: pydicom.Dataset) -> list[str]:
     if bits not in (8, 16, 32):
         raise Unreadable(f"bits_not_supported: BitsAllocated {bits}")
     syntax = _transfer_syntax(ds)
+    if not ds.PixelData:
+        raise Unreadable("pixel_data_truncated: Pixel Data is empty")
     if syntax is not None and not syntax.is_encapsulated:
         expected = rows * cols * bits // 8
         if len(ds.PixelData) < expected:
@@ -239,7 +250,11 @@ def _validate(ds: pydicom.Dataset) -> list[str]:
 def _transfer_syntax(ds: pydicom.Dataset) -> UID | None:
     meta = getattr(ds, "file_meta", None)
     syntax = meta.get("TransferSyntaxUID") if meta is not None else None
-    return UID(syntax) if syntax else None
+    if not syntax:
+        return None
+    if not UID(syntax).is_transfer_syntax:
+        raise Unreadable(f"transfer_syntax_unknown: {str(syntax)[:64]}")
+    return UID(syntax)
 
 
 def _decode(ds: pydicom.Dataset) -> np.ndarray:

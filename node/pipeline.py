@@ -7,6 +7,7 @@ every destination with retries and exponential backoff.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from io import BytesIO
 from contextlib import contextmanager
@@ -15,14 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import structlog
-from pydicom import dcmread
 from sqlalchemy.orm import sessionmaker
 
 from config.settings import Destination, Settings
-from inference.preprocess import prepare
+from inference.preprocess import prepare, read_dataset
 from inference.types import NotApplicable, Unreadable
 from node.db import DeliveryState, Job, JobState, utcnow
-from node.jobs import Claim, ensure_deliveries, transition
+from node.jobs import Claim, TransitionError, ensure_deliveries, transition
 from node.scu import AssociationFailed, send_files
 from node.spool import checked_uid, write_atomic
 from node.tls import client_context
@@ -77,7 +77,7 @@ class Processor:
         timer.seconds["queued"] = round(queued_s, 4)
         try:
             with timer.stage("read"):
-                source = dcmread(spool_path)
+                source = read_dataset(spool_path)
             with timer.stage("preprocess"):
                 image = prepare(source, input_size=self._detector.input_size)
             with timer.stage("predict"):
@@ -87,7 +87,8 @@ class Processor:
                                         self._settings.retrieval.k, exclude_job_id=claim.job_id)
             with timer.stage("encode"):
                 results = encode_results(source, image, prediction, review=prediction.review, similar_cases=similar)
-                folder = self._settings.results_dir / checked_uid(sop_uid, "SOP Instance UID")
+                # One folder per attempt: a worker whose lease expired never touches the winner's files.
+                folder = self._settings.results_dir / checked_uid(sop_uid, "SOP Instance UID") / f"attempt-{claim.attempt}"
                 for name, dataset in zip(RESULT_FILES, results.all()):
                     write_atomic(folder / f"{name}.dcm", _encode_file(dataset))
         except NotApplicable as exc:
@@ -102,7 +103,21 @@ class Processor:
             return self._finish(claim, JobState.RECEIVED, bound, reason=f"retrying: {type(exc).__name__}",
                                 timer=timer, next_attempt_at=utcnow() + timedelta(seconds=delay))
         model = prediction.model
-        location = prediction.location
+        try:
+            self._encoded(claim, folder, image, prediction, timer)
+        except TransitionError:
+            shutil.rmtree(folder, ignore_errors=True)
+            bound.warning("stale_result_discarded", reason="lease lost while processing")
+            raise
+        self._index.add(claim.job_id, prediction.embedding)
+        bound.info("job_encoded", probability=round(float(prediction.probability), 4),
+                   uncertainty=round(float(prediction.uncertainty), 4), positive=bool(prediction.positive),
+                   review=bool(prediction.review), model_version=model.version, seconds=timer.seconds)
+        return JobState.ENCODED
+
+    def _encoded(self, claim: Claim, folder: Path, image, prediction, timer: StageTimer) -> None:
+        """RUNNING -> ENCODED with the prediction, in one transaction that also checks the lease."""
+        model, location = prediction.model, prediction.location
         with self._sessions.begin() as session:
             job = transition(
                 session, claim.job_id, claim, JobState.ENCODED,
@@ -118,11 +133,6 @@ class Processor:
                 stage_seconds=timer.json(),
             )
             ensure_deliveries(session, job, delivery_names(self._settings))
-        self._index.add(claim.job_id, prediction.embedding)
-        bound.info("job_encoded", probability=round(float(prediction.probability), 4),
-                   uncertainty=round(float(prediction.uncertainty), 4), positive=bool(prediction.positive),
-                   review=bool(prediction.review), model_version=model.version, seconds=timer.seconds)
-        return JobState.ENCODED
 
     def _finish(self, claim: Claim, state: JobState, bound, *, reason: str, timer: StageTimer, **values) -> JobState:
         with self._sessions.begin() as session:

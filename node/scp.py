@@ -14,7 +14,6 @@ from pathlib import Path
 import structlog
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import (
     ComputedRadiographyImageStorage,
@@ -104,6 +103,7 @@ class StorageSCP:
         # temp folder; pointing that at the spool makes moving them into place a rename, not
         # a copy. It is process-wide, so it is restored on stop.
         _config.STORE_RECV_CHUNKED_DATASET = True
+        self._sweep_incoming(older_than_s=0)  # no association is live yet
         self._previous_tempdir, tempfile.tempdir = tempfile.tempdir, str(self._spool.incoming)
         node = self._settings.node
         tls = self._settings.tls
@@ -119,6 +119,8 @@ class StorageSCP:
                 (evt.EVT_REJECTED, self._on_association, ["association_rejected"]),
                 (evt.EVT_RELEASED, self._on_association, ["association_released"]),
                 (evt.EVT_ABORTED, self._on_association, ["association_aborted"]),
+                (evt.EVT_ABORTED, self._discard_partial_transfer),
+                (evt.EVT_CONN_CLOSE, self._discard_partial_transfer),
             ],
         )
         log.info("scp_started", ae_title=node.ae_title, host=node.host, port=node.port, tls=tls.enabled)
@@ -134,8 +136,16 @@ class StorageSCP:
     def _disk_free(self) -> int:
         return shutil.disk_usage(self._spool.root).free
 
+    def _sweep_incoming(self, older_than_s: float | None = None) -> None:
+        if older_than_s is None:
+            older_than_s = 2 * self._settings.node.network_timeout_s
+        removed = self._spool.sweep_incoming(older_than_s)
+        if removed:
+            log.warning("incomplete_transfers_removed", files=removed)
+
     def _on_requested(self, event: evt.Event) -> None:
         """Admission control before negotiation: the sender's host, and room in the spool."""
+        self._sweep_incoming()
         requestor = event.assoc.requestor
         calling_aet = requestor.primitive.calling_ae_title
         source = self._settings.source(calling_aet)
@@ -151,6 +161,21 @@ class StorageSCP:
         event.assoc.acse.send_reject(*rejection)
         event.assoc.is_rejected = True
         event.assoc.kill()
+
+    @staticmethod
+    def _discard_partial_transfer(event: evt.Event) -> None:
+        """Remove the temp file of an instance whose transfer the connection's end cut short.
+
+        pynetdicom (3.0, pinned) keeps the file of the message being received on its DIMSE
+        provider; a finished C-STORE's file is already moved into the spool or unlinked.
+        """
+        message = getattr(event.assoc.dimse, "message", None)
+        partial = getattr(message, "_data_set_file", None)
+        if partial is None:
+            return
+        partial.close()
+        Path(partial.name).unlink(missing_ok=True)
+        log.warning("incomplete_transfer_discarded", calling_aet=event.assoc.requestor.ae_title)
 
     @staticmethod
     def _on_association(event: evt.Event, what: str) -> None:
@@ -188,8 +213,8 @@ class StorageSCP:
             sop_uid = str(header.SOPInstanceUID)
             sop_class = str(header.SOPClassUID)
             study_uid, series_uid = str(header.StudyInstanceUID), str(header.SeriesInstanceUID)
-        except (InvalidDicomError, AttributeError, ValueError, EOFError, OSError) as exc:
-            bound.warning("instance_refused", reason="unparseable", error=str(exc)[:200])
+        except Exception as exc:  # pydicom raises many kinds (InvalidDicomError, zlib.error, struct.error, ...)
+            bound.warning("instance_refused", reason="unparseable", error=f"{type(exc).__name__}: {exc}"[:200])
             return _status(CANNOT_UNDERSTAND, "dataset cannot be parsed or lacks UIDs")
         if sop_uid != request.AffectedSOPInstanceUID or sop_class != request.AffectedSOPClassUID:
             bound.warning("instance_refused", reason="uid_mismatch")

@@ -15,7 +15,7 @@ from sqlalchemy.orm import sessionmaker
 
 from config.settings import Settings
 from node.db import open_database
-from node.jobs import DELIVER, PROCESS, Claim, claim, lease_owner, release_dead_leases
+from node.jobs import DELIVER, PROCESS, Claim, TransitionError, claim, lease_owner, release_dead_leases
 from node.pipeline import Deliverer, Processor, delivery_names
 from node.scp import StorageSCP
 from node.spool import Spool
@@ -43,6 +43,8 @@ class WorkLoop(threading.Thread):
                     self._stopping.wait(self._poll_s)
                     continue
                 self._run_claim(taken)
+            except TransitionError as exc:  # our lease expired and another worker took the job
+                log.warning("lease_lost", worker=self.name, error=str(exc))
             except Exception:
                 log.exception("worker_loop_error", worker=self.name)
                 self._stopping.wait(1.0)

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 UID_PATTERN = re.compile(r"^[0-9.]{1,64}$")
@@ -41,6 +42,23 @@ class Spool:
         self.root = root
         self.incoming = root / ".incoming"
         self.incoming.mkdir(parents=True, exist_ok=True)
+
+    def sweep_incoming(self, older_than_s: float) -> int:
+        """Remove temp files of transfers that ended without a C-STORE response (aborted, dropped, disk full).
+
+        A live transfer writes to its file continuously, so one untouched for
+        `older_than_s` (more than the network timeout) belongs to no association.
+        """
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for entry in os.scandir(self.incoming):
+            try:
+                if entry.is_file() and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:  # finished and moved meanwhile
+                continue
+        return removed
 
     def path_for(self, study_uid: str, sop_uid: str) -> Path:
         return self.root / checked_uid(study_uid, "Study Instance UID") / f"{checked_uid(sop_uid, 'SOP Instance UID')}.dcm"

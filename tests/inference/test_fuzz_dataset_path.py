@@ -35,7 +35,7 @@ from pydicom.uid import (JPEG2000, DeflatedExplicitVRLittleEndian, ExplicitVRBig
 
 from inference.phantoms import generate_phantom, phantom_dataset
 from inference.predictor import Detector
-from inference.preprocess import prepare
+from inference.preprocess import prepare, read_dataset
 from inference.types import NotApplicable, Unreadable
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -130,7 +130,7 @@ def mutants(draw, phantom: Dataset) -> Mutant:
 def run_worker_path(data: bytes, detector: Detector) -> None:
     """What the worker does with a spooled file, up to the prediction."""
     try:
-        source = dcmread(BytesIO(data))
+        source = read_dataset(BytesIO(data))
         detector.predict(prepare(source, input_size=detector.input_size))
     except DEFINED_ERRORS:
         pass
@@ -141,8 +141,8 @@ def test_unmutated_phantom_is_predicted(phantom, detector):
     assert 0.0 <= detector.predict(image).probability <= 1.0
 
 
-# What the fuzz target found; each is also a regression test below. The lead removes a mark with its fix.
-KNOWN_BUGS = {
+# What the fuzz target found (each fixed in inference.preprocess); kept as regression tests.
+FINDINGS = {
     "empty_pixel_data": ("TypeError: len(None) in preprocess._validate when Pixel Data is empty (pydicom reads "
                          "a zero-length value as None)", lambda ds: (setattr(ds, "PixelData", b""), ds)[1],
                          ExplicitVRLittleEndian),
@@ -153,14 +153,12 @@ KNOWN_BUGS = {
 }
 
 
-@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=bug[0]))
-                                  for name, bug in KNOWN_BUGS.items()])
+@pytest.mark.parametrize("name", list(FINDINGS))
 def test_fuzz_finding_raises_a_defined_error(phantom, detector, name):
-    _reason, edit, syntax = KNOWN_BUGS[name]
+    _reason, edit, syntax = FINDINGS[name]
     run_worker_path(encode(edit(deepcopy(phantom)) if edit else phantom, syntax), detector)
 
 
-@pytest.mark.xfail(strict=True, reason="finds the KNOWN_BUGS above")
 def test_dataset_path_raises_only_defined_errors(phantom, detector):
     @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

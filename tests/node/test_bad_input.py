@@ -112,31 +112,12 @@ def assert_outcome(case: BadCase, status: int | None, job: Job | None, events: l
                    for e in events), f"{case.name}: no {event} in the audit log"
 
 
-# Cases whose defined outcome the node does not give yet: each is also tested alone below, marked xfail.
-KNOWN_BUGS = {
-    "ts_deflate_label": "zlib.error from dcmread escapes the SCP's parse check: 0xA700 'internal error' "
-                        "(retry forever) instead of 0xC000",
-}
-
-
-@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=reason))
-                                  for name, reason in KNOWN_BUGS.items()])
-def test_known_bad_input_bug(make_settings, running_node, tmp_path, chunked_sender, name):
-    node = running_node(make_settings(node={"max_instance_mb": 16}))
-    [case] = [c for c in build_corpus(tmp_path, huge_mb=0) if c.name == name]
-    status = send_case(case, node.settings.node.port)
-    if job_for(node.sessions, case.sop_instance_uid) is not None:
-        wait_for(lambda: job_for(node.sessions, case.sop_instance_uid).state in FINISHED, 60,
-                 message="the job to finish")
-    assert_outcome(case, status, job_for(node.sessions, case.sop_instance_uid), audit_events(node.settings))
-
-
 def test_bad_corpus_interleaved_with_good_studies(make_settings, running_node, phantom_files, tmp_path,
                                                   chunked_sender):
     settings = make_settings(node={"max_instance_mb": 16})
     node = running_node(settings)
     port = settings.node.port
-    cases = [c for c in build_corpus(tmp_path / "bad") if c.name not in KNOWN_BUGS]
+    cases = build_corpus(tmp_path / "bad")
     good = iter(phantom_files)
     statuses: dict[str, int | None] = {}
     for index, case in enumerate(cases):
@@ -181,7 +162,7 @@ def test_repeated_bad_input_keeps_memory_bounded(make_settings, running_node, tm
 
     def send_round(round_: int) -> int:
         cases = [c for c in build_corpus(tmp_path / "round", round_=round_, huge_mb=0)
-                 if c.sender == "pynetdicom" and c.state != "ENCODED" and c.name not in KNOWN_BUGS]  # no model runs
+                 if c.sender == "pynetdicom" and c.state != "ENCODED"]  # no model runs
         for case in cases:
             assert send_pynetdicom(case.path, port, file_meta(case.path)) == case.status, case.name
         return len(cases)
