@@ -324,10 +324,8 @@ class ChampionWatcher:
     the champion is the shipped version) it is the shipped default Detector. A
     registry that cannot be read keeps the detector in service (logged).
 
-    It also quacks like a Detector for `node.pipeline.Processor`: `input_size`
-    pins the current detector for the job and `predict` uses the pinned one, so
-    `Node(settings, detector_factory=lambda: ChampionWatcher(settings))` switches
-    models between jobs without further changes.
+    The node's workers call `current()` once per job, so a promotion or a
+    rollback takes effect between jobs without a restart.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -336,15 +334,12 @@ class ChampionWatcher:
         self._checked_at = -float("inf")
         self._version: str | None = None
         self._detector = None
-        self._pinned = None
         self._client = None
 
     def _load(self, card: Path | None):
-        from inference.predictor import Detector, ReviewPolicy
+        from inference.predictor import Detector
 
-        model = self._settings.model
-        return Detector.load(card, device=model.device, threads=model.threads or None,
-                             review=ReviewPolicy(model.review_margin, model.review_max_uncertainty))
+        return Detector.from_settings(self._settings.model, card)
 
     @property
     def version(self) -> str | None:
@@ -374,19 +369,3 @@ class ChampionWatcher:
                 self._detector = self._load(None)
             return self._detector
 
-    # Detector-like surface for Processor: one detector per job.
-    @property
-    def input_size(self) -> int:
-        self._pinned = self.current()
-        return self._pinned.input_size
-
-    @property
-    def identity(self):
-        return (self._pinned or self.current()).identity
-
-    def predict(self, image):
-        detector, self._pinned = self._pinned or self.current(), None
-        return detector.predict(image)
-
-    def probability(self, image):
-        return self.current().probability(image)

@@ -27,7 +27,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     configure_logging(settings.log_dir)
-    roles = {"run": dict(), "scp": dict(workers=0, deliver=False), "worker": dict(scp=False)}[args.command]
+    roles = {"run": dict(), "scp": dict(workers=0, deliver=False, scheduler=False),
+             "worker": dict(scp=False, scheduler=False)}[args.command]
     if args.command == "run" and args.workers is not None:
         roles["workers"] = args.workers
     node = Node(settings, **roles)
@@ -142,9 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from inference.commands import register as register_inference
     from review_web.commands import register as register_web
+    from scheduler.commands import register as register_scheduler
 
     register_inference(sub)
     register_web(sub)
+    register_scheduler(sub)
     return parser
 
 

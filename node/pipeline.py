@@ -10,6 +10,7 @@ import json
 import shutil
 import time
 from io import BytesIO
+from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -19,6 +20,7 @@ import structlog
 from sqlalchemy.orm import sessionmaker
 
 from config.settings import Destination, Settings
+from inference.predictor import Detector
 from inference.preprocess import prepare, read_dataset
 from inference.types import NotApplicable, Unreadable
 from node.db import DeliveryState, Job, JobState, utcnow
@@ -61,10 +63,11 @@ def backoff_s(attempt: int, initial: float, ceiling: float) -> float:
 class Processor:
     """Validate, prepare, predict, explain and encode one claimed job."""
 
-    def __init__(self, settings: Settings, sessions: sessionmaker, detector, index: CaseIndex) -> None:
+    def __init__(self, settings: Settings, sessions: sessionmaker, detector: Callable[[], Detector],
+                 index: CaseIndex) -> None:
         self._settings = settings
         self._sessions = sessions
-        self._detector = detector
+        self._detector = detector  # called once per job: the model in service may change between jobs
         self._index = index
 
     def run(self, claim: Claim) -> JobState:
@@ -75,13 +78,14 @@ class Processor:
         bound = log.bind(job_id=claim.job_id, sop_instance_uid=sop_uid, attempt=claim.attempt)
         timer = StageTimer()
         timer.seconds["queued"] = round(queued_s, 4)
+        detector = self._detector()
         try:
             with timer.stage("read"):
                 source = read_dataset(spool_path)
             with timer.stage("preprocess"):
-                image = prepare(source, input_size=self._detector.input_size)
+                image = prepare(source, input_size=detector.input_size)
             with timer.stage("predict"):
-                prediction = self._detector.predict(image)
+                prediction = detector.predict(image)
             with timer.stage("similar"):
                 similar = similar_cases(self._sessions, self._index, prediction.embedding,
                                         self._settings.retrieval.k, exclude_job_id=claim.job_id)

@@ -88,7 +88,8 @@ def _store_one(assoc, path: Path, ds) -> StoreResult:
     if str(ds.file_meta.TransferSyntaxUID) not in accepted:
         if not accepted.intersection(UNCOMPRESSED):
             return StoreResult(path, sop_uid, None, "peer accepts no transfer syntax we can send")
-        ds.decompress()
+        if ds.file_meta.TransferSyntaxUID.is_compressed:
+            ds.decompress()  # an uncompressed dataset is re-encoded to the accepted syntax by pynetdicom
     if not assoc.is_established:
         return StoreResult(path, sop_uid, None, "association lost")
     response = assoc.send_c_store(ds)

@@ -14,6 +14,8 @@ import structlog
 from sqlalchemy.orm import sessionmaker
 
 from config.settings import Settings
+from inference.predictor import Detector
+from inference.registry import ChampionWatcher
 from node.db import open_database
 from node.jobs import DELIVER, PROCESS, Claim, TransitionError, claim, lease_owner, release_dead_leases
 from node.pipeline import Deliverer, Processor, delivery_names
@@ -23,6 +25,7 @@ from retrieval.index import CaseIndex
 
 from review_web.alerts import Alerter
 from review_web.server import WebServer
+from scheduler.service import Scheduler
 
 log = structlog.get_logger(__name__)
 class WorkLoop(threading.Thread):
@@ -53,8 +56,8 @@ class WorkLoop(threading.Thread):
 class Node:
     """The node's parts in one process."""
 
-    def __init__(self, settings: Settings, *, scp: bool = True, workers: int | None = None,
-                 deliver: bool = True, detector_factory: Callable[[], object] | None = None) -> None:
+    def __init__(self, settings: Settings, *, scp: bool = True, workers: int | None = None, scheduler: bool = True,
+                 deliver: bool = True, detector_provider: Callable[[], Callable[[], Detector]] | None = None) -> None:
         self.settings = settings
         for folder in (settings.node.data_dir, settings.spool_dir, settings.results_dir):
             folder.mkdir(parents=True, exist_ok=True)
@@ -66,22 +69,25 @@ class Node:
         self.scp = StorageSCP(settings, self.sessions, self.spool) if scp else None
         self._workers = settings.worker.count if workers is None else workers
         self._deliver = deliver
-        self._detector_factory = detector_factory or self._load_detector
+        self._detector_provider = detector_provider or self._model_in_service
         self._stop = threading.Event()
         self._threads: list[WorkLoop] = []
         self.web: WebServer | None = None
         self.alerter: Alerter | None = None
+        self._scheduler = Scheduler(settings, self.sessions) if scheduler and settings.scheduler.enabled else None
 
-    def _load_detector(self):
-        from inference.predictor import Detector
-
-        return Detector.from_settings(self.settings.model)
+    def _model_in_service(self) -> Callable[[], Detector]:
+        """One worker's model: the registry's champion when the learning loop is on, else the configured card."""
+        if self.settings.scheduler.enabled:
+            return ChampionWatcher(self.settings).current
+        detector = Detector.from_settings(self.settings.model)
+        return lambda: detector
 
     def start(self) -> None:
         """Load the model (once per worker), start the loops, then listen."""
         release_dead_leases(self.sessions)
         worker = self.settings.worker
-        detectors = [self._detector_factory() for _ in range(self._workers)]
+        detectors = [self._detector_provider() for _ in range(self._workers)]
         for index, detector in enumerate(detectors):
             self._threads.append(WorkLoop(
                 f"process-{index}", self.sessions, PROCESS, lease_owner("process", index), worker.lease_s,
@@ -97,9 +103,11 @@ class Node:
         if self.scp is not None:
             self.scp.start()
         if self.settings.web.enabled:
-            identity = detectors[0].identity if detectors else None
+            identity = detectors[0]().identity if detectors else None
             self.web = WebServer(self.settings, self.sessions, self.index, identity)
             self.web.start()
+        if self._scheduler is not None:
+            self._scheduler.start()
         alerts = self.settings.alerts
         if alerts.webhook_url or alerts.mail_to:
             self.alerter = Alerter(self.settings, self.sessions)
@@ -109,7 +117,7 @@ class Node:
     def stop(self) -> None:
         if self.scp is not None:
             self.scp.stop()
-        for part in (self.web, self.alerter):
+        for part in (self.web, self.alerter, self._scheduler):
             if part is not None:
                 part.stop()
         self._stop.set()

@@ -69,7 +69,7 @@ class Alerter:
         due = [alert for alert in evaluate(self._settings, collect_health(self._settings, self._sessions))
                if now - self._sent_at.get(alert.key, -float("inf")) >= self._settings.alerts.repeat_after_s]
         for alert in due:
-            self._send(alert)
+            self.send(alert)
             self._sent_at[alert.key] = now
         return due
 
@@ -87,7 +87,7 @@ class Alerter:
             except Exception as exc:
                 log.error("alert_check_failed", error=f"{type(exc).__name__}: {exc}"[:300])
 
-    def _send(self, alert: Alert) -> None:
+    def send(self, alert: Alert) -> None:
         config, node = self._settings.alerts, self._settings.node.ae_title
         if config.webhook_url:
             body = json.dumps({"node": node, **asdict(alert)}).encode()

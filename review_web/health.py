@@ -21,6 +21,7 @@ from config.settings import Settings
 from inference.types import ModelIdentity
 from node.db import Delivery, DeliveryState, Job, JobState, utcnow
 from review_web.models import open_reviews
+from scheduler.drift import latest_drift
 
 DISK_LOW_FRACTION = 0.05
 LATENCY_WINDOW = timedelta(hours=1)
@@ -58,6 +59,7 @@ class Health:
     memory_percent: float
     process_rss_bytes: int
     gpu: str | None = field(default=None)
+    drift: str | None = field(default=None)  # the last drift check: outcome, when, breaches
 
 
 def collect_health(settings: Settings, sessions: sessionmaker, identity: ModelIdentity | None = None) -> Health:
@@ -116,7 +118,17 @@ def collect_health(settings: Settings, sessions: sessionmaker, identity: ModelId
         cpu_percent=psutil.cpu_percent(interval=None), memory_percent=psutil.virtual_memory().percent,
         process_rss_bytes=psutil.Process().memory_info().rss,
         gpu=_gpu(),
+        drift=_last_drift(sessions),
     )
+
+
+def _last_drift(sessions: sessionmaker) -> str | None:
+    run = latest_drift(sessions)
+    if run is None:
+        return None
+    when = run["finished_at"].strftime("%Y-%m-%d %H:%M UTC")
+    breaches = run["summary"].get("breaches") or []
+    return f"{run['outcome']} ({when})" + (": " + "; ".join(breaches) if breaches else "")
 
 
 def _gpu() -> str | None:

@@ -49,9 +49,7 @@ def _alert(settings: Settings, sessions: sessionmaker, key: str, summary: str, d
         return
     from review_web.alerts import Alert, Alerter
 
-    alerter = Alerter(settings, sessions)
-    send = getattr(alerter, "send", None) or alerter._send  # public send() requested from review_web
-    send(Alert(key, summary, detail))
+    Alerter(settings, sessions).send(Alert(key, summary, detail))
 
 
 # --- retraining ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from sqlalchemy import engine_from_config, pool
 
 from node.db import Base
 from review_web import models as _review_models  # noqa: F401  (registers the review tables on Base)
+from scheduler import models as _scheduler_models  # noqa: F401  (scheduler_runs, APScheduler's job store)
 
 target_metadata = Base.metadata
 
