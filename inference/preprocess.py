@@ -186,9 +186,16 @@ def _text(ds: pydicom.Dataset, keyword: str) -> str:
 
 
 def read_dataset(source) -> pydicom.Dataset:
-    """Read a DICOM file (path or binary file object) for `prepare`; any parse failure is Unreadable."""
+    """Read a DICOM file (path or binary file object) for `prepare`; any parse failure is Unreadable.
+
+    pydicom parses elements lazily; every element is parsed here (pixels are not decoded),
+    so a corrupt header fails now with a reason rather than later in the pipeline.
+    """
     try:
-        return pydicom.dcmread(source)
+        ds = pydicom.dcmread(source)
+        for _ in ds.iterall():
+            pass
+        return ds
     except Exception as exc:  # pydicom raises many kinds (InvalidDicomError, zlib.error, struct.error, ...)
         detail = f"{type(exc).__name__}: {exc}".replace("\n", " ")
         raise Unreadable(f"file_unreadable: {detail[:200]}") from exc

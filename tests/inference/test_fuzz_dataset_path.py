@@ -159,9 +159,6 @@ def test_fuzz_finding_raises_a_defined_error(phantom, detector, name):
     run_worker_path(encode(edit(deepcopy(phantom)) if edit else phantom, syntax), detector)
 
 
-@pytest.mark.xfail(strict=True, reason="NotImplementedError 'Unknown Value Representation' escapes prepare: raised "
-                   "lazily when _validate reads an element whose VR bytes are corrupt (read_dataset guards dcmread "
-                   "only), so the worker retries and ends FAILED instead of REJECTED")
 def test_corrupt_value_representation_raises_a_defined_error(phantom, detector):
     data = encode(phantom, ExplicitVRLittleEndian)
     run_worker_path(data.replace(b"\x28\x00\x00\x01US", b"\x28\x00\x00\x01WS"), detector)  # BitsAllocated's VR
