@@ -157,7 +157,21 @@ def phantom_model_input(phantom: Phantom, input_size: int) -> tuple[np.ndarray, 
 
 
 def prepare(ds: pydicom.Dataset, *, input_size: int = MODEL_INPUT_SIZE) -> PreparedImage:
-    """Validate `ds` as a chest radiograph and prepare it; raises NotApplicable or Unreadable."""
+    """Validate `ds` as a chest radiograph and prepare it; raises NotApplicable or Unreadable.
+
+    Attributes of impossible type or multiplicity (a multi-valued Rows, a text in
+    BitsAllocated, ...) end as Unreadable "header_invalid" rather than an error.
+    """
+    try:
+        return _prepare(ds, input_size)
+    except (NotApplicable, Unreadable):
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError, NotImplementedError) as exc:
+        detail = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+        raise Unreadable(f"header_invalid: {detail[:200]}") from exc
+
+
+def _prepare(ds: pydicom.Dataset, input_size: int) -> PreparedImage:
     flags = _validate(ds)
     stored = _decode(ds)
     lo, hi = stored.min(), stored.max()

@@ -164,9 +164,6 @@ def test_corrupt_value_representation_raises_a_defined_error(phantom, detector):
     run_worker_path(data.replace(b"\x28\x00\x00\x01US", b"\x28\x00\x00\x01WS"), detector)  # BitsAllocated's VR
 
 
-@pytest.mark.xfail(strict=True, reason="TypeError in preprocess._validate: int() of a multi-valued Rows, Columns, "
-                   "SamplesPerPixel or NumberOfFrames, MultiValue > int for BitsAllocated (a corrupt value length "
-                   "gives VM 2), so the worker retries and ends FAILED instead of REJECTED")
 @pytest.mark.parametrize("keyword", ["Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "NumberOfFrames"])
 def test_multi_valued_image_attribute_raises_a_defined_error(phantom, detector, keyword):
     ds = deepcopy(phantom)
