@@ -7,7 +7,7 @@ DEBS := dcmtk orthanc poppler-utils dicom3tools chromium
 export TCP_NODELAY := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: demo test bench gpu-check system-packages postgres clean
+.PHONY: demo test bench faults gpu-check system-packages postgres clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -42,6 +42,9 @@ test: system-packages postgres $(STAMP)
 
 bench: system-packages postgres $(STAMP)
 	$(PY) -m bench
+
+faults: system-packages postgres $(STAMP)
+	$(PY) -m tests.faults.suite
 
 gpu-check: $(STAMP)
 	$(PY) -m inference.gpu_check

@@ -19,6 +19,7 @@ PLAN: tuple[tuple[str, list[str]], ...] = (
     ("ingest", ["--n", "100"]),
     ("inference", ["--n", "8"]),
     ("e2e", ["--n", "5"]),
+    ("retrieval", ["--n", "5000"]),
     ("sustained", ["--m", "120"]),
     ("sustained", ["--m", "24", "--workers", "1", "2", "3"]),
 )

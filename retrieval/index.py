@@ -104,19 +104,25 @@ class CaseIndex:
                 .order_by(Job.id)).all()
         ids = np.array([row.id for row in rows], dtype=np.int64)
         vectors = np.stack([np.frombuffer(row.embedding, dtype=np.float32) for row in rows]) if rows else None
+        self.rebuild_from(ids, vectors)
+        log.info("retrieval_index_rebuilt", cases=len(rows), model_version=model_version)
+        return len(rows)
+
+    def rebuild_from(self, ids: np.ndarray, vectors: np.ndarray | None) -> None:
+        """Replace the whole index with `vectors` (rows, unit length) under job `ids`, and persist it."""
         with self._lock:
-            if vectors is None:
+            if vectors is None or len(vectors) == 0:
                 self._index = None
                 (self._folder / INDEX_FILE).unlink(missing_ok=True)
-            elif len(rows) > self._settings.ivf_threshold:
+                return
+            ids = np.asarray(ids, dtype=np.int64)
+            vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+            if len(vectors) > self._settings.ivf_threshold:
                 self._index = self._ivf(ids, vectors)
             else:
                 self._index = self._flat(vectors.shape[1])
                 self._index.add_with_ids(vectors, ids)
-            if self._index is not None:
-                self._save()
-        log.info("retrieval_index_rebuilt", cases=len(rows), model_version=model_version)
-        return len(rows)
+            self._save()
 
     def search(self, embedding: np.ndarray | bytes, k: int, exclude_job_id: int | None = None
                ) -> list[Neighbour]:
