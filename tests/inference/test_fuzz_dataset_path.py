@@ -167,6 +167,7 @@ def test_corrupt_value_representation_raises_a_defined_error(phantom, detector):
 @pytest.mark.parametrize("keyword", ["Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "NumberOfFrames"])
 def test_multi_valued_image_attribute_raises_a_defined_error(phantom, detector, keyword):
     ds = deepcopy(phantom)
+    ds["PixelData"].VR = "OW"  # else pydicom's writer itself compares a multi-valued BitsAllocated with 8
     setattr(ds, keyword, ["256", "256"] if keyword == "NumberOfFrames" else [256, 256])
     run_worker_path(encode(ds, ExplicitVRLittleEndian), detector)
 
