@@ -18,6 +18,7 @@ from typing import Annotated
 import pydicom
 import structlog
 from fastapi import APIRouter, Depends, FastAPI, Form, HTTPException, Request
+from fastapi import Path as PathParameter
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -43,6 +44,7 @@ log = structlog.get_logger(__name__)
 
 HERE = Path(__file__).resolve().parent
 UID_PATTERN = r"^[0-9.]{1,64}$"
+JobId = Annotated[int, PathParameter(ge=1, le=2**63 - 1, description="the node's job number")]
 
 
 @dataclass
@@ -226,7 +228,7 @@ def _similar(request: Request, job_id: int) -> list[tuple[int, SimilarCase]]:
 
 
 @pages.get("/cases/{job_id}")
-def case_page(request: Request, job_id: int, user: Annotated[User, Depends(page_user)]) -> HTMLResponse:
+def case_page(request: Request, job_id: JobId, user: Annotated[User, Depends(page_user)]) -> HTMLResponse:
     job = _processed_job(request, job_id)
     ds = pydicom.dcmread(job.spool_path, stop_before_pixels=True) if Path(job.spool_path).is_file() else None
     with _web(request).sessions() as session:
@@ -239,26 +241,26 @@ def case_page(request: Request, job_id: int, user: Annotated[User, Depends(page_
 
 
 @pages.get("/cases/{job_id}/image.png")
-def case_image(request: Request, job_id: int, user: Annotated[User, Depends(page_user)]) -> Response:
+def case_image(request: Request, job_id: JobId, user: Annotated[User, Depends(page_user)]) -> Response:
     png, _ = images.display_png(images.source_dataset(_processed_job(request, job_id)))
     return Response(png, media_type="image/png")
 
 
 @pages.get("/cases/{job_id}/overlay.png")
-def case_overlay(request: Request, job_id: int, user: Annotated[User, Depends(page_user)]) -> Response:
+def case_overlay(request: Request, job_id: JobId, user: Annotated[User, Depends(page_user)]) -> Response:
     job = _processed_job(request, job_id)
     return Response(images.overlay_png(job, images.source_dataset(job)), media_type="image/png")
 
 
 @pages.get("/cases/{job_id}/report.pdf")
-def case_report(request: Request, job_id: int, user: Annotated[User, Depends(page_user)]) -> Response:
+def case_report(request: Request, job_id: JobId, user: Annotated[User, Depends(page_user)]) -> Response:
     pdf = images.report_pdf(_processed_job(request, job_id))
     return Response(pdf, media_type="application/pdf",
                     headers={"Content-Disposition": f'inline; filename="smartnodule-job-{job_id}.pdf"'})
 
 
 @pages.post("/cases/{job_id}/verdict", dependencies=[Depends(check_csrf)])
-def case_verdict(request: Request, job_id: int, user: Annotated[User, Depends(page_user)],
+def case_verdict(request: Request, job_id: JobId, user: Annotated[User, Depends(page_user)],
                  nodule: Annotated[str, Form()], row: Annotated[str, Form()] = "",
                  col: Annotated[str, Form()] = "", comment: Annotated[str, Form(max_length=2000)] = ""
                  ) -> RedirectResponse:
@@ -298,7 +300,7 @@ def health_page(request: Request, user: Annotated[User, Depends(admin_user)]) ->
 
 
 @pages.post("/health/resend/{job_id}", dependencies=[Depends(check_csrf)])
-def resend(request: Request, job_id: int, user: Annotated[User, Depends(admin_user)]) -> RedirectResponse:
+def resend(request: Request, job_id: JobId, user: Annotated[User, Depends(admin_user)]) -> RedirectResponse:
     try:
         previous = requeue_delivery(_web(request).sessions, job_id)
     except TransitionError as exc:
@@ -358,15 +360,17 @@ class SimilarJob:
     similarity: float
 
 
-api = APIRouter(prefix="/api", tags=["api"])
+api = APIRouter(prefix="/api", tags=["api"], responses={
+    401: {"description": "No session and no valid API token"},
+    403: {"description": "The user's role may not do this"},
+    404: {"description": "No such job"},
+})
 
 
 @api.get("/studies/{study_instance_uid}/jobs", response_model=list[JobSummary])
-def api_study_jobs(request: Request, study_instance_uid: str, user: Annotated[User, Depends(api_user)]
-                   ) -> list[JobSummary]:
+def api_study_jobs(request: Request, study_instance_uid: Annotated[str, PathParameter(pattern=UID_PATTERN)],
+                   user: Annotated[User, Depends(api_user)]) -> list[JobSummary]:
     """The node's jobs for the instances of one study, oldest first, with their review status."""
-    if not study_instance_uid or len(study_instance_uid) > 64 or set(study_instance_uid) - set("0123456789."):
-        raise HTTPException(422, f"study_instance_uid must match {UID_PATTERN}")
     with _web(request).sessions() as session:
         jobs = list(session.scalars(select(Job).where(Job.study_instance_uid == study_instance_uid)
                                     .order_by(Job.received_at, Job.id)))
@@ -383,7 +387,7 @@ def api_queue(request: Request, user: Annotated[User, Depends(api_user)]) -> lis
 
 
 @api.get("/jobs/{job_id}/similar", response_model=list[SimilarJob])
-def api_similar(request: Request, job_id: int, user: Annotated[User, Depends(api_user)]) -> list[SimilarJob]:
+def api_similar(request: Request, job_id: JobId, user: Annotated[User, Depends(api_user)]) -> list[SimilarJob]:
     """Past cases most similar to the job's image, with their final verdicts."""
     _processed_job(request, job_id)
     return [SimilarJob(other, case.study_date, case.probability, case.verdict, case.similarity)
