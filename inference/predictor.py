@@ -58,6 +58,8 @@ class Detector:
         torch_setup.limit_threads(threads)
         dev = torch_setup.select_device(device)
         net = load_weights(build_network(card.architecture), str(weights)).to(dev).eval()
+        if dev.type == "cpu":  # 1.26x faster on these CPUs, same outputs within 1e-6 (bench/inference.py)
+            net = net.to(memory_format=torch.channels_last)
         for p in net.parameters():
             p.requires_grad_(False)
         return cls(card, net, dev, review or ReviewPolicy(**card.review))
