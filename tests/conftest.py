@@ -97,15 +97,23 @@ def audit_events(settings) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def wait_for(predicate, timeout_s: float, interval_s: float = 0.1, message: str = "condition"):
-    """Poll `predicate` until it returns a truthy value; fail the test after `timeout_s`."""
+def poll(predicate, timeout_s: float, what: str, interval_s: float = 0.1):
+    """Call `predicate` until it returns a truthy value (returned); TimeoutError after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(interval_s)
-    pytest.fail(f"timed out after {timeout_s} s waiting for {message}")
+    raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def wait_for(predicate, timeout_s: float, interval_s: float = 0.1, message: str = "condition"):
+    """`poll` inside a test: a time-out fails the test."""
+    try:
+        return poll(predicate, timeout_s, message, interval_s)
+    except TimeoutError as exc:
+        pytest.fail(str(exc))
 
 
 POSTGRES_ADMIN_URL = os.environ.get("SMARTNODULE_TEST_POSTGRES_URL",

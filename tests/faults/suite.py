@@ -34,7 +34,7 @@ from sqlalchemy import create_engine, select, text
 from inference.phantoms import generate_phantom, phantom_dataset, write_phantom_series
 from node.db import Job, JobState, open_database
 from node.orthanc_peer import OrthancPeer, free_port
-from tests.conftest import POSTGRES_ADMIN_URL, STORESCU
+from tests.conftest import POSTGRES_ADMIN_URL, STORESCU, poll
 
 ROOT = Path(__file__).resolve().parents[2]
 SUCCESS, OUT_OF_RESOURCES = 0x0000, 0xA700
@@ -123,14 +123,8 @@ def echo(port: int, timeout_s: float = 2.0) -> bool:
 
 
 def wait(predicate: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.2):
-    """tests.conftest.wait_for outside pytest: a TimeoutError ends one scenario, not the suite."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+    """`tests.conftest.poll` at the suite's pace: a TimeoutError ends one scenario, not the suite."""
+    return poll(predicate, timeout_s, what, interval_s)
 
 
 def eventually(predicate: Callable[[], object], timeout_s: float) -> bool:
