@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 
-from node.orthanc_peer import free_port  # noqa: F401  (the benchmarks' one way to pick a port)
+from node.orthanc_peer import free_port, stop_process  # noqa: F401  (the benchmarks' way to pick a port and stop a child)
 
 STORESCU = "/usr/bin/storescu"
 ECHOSCU = "/usr/bin/echoscu"
@@ -92,16 +92,6 @@ def start_node(role: str, env: dict[str, str]) -> subprocess.Popen:
     """`smartnodule ROLE` (run, scp, worker) as a subprocess, its console output discarded."""
     return subprocess.Popen([sys.executable, "-m", "node.cli", role], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def stop(process: subprocess.Popen, timeout_s: float = 60) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def send(port: int, files: list[Path], senders: int = 1, called_aet: str = "SMARTNODULE") -> float:

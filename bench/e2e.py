@@ -23,7 +23,7 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from bench.common import STORESCU, DCMTK_ENV, free_port, model_card, node_env, phantoms, print_table, rss_mb, \
-    start_node, stop, wait_listening
+    start_node, stop_process, wait_listening
 from node.db import Job, open_database
 from node.orthanc_peer import OrthancPeer
 
@@ -64,7 +64,7 @@ def main() -> int:
                 latencies.append(time.perf_counter() - start)
             peak_rss = rss_mb(node.pid)
         finally:
-            stop(node)
+            stop_process(node, 60)
     sessions = open_database(f"sqlite:///{work / 'node' / 'smartnodule.db'}")
     with sessions() as session:
         stages = [json.loads(j.stage_seconds) for j in session.scalars(select(Job).order_by(Job.id))]

@@ -29,7 +29,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from bench.common import (DCMTK_ENV, cpu_seconds, free_port, load1, node_env, phantoms, print_table, send,
-                          start_node, stop, wait_listening)
+                          start_node, stop_process, wait_listening)
 from node.db import Job, open_database
 
 RECEIVERS = ("node", "dcmtk", "pynetdicom")
@@ -81,7 +81,7 @@ def measure(receiver: str, files: list[Path], senders: int, size: int, work: Pat
         seconds = send(port, files, senders)
         cpu_s = cpu_seconds(process.pid) - cpu0
     finally:
-        stop(process)
+        stop_process(process, 60)
     stored = stored_count(receiver, out)
     if stored != len(files):
         raise RuntimeError(f"{receiver} stored {stored} of {len(files)} files")

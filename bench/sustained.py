@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 from sqlalchemy import create_engine, func, select, text
 
-from bench.common import free_port, load1, model_card, node_env, phantoms, print_table, rss_mb, send, start_node, stop, \
+from bench.common import free_port, load1, model_card, node_env, phantoms, print_table, rss_mb, send, start_node, stop_process, \
     wait_listening
 from node.db import Job, JobState, open_database
 from node.orthanc_peer import OrthancPeer
@@ -155,7 +155,7 @@ def run_once(files: list[Path], workers: int | None, database_url: str | None, o
         if sampler is not None:
             sampler.join()
         for process in processes:
-            stop(process)
+            stop_process(process, 60)
     with sessions() as session:
         jobs = list(session.scalars(select(Job)))
     sessions.kw["bind"].dispose()

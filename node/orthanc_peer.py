@@ -28,6 +28,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def stop_process(process: subprocess.Popen, timeout_s: float = 20.0) -> None:
+    """Terminate a child process and wait for it; kill it if it outlives `timeout_s`."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def orthanc_available() -> bool:
     return shutil.which(ORTHANC_BINARY) is not None
 
@@ -90,13 +101,8 @@ class OrthancPeer:
         raise RuntimeError(f"Orthanc did not answer on {self.url} within {timeout_s} s")
 
     def stop(self) -> None:
-        if self._process is not None and self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+        if self._process is not None:
+            stop_process(self._process)
         self._process = None
 
     def __enter__(self) -> "OrthancPeer":

@@ -33,7 +33,7 @@ from sqlalchemy import create_engine, select, text
 
 from inference.phantoms import generate_phantom, phantom_dataset, write_phantom_series
 from node.db import Job, JobState, open_database
-from node.orthanc_peer import OrthancPeer, free_port
+from node.orthanc_peer import OrthancPeer, free_port, stop_process
 from tests.conftest import POSTGRES_ADMIN_URL, STORESCU, poll
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -180,13 +180,8 @@ class NodeProcess:
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            self.process.send_signal(signal.SIGCONT)  # a stopped process cannot handle SIGTERM
+            stop_process(self.process, 60)
 
     def kill(self) -> None:
         self.process.kill()
