@@ -9,6 +9,7 @@ before a figure is reported. CPU is the receiver process's user + system time.
 
     .venv/bin/python -m bench.ingest --n 100
     .venv/bin/python -m bench.ingest --n 50 --profile   # where the node's time goes (cProfile, in-process)
+    .venv/bin/python -m bench.ingest --n 50 --profile --profile-px 512
 """
 from __future__ import annotations
 
@@ -166,7 +167,7 @@ class ThreadProfiles:
 # Where a received instance's time goes, summed over all threads: cumulative time of (function, file) ...
 STAGES = (
     ("DUL: read + decode PDUs", "_read_pdu_data", "dul.py"),
-    ("  socket recv (4 KiB reads)", "recv", "transport.py"),
+    ("  socket reads", "recv", "receive.py"),
     ("  P-DATA fragments to temp file", "decode_msg", "dimse_messages.py"),
     ("C-STORE handler (_on_store)", "_on_store", "scp.py"),
     ("  header dcmread", "dcmread", "filereader.py"),
@@ -179,17 +180,17 @@ SELF_TIME = (
     ("self: logging (structlog + stdlib)", ("structlog/", "/logging/")),
     ("self: sqlalchemy + sqlite3", ("sqlalchemy/", "sqlite3")),
     ("self: os.fsync", ("posix.fsync",)),
-    ("self: file writes", ("_io.BufferedWriter",)),
+    ("self: file writes", ("_io.FileIO",)),
 )
 
 
-def profile(n: int) -> dict:
-    """Run an in-process receive-only Node under cProfile for N 2048 px instances from one storescu."""
+def profile(n: int, size: int) -> dict:
+    """Run an in-process receive-only Node under cProfile for N `size` px instances from one storescu."""
     from config.settings import load_settings
     from node.audit import configure_logging
     from node.service import Node
 
-    files = phantoms(n, 2048)
+    files = phantoms(n, size)
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-profile-"))
     port = free_port()
     settings = load_settings(None, node={"port": port, "data_dir": str(work), "allowed_calling_aets": ["STORESCU"]})
@@ -224,7 +225,7 @@ def profile(n: int) -> dict:
     print(f"profiled: {n} instances in {seconds:.2f} s ({n / seconds:.1f} img/s under cProfile), "
           f"process CPU {cpu_ms:.1f} ms/img")
     print_table(["stage (cumulative, all threads)", "ms/img"], [[k, f"{v:.2f}"] for k, v in per_image.items()])
-    return {"bench": "ingest-profile", "n": n, "img_s_profiled": round(n / seconds, 2),
+    return {"bench": "ingest-profile", "n": n, "px": size, "img_s_profiled": round(n / seconds, 2),
             "cpu_ms_per_img": round(cpu_ms, 1),
             "stage_ms_per_img": {k.strip(): v for k, v in per_image.items()}, "load1": load1()}
 
@@ -234,8 +235,9 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=100, help="images per size (default 100)")
     parser.add_argument("--rounds", type=int, default=1, help="repeat each configuration, report the median")
     parser.add_argument("--profile", action="store_true", help="profile the node's receiver instead")
+    parser.add_argument("--profile-px", type=int, choices=SIZES, default=2048, help="image size to profile")
     args = parser.parse_args()
-    print(json.dumps(profile(args.n) if args.profile else benchmark(args.n, args.rounds)))
+    print(json.dumps(profile(args.n, args.profile_px) if args.profile else benchmark(args.n, args.rounds)))
     return 0
 
 

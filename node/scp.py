@@ -1,14 +1,13 @@
 """The Storage SCP: C-ECHO and C-STORE in, each instance durable in the spool and committed as a job before success.
 
-The C-STORE handler checks the instance, moves pynetdicom's chunked temporary
-file into the spool (fsync, rename, fsync folder), commits the job row and only
-then answers 0x0000. It does no inference and no network calls, and no
+The C-STORE handler checks the instance, moves the file it was streamed into
+(`node.receive`) into the spool (fsync, rename, fsync folder), commits the job
+row and only then answers 0x0000. It does no inference and no network calls, and no
 exception escapes it: every failure is a defined status with an error comment.
 """
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
 import structlog
@@ -28,6 +27,7 @@ from sqlalchemy.orm import sessionmaker
 
 from config.settings import Settings
 from node.jobs import ReceivedInstance, admit
+from node.receive import DISK_FULL, TOO_LARGE, WRITE_FAILED, IncomingFiles, read_in_bulk, stream_into
 from node.spool import Spool, UnsafeUID
 from node.tls import server_context
 
@@ -82,7 +82,13 @@ class StorageSCP:
         self._spool = spool
         self._max_bytes = int(settings.node.max_instance_mb * 1024 * 1024)
         self._min_free_bytes = int(settings.node.min_free_disk_mb * 1024 * 1024)
+        self._incoming = IncomingFiles(spool.incoming, self._max_bytes)
         self._server: ThreadedAssociationServer | None = None
+        self._failure_comments = {
+            TOO_LARGE: f"instance larger than {settings.node.max_instance_mb} MB",
+            DISK_FULL: "spool disk full, retry later",
+            WRITE_FAILED: "spool write failed, retry later",
+        }
 
     def _make_ae(self) -> AE:
         node = self._settings.node
@@ -99,12 +105,11 @@ class StorageSCP:
 
     def start(self) -> ThreadedAssociationServer:
         """Listen on the configured address in background threads."""
-        # pynetdicom streams each received dataset to a NamedTemporaryFile in the process's
-        # temp folder; pointing that at the spool makes moving them into place a rename, not
-        # a copy. It is process-wide, so it is restored on stop.
+        # pynetdicom streams each received data set to a file (chunked receive); ours live in
+        # the spool's incoming folder, so moving one into place is a rename, not a copy.
         _config.STORE_RECV_CHUNKED_DATASET = True
         self._sweep_incoming(older_than_s=0)  # no association is live yet
-        self._previous_tempdir, tempfile.tempdir = tempfile.tempdir, str(self._spool.incoming)
+        stream_into(self._incoming)
         node = self._settings.node
         tls = self._settings.tls
         self._server = self._make_ae().start_server(
@@ -123,6 +128,7 @@ class StorageSCP:
                 (evt.EVT_CONN_CLOSE, self._discard_partial_transfer),
             ],
         )
+        read_in_bulk(self._server)
         log.info("scp_started", ae_title=node.ae_title, host=node.host, port=node.port, tls=tls.enabled)
         return self._server
 
@@ -130,7 +136,7 @@ class StorageSCP:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
-            tempfile.tempdir = self._previous_tempdir
+            stream_into(None)
             log.info("scp_stopped")
 
     def _disk_free(self) -> int:
@@ -201,10 +207,11 @@ class StorageSCP:
     def _store(self, event: evt.Event, bound) -> Dataset:
         request = event.request
         temp_path: Path = event.dataset_path
+        failure = self._incoming.failure(temp_path)
+        if failure is not None:
+            bound.error("instance_refused", reason=failure)
+            return _status(OUT_OF_RESOURCES, self._failure_comments[failure])
         size = temp_path.stat().st_size
-        if size > self._max_bytes:
-            bound.warning("instance_refused", reason="too_large", size_bytes=size)
-            return _status(OUT_OF_RESOURCES, f"instance larger than {self._settings.node.max_instance_mb} MB")
         if self._disk_free() < self._min_free_bytes:
             bound.error("instance_refused", reason="disk_nearly_full", size_bytes=size)
             return _status(OUT_OF_RESOURCES, "spool disk nearly full, retry later")

@@ -337,11 +337,10 @@ def database_unavailable(workdir: Path, scale: Scale) -> Result:
 
 
 def disk_full(workdir: Path, scale: Scale) -> Result:
-    """The data folder on a 20 MB tmpfs, filled past `node.min_free_disk_mb`: the sender is refused (association
-    rejected, or 0xA700), nothing half-written processed or left; freed, resent, all processed.
-
-    With the threshold at 0 a transfer can hit ENOSPC inside pynetdicom's receive loop, which aborts the
-    association without a status: the threshold is what makes a full disk a clean refusal."""
+    """The data folder on a 20 MB tmpfs with about 100 KB left and `node.min_free_disk_mb` 0, so that each
+    transfer runs into ENOSPC: every C-STORE is answered 0xA700 (no abort), nothing half-written is processed
+    or left; freed, resent, all processed. (With the threshold above 0 the association is rejected before
+    any transfer: tests/node/test_admission.py.)"""
     result = Result("disk_full")
     files = phantoms(workdir / "in", scale.instances, 9600)
     mount = workdir / "tmpfs"
@@ -352,7 +351,7 @@ def disk_full(workdir: Path, scale: Scale) -> Result:
     try:
         with orthanc_peer(workdir) as peer:
             node = NodeProcess(workdir, destinations=destinations(peer), node__data_dir=str(mount / "node"),
-                               node__min_free_disk_mb="8").start()
+                               node__min_free_disk_mb="0").start()
             sessions = open_database(f"sqlite:///{node.data_dir / 'smartnodule.db'}")
             filler = mount / "filler"
             try:
@@ -360,9 +359,12 @@ def disk_full(workdir: Path, scale: Scale) -> Result:
                     free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
                     f.write(bytes(max(0, free - 100 * 1024)))
                 during = storescu(files, node.port)
-                result.check(not during.acknowledged and all(s in (None, OUT_OF_RESOURCES) for s in during.statuses.values()),
-                             f"statuses on a full disk {statuses(during)}, expected a rejection or 0xA700")
+                result.check(not during.acknowledged and all(s == OUT_OF_RESOURCES for s in during.statuses.values()),
+                             f"statuses on a full disk {statuses(during)}, expected 0xA700 for each")
                 result.check(not (jobs(sessions)), "job rows created for refused instances")
+                refused = [e for e in audit(node.data_dir) if e["event"] == "instance_refused"]
+                result.check(len(refused) == len(files) and all(e["reason"] == "disk_full" for e in refused),
+                             f"refusal reasons {sorted({e['reason'] for e in refused})}, expected disk_full for each")
                 filler.unlink()
                 after = storescu(files, node.port)
                 tally(result, set(files), during.acknowledged | after.acknowledged, sessions, node.data_dir, peer)
