@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
+import weakref
 from pathlib import Path
 
 from pynetdicom import dimse_messages
@@ -102,7 +103,8 @@ class IncomingFiles:
     def __init__(self, folder: Path, max_bytes: int) -> None:
         self.folder = folder
         self.max_bytes = max_bytes
-        self._open: dict[str, IncomingFile] = {}
+        # weak: a file pynetdicom drops without closing (a transfer cut short) is not kept open here
+        self._open: weakref.WeakValueDictionary[str, IncomingFile] = weakref.WeakValueDictionary()
 
     def __call__(self, *, delete: bool = False, mode: str = "wb", suffix: str = ".dcm") -> IncomingFile:
         if delete or mode != "wb":  # pynetdicom 3.0 asks for exactly this; anything else is another version

@@ -75,3 +75,13 @@ def test_incoming_file_on_a_full_disk_gives_the_space_back_and_says_so(tmp_path)
 def test_incoming_files_refuse_a_request_from_another_pynetdicom_version(tmp_path):
     with pytest.raises(ValueError, match="unexpected temporary file request"):
         IncomingFiles(tmp_path, 1)(delete=True, mode="wb", suffix=".dcm")
+
+
+def test_incoming_files_do_not_keep_a_dropped_file_open(tmp_path):
+    files = IncomingFiles(tmp_path, max_bytes=1000)
+    incoming = files(delete=False, mode="wb", suffix=".dcm")
+    name, fd = incoming.name, incoming.file.fileno()
+    del incoming  # pynetdicom lets go of the message of an association that ended mid-transfer
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed
+    assert files.failure(name) is None
