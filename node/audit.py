@@ -1,18 +1,32 @@
-"""Structured logging for the whole node: structlog events to an append-only JSON-lines audit file and the console.
+"""Structured logging for the whole node: structlog events to a hash-chained JSON-lines audit file and the console.
 
 Events are snake_case past tense (`instance_stored`) bound with job id, SOP
 Instance UID and calling AE. Patient name, ID and birth date never enter a log:
 a processor removes any such key that a caller might pass by mistake.
+
+The audit file is opened for appending only, and each line ends with
+`"chain": sha256(previous link + this line)`, so an edited, inserted or removed
+line breaks the chain from there on (`smartnodule audit verify`); a cut-off
+tail cannot be told from a log that ended there. Processes sharing the file
+(the scale-out roles) append under an exclusive lock, each linking to the line
+last written by any of them.
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import logging
+import os
+import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
 AUDIT_FILE = "audit.jsonl"
+GENESIS = "0" * 64
+_CHAIN_SUFFIX = re.compile(r', "chain": "([0-9a-f]{64})"}$')
 _PATIENT_KEYS = frozenset({"patient_name", "patient_id", "patient_birth_date", "PatientName", "PatientID", "PatientBirthDate"})
 
 
@@ -31,8 +45,92 @@ _SHARED = [
 ]
 
 
+def chain_link(previous: str, body: str) -> str:
+    return hashlib.sha256((previous + body).encode()).hexdigest()
+
+
+def _split(line: str) -> tuple[str, str | None]:
+    """(the line as it was hashed, its chain link) or (line, None) for a line without one."""
+    found = _CHAIN_SUFFIX.search(line)
+    return (line[:found.start()] + "}", found.group(1)) if found else (line, None)
+
+
+def _link_of(line: str) -> str:
+    """What the next line links to: this line's chain, or the hash of a line written without one."""
+    return _split(line)[1] or hashlib.sha256(line.encode()).hexdigest()
+
+
+class ChainedAuditFile(logging.Handler):
+    """Appends each record as one JSON line carrying its chain link (see the module docstring)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        self._reader = os.open(path, os.O_RDONLY)
+
+    def _last_line(self) -> str | None:
+        end = os.fstat(self._reader).st_size
+        window = 4096
+        while True:
+            start = max(0, end - window)
+            tail = os.pread(self._reader, end - start, start).rstrip(b"\n")
+            cut = tail.rfind(b"\n")
+            if cut >= 0 or start == 0:
+                last = tail[cut + 1:]
+                return last.decode("utf-8", "replace") if last else None
+            window *= 4
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            body = self.format(record)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                last = self._last_line()
+                link = chain_link(_link_of(last) if last is not None else GENESIS, body)
+                os.write(self._fd, f'{body[:-1]}, "chain": "{link}"}}\n'.encode())
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        except Exception:
+            self.handleError(record)
+
+    def close(self) -> None:
+        os.close(self._fd)
+        os.close(self._reader)
+        super().close()
+
+
+@dataclass(frozen=True)
+class ChainCheck:
+    """The result of `verify_chain`: records read, and the first line (1-based) that breaks the chain, if any."""
+
+    records: int
+    broken_at: int | None = None
+    problem: str = ""
+
+    @property
+    def intact(self) -> bool:
+        return self.broken_at is None
+
+
+def verify_chain(path: Path) -> ChainCheck:
+    """Recompute the chain of an audit file from its first line."""
+    previous = GENESIS
+    number = 0
+    with path.open(encoding="utf-8", errors="replace") as lines:
+        for number, line in enumerate(lines, start=1):
+            line = line.rstrip("\n")
+            body, link = _split(line)
+            if link is None:
+                return ChainCheck(number, number, "line has no chain link")
+            if chain_link(previous, body) != link:
+                return ChainCheck(number, number, "line changed, or a line before it removed or inserted")
+            previous = link
+    return ChainCheck(number)
+
+
 def configure_logging(log_dir: Path | None, *, console_level: str = "INFO") -> Path | None:
-    """Send every event to `log_dir/audit.jsonl` (JSON, appended, all levels) and the console.
+    """Send every event to `log_dir/audit.jsonl` (JSON, hash-chained, INFO and up) and the console.
 
     Returns the audit file's path. Safe to call again (handlers are replaced).
     """
@@ -61,7 +159,7 @@ def configure_logging(log_dir: Path | None, *, console_level: str = "INFO") -> P
     if log_dir is not None:
         log_dir.mkdir(parents=True, exist_ok=True)
         audit_path = log_dir / AUDIT_FILE
-        audit = logging.FileHandler(audit_path, mode="a", encoding="utf-8")
+        audit = ChainedAuditFile(audit_path)
         audit.setLevel(logging.INFO)
         audit.setFormatter(structlog.stdlib.ProcessorFormatter(
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,

@@ -100,6 +100,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(count=args.count, size=args.size, keep_running=args.keep_running)
 
 
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from node.audit import AUDIT_FILE, verify_chain
+
+    path = args.file or load_settings(args.config).log_dir / AUDIT_FILE
+    check = verify_chain(path)
+    if check.intact:
+        print(f"{path}: {check.records} records, chain intact")
+        return 0
+    print(f"{path}: chain broken at line {check.broken_at}: {check.problem}", file=sys.stderr)
+    return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smartnodule", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", default=None)
     p.add_argument("--limit", type=int, default=50)
     p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("audit", help="the audit log: verify its hash chain")
+    actions = p.add_subparsers(dest="action", required=True)
+    q = actions.add_parser("verify", help="recompute the chain; exit status 1 names the first broken line")
+    q.add_argument("--config", type=Path, default=None)
+    q.add_argument("--file", type=Path, default=None, help="an audit file (default: the node's)")
+    q.set_defaults(func=cmd_audit_verify)
 
     p = sub.add_parser("demo", help="phantom chest X-rays through the node and a local Orthanc")
     p.add_argument("--count", type=int, default=4)

@@ -1,4 +1,4 @@
-"""No patient name, ID or birth date in the audit log or the application log; the audit log is append-only.
+"""No patient name, ID or birth date in the audit log or the application log; the audit log is appended to and its hash chain intact.
 
 Phantoms with a distinctive identity go through a running node to Orthanc (one
 delivered, one REJECTED, one SKIPPED, one refused as unparseable: 0xC000), then both
@@ -12,6 +12,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from inference.phantoms import generate_phantom, phantom_dataset
+from node.audit import verify_chain
 from node.db import JobState
 from tests.conftest import STORESCU, finished_jobs, require_binary, wait_for
 from tests.node.test_bad_input import chunked_sender, file_meta, send_pynetdicom  # noqa: F401  (fixture)
@@ -63,6 +64,7 @@ def test_logs_hold_no_patient_data_and_audit_log_is_appended(  # noqa: F811  (fi
     running_node(settings, workers=0)  # a restart configures logging again, on the same file
     second_run = audit_path.read_text()
     assert second_run.startswith(first_run) and len(second_run) > len(first_run), "earlier audit lines were lost"
+    assert verify_chain(audit_path).intact
 
     console = capsys.readouterr()
     assert "instance_stored" in console.err, "the application log was not captured"
