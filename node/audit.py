@@ -102,9 +102,11 @@ class ChainedAuditFile(logging.Handler):
 
 @dataclass(frozen=True)
 class ChainCheck:
-    """The result of `verify_chain`: records read, and the first line (1-based) that breaks the chain, if any."""
+    """The result of `verify_chain`: records read, how many of the first were written before the chain began,
+    and the first line (1-based) that breaks the chain, if any."""
 
     records: int
+    unchained: int = 0
     broken_at: int | None = None
     problem: str = ""
 
@@ -115,18 +117,21 @@ class ChainCheck:
 
 def verify_chain(path: Path) -> ChainCheck:
     """Recompute the chain of an audit file from its first line."""
-    previous = GENESIS
-    number = 0
+    previous, unchained, number = GENESIS, 0, 0
     with path.open(encoding="utf-8", errors="replace") as lines:
         for number, line in enumerate(lines, start=1):
             line = line.rstrip("\n")
             body, link = _split(line)
+            if link is None and unchained == number - 1:  # a log begun before the chain
+                unchained += 1
+                previous = _link_of(line)
+                continue
             if link is None:
-                return ChainCheck(number, number, "line has no chain link")
+                return ChainCheck(number, unchained, number, "line has no chain link")
             if chain_link(previous, body) != link:
-                return ChainCheck(number, number, "line changed, or a line before it removed or inserted")
+                return ChainCheck(number, unchained, number, "line changed, or a line before it removed or inserted")
             previous = link
-    return ChainCheck(number)
+    return ChainCheck(number, unchained)
 
 
 def configure_logging(log_dir: Path | None, *, console_level: str = "INFO") -> Path | None:

@@ -106,7 +106,8 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     path = args.file or load_settings(args.config).log_dir / AUDIT_FILE
     check = verify_chain(path)
     if check.intact:
-        print(f"{path}: {check.records} records, chain intact")
+        before = f" ({check.unchained} written before the chain began)" if check.unchained else ""
+        print(f"{path}: {check.records} records{before}, chain intact")
         return 0
     print(f"{path}: chain broken at line {check.broken_at}: {check.problem}", file=sys.stderr)
     return 1

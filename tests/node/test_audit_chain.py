@@ -70,3 +70,16 @@ def test_processes_appending_to_one_file_keep_one_chain(tmp_path):
     assert [w.wait(timeout=120) for w in writers] == [0, 0, 0]
     check = verify_chain(tmp_path / AUDIT_FILE)
     assert (check.intact, check.records) == (True, 600)
+
+
+def test_a_log_begun_before_the_chain_is_anchored_by_its_last_line(tmp_path):
+    path = tmp_path / AUDIT_FILE
+    path.write_text('{"event": "instance_stored", "job_id": 1}\n{"event": "instance_stored", "job_id": 2}\n')
+    write_events(tmp_path, 2)
+    check = verify_chain(path)
+    assert (check.intact, check.records, check.unchained) == (True, 4, 2)
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0]] + lines[2:]) + "\n")  # an unchained line removed
+    assert verify_chain(path).broken_at == 2
+    path.write_text("\n".join(lines + [lines[0]]) + "\n")  # an unlinked line after the chain began
+    assert verify_chain(path).broken_at == 5
