@@ -25,27 +25,32 @@ from pathlib import Path
 from pynetdicom import dimse_messages
 from pynetdicom.transport import AssociationServer, AssociationSocket, RequestHandler
 
+PREALLOCATE_MAX = 4 << 20  # bytes; pynetdicom's largest PDU here is node.max_pdu_bytes (1 MiB by default)
 TOO_LARGE = "too_large"
 DISK_FULL = "disk_full"
 WRITE_FAILED = "write_failed"
 
 
 class BulkReadSocket(AssociationSocket):
-    """An AssociationSocket whose `recv(n)` fills one n-byte buffer with `recv_into`."""
+    """An AssociationSocket whose `recv(n)` fills one buffer with `recv_into`."""
 
     def recv(self, nr_bytes: int) -> bytearray:
-        """Read `nr_bytes` (fewer when the peer closes the connection), as pynetdicom's `recv` does."""
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
+        """Read `nr_bytes` (fewer when the peer closes the connection), as pynetdicom's `recv` does.
+
+        The buffer grows at most PREALLOCATE_MAX ahead of what arrived: a PDU header is the
+        peer's word, and a stranger's A-ASSOCIATE-RQ may claim 4 GiB.
+        """
+        buffer = bytearray(min(nr_bytes, PREALLOCATE_MAX))
         nr_read = 0
         while nr_read < nr_bytes:
-            got = self.socket.recv_into(view[nr_read:], nr_bytes - nr_read)
+            if nr_read == len(buffer):
+                buffer.extend(bytes(min(nr_bytes - nr_read, PREALLOCATE_MAX)))
+            with memoryview(buffer) as view, view[nr_read:] as free:
+                got = self.socket.recv_into(free, len(free))
             if not got:  # connection closed: return what arrived
-                view.release()
                 del buffer[nr_read:]
                 return buffer
             nr_read += got
-        view.release()
         return buffer
 
 

@@ -15,7 +15,7 @@ from node.receive import DISK_FULL, TOO_LARGE, BulkReadSocket, IncomingFiles
 
 def test_bulk_read_socket_reads_a_pdu_sent_in_pieces():
     ours, peer = socket.socketpair()
-    payload = os.urandom(3 * 1024 * 1024 + 7)
+    payload = os.urandom(9 * 1024 * 1024 + 7)  # past PREALLOCATE_MAX: the buffer grows twice
 
     def send_in_pieces() -> None:
         for start in range(0, len(payload), 65_537):
@@ -85,3 +85,12 @@ def test_incoming_files_do_not_keep_a_dropped_file_open(tmp_path):
     with pytest.raises(OSError):
         os.fstat(fd)  # closed
     assert files.failure(name) is None
+
+
+def test_bulk_read_socket_does_not_trust_a_pdu_length_it_has_not_received():
+    ours, peer = socket.socketpair()
+    peer.sendall(b"x" * 100)
+    peer.close()
+    sock = BulkReadSocket(Association(AE(), "acceptor"), client_socket=ours)
+    assert sock.recv(1 << 40) == bytearray(b"x" * 100)  # a 1 TiB claim: no 1 TiB buffer
+    ours.close()
