@@ -20,6 +20,7 @@ import errno
 import os
 import tempfile
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 from pynetdicom import dimse_messages
@@ -66,8 +67,8 @@ class BulkReadRequestHandler(RequestHandler):
 class IncomingFile:
     """One data set being received: an unbuffered file that records, rather than raises, a failed write."""
 
-    def __init__(self, folder: Path, max_bytes: int, on_close) -> None:
-        fd, self.name = tempfile.mkstemp(suffix=".dcm", dir=folder)
+    def __init__(self, folder: Path, suffix: str, max_bytes: int, on_close: Callable[[str], None]) -> None:
+        fd, self.name = tempfile.mkstemp(suffix=suffix, dir=folder)
         self.file = open(fd, "wb", buffering=0)  # pynetdicom calls `.file.flush()` after each fragment
         self.size = 0
         self.failure: str | None = None
@@ -114,7 +115,7 @@ class IncomingFiles:
     def __call__(self, *, delete: bool = False, mode: str = "wb", suffix: str = ".dcm") -> IncomingFile:
         if delete or mode != "wb":  # pynetdicom 3.0 asks for exactly this; anything else is another version
             raise ValueError(f"unexpected temporary file request: delete={delete!r} mode={mode!r}")
-        incoming = IncomingFile(self.folder, self.max_bytes, on_close=self._forget)
+        incoming = IncomingFile(self.folder, suffix, self.max_bytes, on_close=self._forget)
         self._open[incoming.name] = incoming
         return incoming
 
