@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,8 +20,8 @@ from pathlib import Path
 from pydicom import dcmread
 from sqlalchemy import select
 
-from bench.common import STORESCU, DCMTK_ENV, free_port, model_card, node_env, phantoms, print_table, rss_mb, \
-    start_node, stop_process, wait_listening
+from bench.common import free_port, load1, model_card, node_env, phantoms, print_table, rss_mb, send, start_node, \
+    stop_process, wait_listening
 from node.db import Job, open_database
 from node.orthanc_peer import OrthancPeer
 
@@ -55,8 +53,7 @@ def main() -> int:
             for path in files:
                 study_uid = str(dcmread(path, stop_before_pixels=True).StudyInstanceUID)
                 start = time.perf_counter()
-                subprocess.run([STORESCU, "-aet", "STORESCU", "-aec", "SMARTNODULE", "127.0.0.1", str(node_port),
-                                str(path)], check=True, env=DCMTK_ENV, capture_output=True)
+                send(node_port, [path])
                 while not sr_in_orthanc(client, study_uid):
                     if time.perf_counter() - start > 120:
                         raise RuntimeError(f"no SR in Orthanc for {path.name} after 120 s")
@@ -74,7 +71,7 @@ def main() -> int:
     p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
     print(json.dumps({"bench": "e2e", "median_s": round(statistics.median(latencies), 3), "p95_s": round(p95, 3),
                       "n": len(latencies), "size": args.size, "node_rss_mb": round(peak_rss),
-                      "load1": round(os.getloadavg()[0], 2)}))
+                      "load1": load1()}))
     return 0
 
 

@@ -34,11 +34,10 @@ from sqlalchemy import create_engine, func, select, text
 
 from bench.common import free_port, load1, model_card, node_env, phantoms, print_table, rss_mb, send, start_node, stop_process, \
     wait_listening
-from node.db import Job, JobState, open_database
+from node.db import TERMINAL, Job, JobState, open_database
 from node.orthanc_peer import OrthancPeer
 
 OUT = Path(__file__).resolve().parent.parent / "test-output" / "bench"
-FINISHED = (JobState.SENT, JobState.SKIPPED, JobState.REJECTED, JobState.FAILED, JobState.FAILED_DELIVERY)
 POSTGRES = "postgresql+psycopg://postgres:postgres@127.0.0.1:5432/postgres"
 
 
@@ -84,7 +83,7 @@ def sample(sessions, pids: list[int], stop_event: threading.Event, samples: Samp
         samples.peak_rss_mb = max(samples.peak_rss_mb, sum(rss_mb(pid) for pid in pids))
         if time.monotonic() >= next_depth:
             with sessions() as session:
-                depth = session.scalar(select(func.count(Job.id)).where(Job.state.not_in(FINISHED)))
+                depth = session.scalar(select(func.count(Job.id)).where(Job.state.not_in(TERMINAL)))
             samples.depth.append((round(time.monotonic() - start, 1), depth))
             next_depth += 1.0
 
@@ -144,7 +143,7 @@ def run_once(files: list[Path], workers: int | None, database_url: str | None, o
         deadline = time.monotonic() + timeout_s
         while True:
             with sessions() as session:
-                done = session.scalar(select(func.count(Job.id)).where(Job.state.in_(FINISHED)))
+                done = session.scalar(select(func.count(Job.id)).where(Job.state.in_(TERMINAL)))
             if done >= len(files):
                 break
             if time.monotonic() > deadline:

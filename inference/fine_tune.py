@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -86,12 +87,11 @@ def phantom_samples(seed_indices: list[int], input_size: int, flip: bool = False
     """Fresh training phantoms (train split, physical gain, positives on even indices) with dense targets."""
     import torch
 
-    from inference.phantoms import generate_phantom
-    from inference.samples import HELD_OUT_GAIN, phantom_sample, seed_of
+    from inference.samples import heldout_phantom, phantom_sample
 
     samples = []
     for i in seed_indices:
-        p = generate_phantom(seed_of("train", i), size=input_size, nodule=i % 2 == 0, gain=HELD_OUT_GAIN)
+        p = heldout_phantom("train", i, input_size)
         s = {k: s_v for k, s_v in phantom_sample(p, input_size).items()
              if k in ("image", "heat", "lung", "log_radius", "label")}
         s.update(heat_valid=torch.tensor(1.0), lung_valid=torch.tensor(1.0), radius_valid=torch.tensor(1.0))
@@ -111,32 +111,6 @@ def fingerprint(cases: list[dict], phantom_indices: list[int]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def masked_losses(net, batch: dict) -> dict:
-    """train.py's losses, each over the samples that have its target."""
-    import torch
-    import torch.nn.functional as F
-
-    from inference.model import HEATMAP, LUNG, RADIUS, image_score
-    from inference.train import focal_loss
-
-    maps = net(batch["image"]).maps.float()
-    zero = maps.sum() * 0
-    heat_ok, lung_ok = batch["heat_valid"] > 0, batch["lung_valid"] > 0
-    pos = (batch["label"] > 0) & (batch["radius_valid"] > 0)
-    parts = {"focal": focal_loss(maps[heat_ok][:, HEATMAP], batch["heat"][heat_ok][:, 0]) if heat_ok.any() else zero,
-             "lung": F.binary_cross_entropy_with_logits(maps[lung_ok][:, LUNG], batch["lung"][lung_ok][:, 0].float())
-             if lung_ok.any() else zero}
-    if pos.any():
-        peak = batch["heat"][pos][:, 0].flatten(1).argmax(dim=1)
-        log_r = maps[pos][:, RADIUS].flatten(1).gather(1, peak[:, None])[:, 0]
-        parts["radius"] = F.smooth_l1_loss(log_r, batch["log_radius"][pos])
-    else:
-        parts["radius"] = zero
-    score, _ = image_score(maps)
-    parts["image"] = F.binary_cross_entropy_with_logits(score, batch["label"].float())
-    return parts
-
-
 def fine_tune(manifest: dict) -> dict:
     """Fine-tune, register, gate; returns the summary (also printed as the last stdout line)."""
     import cv2
@@ -147,7 +121,7 @@ def fine_tune(manifest: dict) -> dict:
     from inference.evaluate import fit_platt
     from inference.model import build_network, load_weights, save_weights
     from inference.model_card import Calibration, load_card, save_card, sha256_file, verify_weights
-    from inference.train import LOSS_WEIGHTS, augment
+    from inference.train import LOSS_WEIGHTS, augment, losses, optimise_step
 
     t_start = time.time()
     torch.set_num_threads(int(manifest.get("threads", 1)))
@@ -185,6 +159,7 @@ def fine_tune(manifest: dict) -> dict:
         "data_fingerprint": print_fp, "parent_card_version": card.version,
         "parent_registry_version": str(manifest.get("champion_version")), "flip_labels": str(flip).lower()})
     run_id = run.info.run_id
+    work = Path(tempfile.mkdtemp(prefix="fine-tune-"))  # the version's artifacts until MLflow holds them
     try:
         client.log_batch(run_id, params=[_param(k, v) for k, v in {
             "steps": steps, "batch": batch_size, "lr": lr, "weight_decay": 1e-4, "train_cases": len(train_cases),
@@ -211,12 +186,8 @@ def fine_tune(manifest: dict) -> dict:
                 picks.append(pool[int(torch.randint(0, len(pool), (1,), generator=gen))])
             batch = {key: torch.stack([torch.as_tensor(p[key]) for p in picks]) for key in picks[0]}
             batch = augment(batch, gen)
-            parts = masked_losses(net, batch)
-            loss = sum(LOSS_WEIGHTS[k] * v for k, v in parts.items())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
-            opt.step()
+            parts = losses(net, batch)
+            loss = optimise_step(net, opt, parts)
             for k, v in {**parts, "loss": loss}.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             if (step + 1) % block == 0 or step + 1 == steps:
@@ -227,7 +198,6 @@ def fine_tune(manifest: dict) -> dict:
         train_s = time.time() - t_train
         net.eval()
 
-        work = Path(tempfile.mkdtemp(prefix="fine-tune-"))
         weights_tmp = work / "weights.safetensors"
         save_weights(net, str(weights_tmp))
         calibration, threshold = card.calibration, card.threshold
@@ -284,9 +254,13 @@ def fine_tune(manifest: dict) -> dict:
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    from inference.evaluate import json_safe
+
     summary = {"run_id": run_id, "registry_version": registry_version, "card_version": version, "gate_passed": passed,
-               "gate_reasons": reasons, "candidate": registry._finite(dataclasses.asdict(cand)),
-               "champion": registry._finite(dataclasses.asdict(champ)), "data_fingerprint": print_fp,
+               "gate_reasons": reasons, "candidate": json_safe(dataclasses.asdict(cand)),
+               "champion": json_safe(dataclasses.asdict(champ)), "data_fingerprint": print_fp,
                "train_cases": len(train_cases), "heldout_cases": len(heldout_cases), "phantoms": n_ph,
                "steps": steps, "train_seconds": round(train_s, 2), "gate_seconds": round(gate_s, 2),
                "total_seconds": round(time.time() - t_start, 2)}
@@ -297,13 +271,12 @@ def _calibration_scores(net, n: int, size: int) -> tuple[np.ndarray, np.ndarray]
     import torch
 
     from inference.model import image_score, tta_views
-    from inference.phantoms import generate_phantom
     from inference.preprocess import phantom_model_input
-    from inference.samples import HELD_OUT_GAIN, seed_of
+    from inference.samples import heldout_phantom
 
     scores, labels = [], []
     for i in range(n):
-        p = generate_phantom(seed_of("calibration", i), size=size, nodule=i % 2 == 0, gain=HELD_OUT_GAIN)
+        p = heldout_phantom("calibration", i, size)
         x = torch.from_numpy(phantom_model_input(p, size)[0])[None, None]
         with torch.inference_mode():
             s, _ = image_score(net(tta_views(x)).maps)

@@ -240,14 +240,13 @@ def figures(probs: np.ndarray, labels: np.ndarray, threshold: float, n_phantoms:
 def gate_inputs(settings: Settings, input_size: int, verdict_cases: list[dict]) -> tuple[list[np.ndarray], np.ndarray, int]:
     """The fixed evaluation set: `eval_phantoms` test-split phantoms from `eval_start`, then the held-out verdict cases."""
     from inference.fine_tune import case_model_input
-    from inference.phantoms import generate_phantom
     from inference.preprocess import phantom_model_input
-    from inference.samples import HELD_OUT_GAIN, seed_of
+    from inference.samples import heldout_phantom
 
     reg = settings.registry
     images, labels = [], []
     for i in range(reg.eval_start, reg.eval_start + reg.eval_phantoms):
-        p = generate_phantom(seed_of("test", i), size=input_size, nodule=i % 2 == 0, gain=HELD_OUT_GAIN)
+        p = heldout_phantom("test", i, input_size)
         images.append(phantom_model_input(p, input_size)[0])
         labels.append(i % 2 == 0)
     n_phantoms = len(images)
@@ -300,16 +299,14 @@ def _swap(scored: tuple[np.ndarray, float], labels: np.ndarray) -> tuple[np.ndar
 
 def record_gate(settings: Settings, version: str, passed: bool, reasons: list[str], cand: GateFigures,
                 champ: GateFigures, mlflow_client=None) -> None:
+    from inference.evaluate import json_safe
+
     mlflow_client = mlflow_client or client(settings)
     name = settings.registry.model_name
     mlflow_client.set_model_version_tag(name, version, "gate", "passed" if passed else "failed")
     mlflow_client.set_model_version_tag(name, version, "gate_reasons", "; ".join(reasons) or "none")
-    mlflow_client.set_model_version_tag(name, version, "gate_candidate", json.dumps(_finite(asdict(cand))))
-    mlflow_client.set_model_version_tag(name, version, "gate_champion", json.dumps(_finite(asdict(champ))))
-
-
-def _finite(d: dict) -> dict:
-    return {k: (v if not isinstance(v, float) or np.isfinite(v) else None) for k, v in d.items()}
+    mlflow_client.set_model_version_tag(name, version, "gate_candidate", json.dumps(json_safe(asdict(cand))))
+    mlflow_client.set_model_version_tag(name, version, "gate_champion", json.dumps(json_safe(asdict(champ))))
 
 
 # --- serving the champion -----------------------------------------------------------------------------------

@@ -96,6 +96,13 @@ def phantom_sample(phantom, input_size: int) -> dict[str, torch.Tensor]:
     }
 
 
+def heldout_phantom(split: str, index: int, size: int):
+    """Phantom `index` of `split` at the physical gain (HELD_OUT_GAIN), a nodule on even indices."""
+    from inference.phantoms import generate_phantom
+
+    return generate_phantom(seed_of(split, index), size=size, nodule=index % 2 == 0, gain=HELD_OUT_GAIN)
+
+
 class HeldOut(Dataset):
     """Calibration or test phantoms at the physical gain, positives on even indices."""
 
@@ -109,11 +116,7 @@ class HeldOut(Dataset):
         return self.n
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        from inference.phantoms import generate_phantom
-
-        idx = self.start + i
-        p = generate_phantom(seed_of(self.split, idx), size=self.input_size, nodule=idx % 2 == 0, gain=HELD_OUT_GAIN)
-        return phantom_sample(p, self.input_size)
+        return phantom_sample(heldout_phantom(self.split, self.start + i, self.input_size), self.input_size)
 
 
 class TrainStream(Dataset):

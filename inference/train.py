@@ -53,23 +53,42 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def losses(net: NoduleNet, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The four losses of a batch. A batch may say per sample which targets it has (`heat_valid`,
+    `lung_valid`, `radius_valid`: fine-tuning cases have no lung mask, unlocated positives no heatmap);
+    each loss is then over the samples that have its target. Phantom batches have every target."""
     maps = net(batch["image"]).maps.float()
-    heat = batch["heat"][:, 0].float()
-    label = batch["label"]
-    peak = heat.flatten(1).argmax(dim=1)
-    log_r = maps[:, RADIUS].flatten(1).gather(1, peak[:, None])[:, 0]
-    pos = label > 0
-    radius = F.smooth_l1_loss(log_r[pos], batch["log_radius"][pos]) if pos.any() else maps.sum() * 0
+    zero = maps.sum() * 0
+
+    def having(key: str) -> torch.Tensor | slice:
+        return batch[key] > 0 if key in batch else slice(None)
+
+    heat_ok, lung_ok = having("heat_valid"), having("lung_valid")
+    pos = batch["label"] > 0
+    if "radius_valid" in batch:
+        pos = pos & (batch["radius_valid"] > 0)
+    peak = batch["heat"][pos][:, 0].flatten(1).argmax(dim=1)
+    log_r = maps[pos][:, RADIUS].flatten(1).gather(1, peak[:, None])[:, 0]
     score, _ = image_score(maps)
     return {
-        "focal": focal_loss(maps[:, HEATMAP], heat),
-        "lung": F.binary_cross_entropy_with_logits(maps[:, LUNG], batch["lung"][:, 0].float()),
-        "radius": radius,
-        "image": F.binary_cross_entropy_with_logits(score, label),
+        "focal": focal_loss(maps[heat_ok][:, HEATMAP], batch["heat"][heat_ok][:, 0]) if len(maps[heat_ok]) else zero,
+        "lung": F.binary_cross_entropy_with_logits(maps[lung_ok][:, LUNG], batch["lung"][lung_ok][:, 0].float())
+        if len(maps[lung_ok]) else zero,
+        "radius": F.smooth_l1_loss(log_r, batch["log_radius"][pos]) if len(log_r) else zero,
+        "image": F.binary_cross_entropy_with_logits(score, batch["label"].float()),
     }
 
 
 LOSS_WEIGHTS = {"focal": 1.0, "lung": 0.5, "radius": 0.1, "image": 0.1}
+
+
+def optimise_step(net: torch.nn.Module, opt: torch.optim.Optimizer, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One optimiser step on the weighted sum of `parts` (gradients clipped at norm 5); returns that sum."""
+    loss = sum(LOSS_WEIGHTS[k] * v for k, v in parts.items())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+    opt.step()
+    return loss
 
 
 def augment(batch: dict[str, torch.Tensor], gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -196,11 +215,7 @@ def train(args: argparse.Namespace) -> ModelCard:
             batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
         with amp:
             parts = losses(net, batch)
-        loss = sum(LOSS_WEIGHTS[k] * v for k, v in parts.items())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
-        opt.step()
+        optimise_step(net, opt, parts)
         step += 1
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach())

@@ -49,6 +49,10 @@ class JobState(str, enum.Enum):
     FAILED_DELIVERY = "FAILED_DELIVERY"
 
 
+# States a job does not leave by itself (only an administrator's resend moves FAILED_DELIVERY on).
+TERMINAL = frozenset({JobState.SENT, JobState.SKIPPED, JobState.REJECTED, JobState.FAILED, JobState.FAILED_DELIVERY})
+
+
 class DeliveryState(str, enum.Enum):
     PENDING = "PENDING"
     SENT = "SENT"

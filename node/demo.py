@@ -18,13 +18,12 @@ from sqlalchemy import select
 from config.settings import load_settings
 from inference.phantoms import write_phantom_series
 from node.audit import configure_logging
-from node.db import Job, JobState
+from node.db import TERMINAL, Job, JobState
 from node.orthanc_peer import OrthancPeer, free_port, orthanc_available
 from node.scu import send_files
 from node.service import Node
 
 DEMO_DIR = Path("var/demo")
-TERMINAL = {JobState.SENT, JobState.SKIPPED, JobState.REJECTED, JobState.FAILED, JobState.FAILED_DELIVERY}
 
 
 def run_demo(count: int = 4, size: int = 2048, keep_running: bool = False, workdir: Path = DEMO_DIR) -> int:

@@ -102,16 +102,16 @@ def image_stats(ds, prepared) -> dict:
 def build_reference(card_path: Path | None, out: Path, n: int = 120, size: int = 512, index0: int = REFERENCE_INDEX0,
                     detector=None) -> Path:
     """Run the Detector on `n` held-out phantoms (DICOM path) and write the reference NPZ to `out`."""
-    from inference.phantoms import generate_phantom, phantom_dataset
+    from inference.phantoms import phantom_dataset
     from inference.predictor import Detector
     from inference.preprocess import prepare
-    from inference.samples import HELD_OUT_GAIN, seed_of
+    from inference.samples import HELD_OUT_GAIN, heldout_phantom
 
     detector = detector or Detector.load(card_path, device="cpu")
     rows: list[dict] = []
     embeddings = []
     for i in range(index0, index0 + n):
-        ds = phantom_dataset(generate_phantom(seed_of("calibration", i), size=size, nodule=i % 2 == 0, gain=HELD_OUT_GAIN))
+        ds = phantom_dataset(heldout_phantom("calibration", i, size))
         prepared = prepare(ds, input_size=detector.input_size)
         p = detector.predict(prepared)
         rows.append({"probability": p.probability, "uncertainty": p.uncertainty, **image_stats(ds, prepared)})
@@ -256,7 +256,7 @@ def latest_drift(sessions: sessionmaker) -> dict | None:
                               .order_by(SchedulerRun.id.desc()).limit(1)).first()
         if run is None:
             return None
-        return {"outcome": run.outcome.value, "started_at": run.started_at, "finished_at": run.finished_at,
+        return {"outcome": run.outcome.value, "finished_at": run.finished_at,
                 "summary": json.loads(run.summary or "{}")}
 
 

@@ -21,7 +21,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import structlog
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from config.settings import Settings
@@ -229,10 +229,3 @@ def backup(settings: Settings, sessions: sessionmaker, **_) -> tuple[Outcome, di
 
 JOBS = {"drift": drift, "retrain": retrain, "reindex": reindex, "retention": retention, "echo": echo,
         "backup": backup}
-
-
-def count_runs(sessions: sessionmaker, job: str) -> int:
-    from scheduler.models import SchedulerRun
-
-    with sessions() as session:
-        return session.scalar(select(func.count()).select_from(SchedulerRun).where(SchedulerRun.job == job))

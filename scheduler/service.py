@@ -112,13 +112,10 @@ class Scheduler:
                 self._scheduler.add_job("scheduler.service:_run_stored", trigger, args=[name], id=name, name=name,
                                         replace_existing=True)
             self._scheduler.resume()
-        log.info("scheduler_started", jobs={j.id: str(j.next_run_time) for j in self._scheduler.get_jobs()})
+        log.info("scheduler_started", jobs=self.jobs())
 
     def jobs(self) -> dict[str, str]:
         return {j.id: str(j.next_run_time) for j in self._scheduler.get_jobs()}
-
-    def run_now(self, name: str, **kwargs) -> SchedulerRun:
-        return run_job(self.settings, self.sessions, name, trigger="manual", **kwargs)
 
     def stop(self) -> None:
         global _ACTIVE

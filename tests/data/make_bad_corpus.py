@@ -25,10 +25,10 @@ from pydicom.uid import (CTImageStorage, DeflatedExplicitVRLittleEndian, Implici
 from pynetdicom.dsutils import split_dataset
 
 from inference.phantoms import Phantom, generate_phantom, phantom_dataset
+from node.scp import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS
 
 DEFAULT_FOLDER = Path(__file__).resolve().parent / "bad"
 SIDE_PX = 256  # the smallest side the node reads: small files, still a valid image where one is wanted
-SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
 
 
 @dataclass(frozen=True)

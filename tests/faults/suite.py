@@ -29,16 +29,15 @@ from pathlib import Path
 from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, Verification
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import create_engine, text
 
 from inference.phantoms import generate_phantom, phantom_dataset, write_phantom_series
-from node.db import Job, JobState, open_database
+from node.db import TERMINAL, Job, JobState, open_database
 from node.orthanc_peer import OrthancPeer, free_port, stop_process
-from tests.conftest import POSTGRES_ADMIN_URL, STORESCU, poll
+from node.scp import OUT_OF_RESOURCES, SUCCESS
+from tests.conftest import POSTGRES_ADMIN_URL, STORESCU, all_jobs, poll
 
 ROOT = Path(__file__).resolve().parents[2]
-SUCCESS, OUT_OF_RESOURCES = 0x0000, 0xA700
-DONE = frozenset({JobState.SENT, JobState.SKIPPED, JobState.REJECTED, JobState.FAILED, JobState.FAILED_DELIVERY})
 
 
 @dataclass(frozen=True)
@@ -193,15 +192,10 @@ def audit(data_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def jobs(sessions) -> list[Job]:
-    with sessions() as session:
-        return list(session.scalars(select(Job).order_by(Job.id)))
-
-
 def settled(sessions, uids: set[str]) -> list[Job] | None:
     """The jobs of `uids`, once each exists and is finished."""
-    found = {j.sop_instance_uid: j for j in jobs(sessions)}
-    return [found[u] for u in uids] if all(u in found and found[u].state in DONE for u in uids) else None
+    found = {j.sop_instance_uid: j for j in all_jobs(sessions)}
+    return [found[u] for u in uids] if all(u in found and found[u].state in TERMINAL for u in uids) else None
 
 
 def tally(result: Result, sent: set[str], acknowledged: set[str], sessions, data_dir: Path,
@@ -212,7 +206,7 @@ def tally(result: Result, sent: set[str], acknowledged: set[str], sessions, data
         finished = wait(lambda: settled(sessions, acknowledged), timeout_s, "every acknowledged instance", 0.5)
     except TimeoutError as exc:
         result.failures.append(str(exc))
-        finished = [j for j in jobs(sessions) if j.sop_instance_uid in acknowledged]
+        finished = [j for j in all_jobs(sessions) if j.sop_instance_uid in acknowledged]
     encoded = Counter(e.get("job_id") for e in audit(data_dir) if e.get("event") == "job_encoded")
     by_uid = {j.sop_instance_uid: j for j in finished}
     result.processed = sum(1 for j in finished if encoded[j.id] >= 1)
@@ -256,14 +250,14 @@ def sigkill_during_burst(workdir: Path, scale: Scale) -> Result:
     with orthanc_peer(workdir) as peer:
         node = NodeProcess(workdir, destinations=destinations(peer)).start()
         sessions = open_database(f"sqlite:///{node.data_dir / 'smartnodule.db'}")
-        killer = threading.Thread(target=lambda: (wait(lambda: len(jobs(sessions)) >= len(files) // 2, 60,
+        killer = threading.Thread(target=lambda: (wait(lambda: len(all_jobs(sessions)) >= len(files) // 2, 60,
                                                        "half the burst", 0.02), node.kill()))
         killer.start()
         first = storescu(files, node.port)
         killer.join()
         acknowledged = first.acknowledged
         result.check(0 < len(acknowledged) < len(files) or any(
-            j.state in (JobState.RECEIVED, JobState.RUNNING) for j in jobs(sessions)), "kill came too late")
+            j.state in (JobState.RECEIVED, JobState.RUNNING) for j in all_jobs(sessions)), "kill came too late")
         node.start()
         try:
             retry = storescu({u: p for u, p in files.items() if u not in acknowledged}, node.port)
@@ -284,10 +278,10 @@ def destination_down(workdir: Path, scale: Scale) -> Result:
         try:
             peer.stop()
             sent = storescu(files, node.port)
-            wait(lambda: all(j.state is JobState.ENCODED and j.delivery_attempts >= 1 for j in jobs(sessions))
-                 and len(jobs(sessions)) == len(files), 120, "a failed delivery attempt for every job", 0.3)
+            wait(lambda: all(j.state is JobState.ENCODED and j.delivery_attempts >= 1 for j in all_jobs(sessions))
+                 and len(all_jobs(sessions)) == len(files), 120, "a failed delivery attempt for every job", 0.3)
             time.sleep(scale.outage_s)
-            result.check(not any(j.state is JobState.SENT for j in jobs(sessions)), "SENT while Orthanc was down")
+            result.check(not any(j.state is JobState.SENT for j in all_jobs(sessions)), "SENT while Orthanc was down")
             peer.start()
             tally(result, set(files), sent.acknowledged, sessions, node.data_dir, peer)
         finally:
@@ -361,7 +355,7 @@ def disk_full(workdir: Path, scale: Scale) -> Result:
                 during = storescu(files, node.port)
                 result.check(not during.acknowledged and all(s == OUT_OF_RESOURCES for s in during.statuses.values()),
                              f"statuses on a full disk {statuses(during)}, expected 0xA700 for each")
-                result.check(not (jobs(sessions)), "job rows created for refused instances")
+                result.check(not (all_jobs(sessions)), "job rows created for refused instances")
                 refused = [e for e in audit(node.data_dir) if e["event"] == "instance_refused"]
                 result.check(len(refused) == len(files) and all(e["reason"] == "disk_full" for e in refused),
                              f"refusal reasons {sorted({e['reason'] for e in refused})}, expected disk_full for each")
@@ -404,7 +398,7 @@ def sender_drops_connection(workdir: Path, scale: Scale) -> Result:
             result.check(bool(partial), "never saw a partial instance")
             sent = storescu(files, node.port)
             tally(result, set(files) | {str(large.SOPInstanceUID)}, sent.acknowledged, sessions, node.data_dir, peer)
-            result.check(all(j.sop_instance_uid != large.SOPInstanceUID for j in jobs(sessions)),
+            result.check(all(j.sop_instance_uid != large.SOPInstanceUID for j in all_jobs(sessions)),
                          "a job row for the dropped instance")
             result.check(eventually(lambda: not any(incoming.iterdir()), 10),
                          "half-written file left in spool/.incoming")
@@ -413,12 +407,6 @@ def sender_drops_connection(workdir: Path, scale: Scale) -> Result:
         finally:
             node.stop()
     return result
-
-
-def stale_attempt_ended(event: dict) -> bool:
-    """The audit event of a worker that finds its lease lost (node.jobs.transition's TransitionError)."""
-    return event.get("event") in ("lease_lost", "stale_result_discarded") or (
-        event.get("event") == "worker_loop_error" and "TransitionError" in event.get("exception", ""))
 
 
 def worker_hangs(workdir: Path, scale: Scale) -> Result:
@@ -442,7 +430,7 @@ def worker_hangs(workdir: Path, scale: Scale) -> Result:
             pids = {w.process.pid: w for w in workers}
 
             def running_owner() -> tuple[Job, NodeProcess] | None:
-                for job in jobs(sessions):
+                for job in all_jobs(sessions):
                     if job.state is JobState.RUNNING and job.lease_owner:
                         pid = int(job.lease_owner.split("/")[1])
                         if pid in pids:

@@ -13,7 +13,7 @@ from pydicom.uid import generate_uid
 
 from inference.phantoms import generate_phantom, phantom_dataset
 from node.audit import verify_chain
-from node.db import JobState
+from node.db import TERMINAL
 from tests.conftest import STORESCU, finished_jobs, require_binary, wait_for
 from tests.node.test_bad_input import chunked_sender, file_meta, send_pynetdicom  # noqa: F401  (fixture)
 from tests.node.test_end_to_end import orthanc, orthanc_destination  # noqa: F401  (fixture)
@@ -53,8 +53,7 @@ def test_logs_hold_no_patient_data_and_audit_log_is_appended(  # noqa: F811  (fi
     unparseable.write_bytes(data[:data.index(PATIENT_ID.encode()) + 4])
     assert store(paths, settings.node.port).returncode == 0
     assert send_pynetdicom(unparseable, settings.node.port, file_meta(unparseable)) == 0xC000
-    jobs = wait_for(lambda: finished_jobs(node.sessions, 3, {JobState.SENT, JobState.SKIPPED, JobState.REJECTED,
-                                                             JobState.FAILED, JobState.FAILED_DELIVERY}), 180,
+    jobs = wait_for(lambda: finished_jobs(node.sessions, 3, TERMINAL), 180,
                     message="delivery, rejection and skip")
     assert sorted(j.state.value for j in jobs) == ["REJECTED", "SENT", "SKIPPED"], [(j.state, j.reason) for j in jobs]
     node.stop()
