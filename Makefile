@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEBS := dcmtk orthanc poppler-utils dicom3tools chromium
+DEBS := dcmtk orthanc poppler-utils dicom3tools chromium openssl
 export TCP_NODELAY := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 

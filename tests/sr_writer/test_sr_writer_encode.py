@@ -15,6 +15,7 @@ from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittle
 
 from inference.types import Location, ModelIdentity, PreparedImage, Prediction
 from sr_writer.encode import ResultObjects, SimilarCase, encode_results, render_pdf
+from tests.conftest import require_binary
 from sr_writer.structured_report import (ABSENT, IMAGE_TRACKING_ID, LUNG, NODULE, PRESENT, PROBABILITY,
                                          ROI_TRACKING_ID, UNCERTAINTY, tracking_uid)
 
@@ -213,10 +214,9 @@ def test_pdf(encoded, source, tmp_path):
     assert pdf.startswith(b"%PDF") and pdf.rstrip().endswith(b"%%EOF")
     name = f"report-{'positive' if positive else 'negative'}"
     (OUTPUT / f"{name}.pdf").write_bytes(pdf)
-    if shutil.which("pdftoppm"):
-        subprocess.run(["pdftoppm", "-r", "60", "-png", "-f", "1", "-l", "1", "-singlefile",
-                        str(OUTPUT / f"{name}.pdf"), str(OUTPUT / f"{name}-page1")], check=True)
-        assert (OUTPUT / f"{name}-page1.png").stat().st_size > 0
+    subprocess.run([require_binary("pdftoppm"), "-r", "60", "-png", "-f", "1", "-l", "1", "-singlefile",
+                    str(OUTPUT / f"{name}.pdf"), str(OUTPUT / f"{name}-page1")], check=True)
+    assert (OUTPUT / f"{name}-page1.png").stat().st_size > 0
 
 
 def test_render_pdf_matches_encapsulated_content(source):
