@@ -45,7 +45,7 @@ def main() -> int:
     with OrthancPeer(work / "orthanc") as orthanc:
         node = start_node("run", node_env(
             node_port, work / "node", model__card=str(model_card()[0]), worker__poll_interval_s="0.02",
-            destinations=[{"name": "orthanc", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}]))
+            destinations=[orthanc.destination()]))
         try:
             wait_listening(node_port, process=node)
             client = orthanc.client

@@ -124,8 +124,7 @@ def run_once(files: list[Path], workers: int | None, database_url: str | None, o
     work = Path(tempfile.mkdtemp(prefix="bench-sustained-"))
     port = free_port()
     env = node_env(port, work / "node", model__card=str(card), worker__poll_interval_s="0.05",
-                   destinations=[{"name": "orthanc", "ae_title": "ORTHANC", "host": "127.0.0.1",
-                                  "port": orthanc.dicom_port}])
+                   destinations=[orthanc.destination()])
     if database_url:
         env["SMARTNODULE_NODE__DATABASE_URL"] = database_url
     roles = ["run"] if workers is None else ["scp"] + ["worker"] * workers

@@ -37,7 +37,7 @@ def run_demo(count: int = 4, size: int = 2048, keep_running: bool = False, workd
         print(f"Orthanc (PACS stand-in) on {orthanc.url}, DICOM port {orthanc.dicom_port}")
     else:
         print("Orthanc is not installed: results stay in the node's results folder")
-    destinations = [{"name": "orthanc", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}] if orthanc else []
+    destinations = [orthanc.destination()] if orthanc else []
     settings = load_settings(None, node={"port": node_port, "data_dir": str(workdir / "node")}, destinations=destinations)
     node = Node(settings)
     try:

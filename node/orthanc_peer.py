@@ -63,6 +63,10 @@ class OrthancPeer:
     def client(self) -> OrthancApiClient:
         return OrthancApiClient(self.url)
 
+    def destination(self, name: str = "orthanc") -> dict:
+        """This Orthanc as one of the node's `[[destinations]]` (settings as a dict)."""
+        return {"name": name, "ae_title": self.aet, "host": "127.0.0.1", "port": self.dicom_port}
+
     def start(self, timeout_s: float = 30.0) -> "OrthancPeer":
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = {

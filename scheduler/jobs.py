@@ -56,10 +56,11 @@ def _alert(settings: Settings, sessions: sessionmaker, key: str, summary: str, d
 
 def adjudicated_cases(settings: Settings, sessions: sessionmaker) -> list[dict]:
     """Processed jobs with a final verdict and their spool file: label, click location, held-out flag, watermark."""
-    from review_web.models import PROCESSED, Status, current_reads, decide
+    from review_web.models import PROCESSED, Status, Verdict, current_reads, decide
 
+    read = select(Verdict.job_id).where(Verdict.superseded_by.is_(None))
     with sessions() as session:
-        jobs = {j.id: j for j in session.scalars(select(Job).where(Job.state.in_(PROCESSED)))}
+        jobs = {j.id: j for j in session.scalars(select(Job).where(Job.state.in_(PROCESSED), Job.id.in_(read)))}
         reads = current_reads(session, list(jobs))
     cases = []
     for job_id, job_reads in reads.items():

@@ -20,8 +20,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
@@ -30,6 +29,7 @@ from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, Verification
 from sqlalchemy import create_engine, text
+from sqlalchemy.orm import sessionmaker
 
 from inference.phantoms import generate_phantom, phantom_dataset, write_phantom_series
 from node.db import TERMINAL, Job, JobState, open_database
@@ -158,6 +158,10 @@ class NodeProcess:
     def data_dir(self) -> Path:
         return Path(self.env["SMARTNODULE_NODE__DATA_DIR"])
 
+    def open_database(self) -> sessionmaker:
+        """The node's database: SQLite in its data folder unless the overrides name another."""
+        return open_database(self.env.get("SMARTNODULE_NODE__DATABASE_URL", f"sqlite:///{self.data_dir / 'smartnodule.db'}"))
+
     def start(self) -> "NodeProcess":
         self.starts += 1
         log = (self.workdir / f"{self.role}-{self.port}-{self.starts}.log").open("ab")
@@ -231,25 +235,15 @@ def sr_counts(orthanc: OrthancPeer, jobs_by_uid: dict[str, Job]) -> dict[str, in
     return counts
 
 
-@contextmanager
-def orthanc_peer(workdir: Path) -> Iterator[OrthancPeer]:
-    with OrthancPeer(workdir / "orthanc") as peer:
-        yield peer
-
-
-def destinations(peer: OrthancPeer) -> list[dict]:
-    return [{"name": "orthanc", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": peer.dicom_port}]
-
-
 # --- scenarios -----------------------------------------------------------------------------------
 
 def sigkill_during_burst(workdir: Path, scale: Scale) -> Result:
     """SIGKILL the node while storescu is sending a burst; restart; the sender retries what was not acknowledged."""
     result = Result("sigkill_during_burst")
     files = phantoms(workdir / "in", max(4, 2 * scale.instances), 9300)
-    with orthanc_peer(workdir) as peer:
-        node = NodeProcess(workdir, destinations=destinations(peer)).start()
-        sessions = open_database(f"sqlite:///{node.data_dir / 'smartnodule.db'}")
+    with OrthancPeer(workdir / "orthanc") as peer:
+        node = NodeProcess(workdir, destinations=[peer.destination()]).start()
+        sessions = node.open_database()
         killer = threading.Thread(target=lambda: (wait(lambda: len(all_jobs(sessions)) >= len(files) // 2, 60,
                                                        "half the burst", 0.02), node.kill()))
         killer.start()
@@ -272,9 +266,9 @@ def destination_down(workdir: Path, scale: Scale) -> Result:
     """Orthanc stopped while results are ready; started again after the outage; everything delivered once."""
     result = Result("destination_down")
     files = phantoms(workdir / "in", scale.instances, 9400)
-    with orthanc_peer(workdir) as peer:
-        node = NodeProcess(workdir, destinations=destinations(peer)).start()
-        sessions = open_database(f"sqlite:///{node.data_dir / 'smartnodule.db'}")
+    with OrthancPeer(workdir / "orthanc") as peer:
+        node = NodeProcess(workdir, destinations=[peer.destination()]).start()
+        sessions = node.open_database()
         try:
             peer.stop()
             sent = storescu(files, node.port)
@@ -307,8 +301,8 @@ def database_unavailable(workdir: Path, scale: Scale) -> Result:
                                         "WHERE datname = :name"), {"name": name})
 
     try:
-        with orthanc_peer(workdir) as peer:
-            node = NodeProcess(workdir, destinations=destinations(peer), node__database_url=url).start()
+        with OrthancPeer(workdir / "orthanc") as peer:
+            node = NodeProcess(workdir, destinations=[peer.destination()], node__database_url=url).start()
             try:
                 allow(False)
                 during = storescu(files, node.port)
@@ -317,7 +311,7 @@ def database_unavailable(workdir: Path, scale: Scale) -> Result:
                 time.sleep(scale.outage_s)
                 allow(True)
                 after = storescu(files, node.port)
-                tally(result, set(files), during.acknowledged | after.acknowledged, open_database(url),
+                tally(result, set(files), during.acknowledged | after.acknowledged, node.open_database(),
                       node.data_dir, peer)
                 result.check(node.process.poll() is None, "node exited")
             finally:
@@ -343,10 +337,10 @@ def disk_full(workdir: Path, scale: Scale) -> Result:
         result.failures.append("mount -t tmpfs failed (needs root)")
         return result
     try:
-        with orthanc_peer(workdir) as peer:
-            node = NodeProcess(workdir, destinations=destinations(peer), node__data_dir=str(mount / "node"),
+        with OrthancPeer(workdir / "orthanc") as peer:
+            node = NodeProcess(workdir, destinations=[peer.destination()], node__data_dir=str(mount / "node"),
                                node__min_free_disk_mb="0").start()
-            sessions = open_database(f"sqlite:///{node.data_dir / 'smartnodule.db'}")
+            sessions = node.open_database()
             filler = mount / "filler"
             try:
                 with filler.open("wb") as f:  # leave about 100 KB: the database and the log still fit
@@ -379,9 +373,9 @@ def sender_drops_connection(workdir: Path, scale: Scale) -> Result:
     large = phantom_dataset(generate_phantom(9799, 256), patient_id="DROP")
     large.Rows = large.Columns = 4096
     large.PixelData = bytes(4096 * 4096 * 2)  # 32 MB
-    with orthanc_peer(workdir) as peer:
-        node = NodeProcess(workdir, destinations=destinations(peer)).start()
-        sessions = open_database(f"sqlite:///{node.data_dir / 'smartnodule.db'}")
+    with OrthancPeer(workdir / "orthanc") as peer:
+        node = NodeProcess(workdir, destinations=[peer.destination()]).start()
+        sessions = node.open_database()
         incoming = node.data_dir / "spool" / ".incoming"
         try:
             ae = AE(ae_title="STORESCU")
@@ -414,12 +408,12 @@ def worker_hangs(workdir: Path, scale: Scale) -> Result:
     duplicate."""
     result = Result("worker_hangs")
     files = phantoms(workdir / "in", max(2, scale.instances), 9800)
-    with orthanc_peer(workdir) as peer:
-        common = dict(destinations=destinations(peer), worker__lease_s="5", worker__count="1")
+    with OrthancPeer(workdir / "orthanc") as peer:
+        common = dict(destinations=[peer.destination()], worker__lease_s="5", worker__count="1")
         receiver = NodeProcess(workdir, "scp", **common).start()
         env_port = {"node__port": str(receiver.port)}
         workers = [NodeProcess(workdir, "worker", **common, **env_port) for _ in range(2)]
-        sessions = open_database(f"sqlite:///{receiver.data_dir / 'smartnodule.db'}")
+        sessions = receiver.open_database()
         stopped: NodeProcess | None = None
         try:
             for worker in workers:

@@ -38,7 +38,7 @@ def sr_instances(client) -> list[str]:
 
 def test_pacs_down_during_delivery_receives_everything_once_when_back(pacs, make_settings, running_node, phantom_files):
     settings = make_settings(
-        destinations=[{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs.dicom_port}],
+        destinations=[pacs.destination("pacs")],
         delivery={"backoff_initial_s": 0.5, "backoff_max_s": 2.0, "max_attempts": 30})
     node = running_node(settings)
     files = phantom_files[:3]
@@ -67,7 +67,7 @@ def test_refused_association_ends_failed_delivery_then_resend_delivers(pacs, mak
     pacs.check_called_aet = True
     pacs.start()
     settings = make_settings(
-        destinations=[{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs.dicom_port}],
+        destinations=[pacs.destination("pacs")],
         delivery={"backoff_initial_s": 0.2, "backoff_max_s": 0.5, "max_attempts": 2})
     node = running_node(settings)
     push(node, phantom_files[3:4])

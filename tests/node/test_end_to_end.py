@@ -33,12 +33,8 @@ def orthanc(tmp_path):
         yield peer
 
 
-def orthanc_destination(peer) -> list[dict]:
-    return [{"name": "orthanc", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": peer.dicom_port}]
-
-
 def test_orthanc_study_comes_back_with_sr_heatmap_and_pdf(orthanc, make_settings, running_node, phantom_files):
-    settings = make_settings(node={"port": orthanc.node_port}, destinations=orthanc_destination(orthanc))
+    settings = make_settings(node={"port": orthanc.node_port}, destinations=[orthanc.destination()])
     node = running_node(settings)
     client = orthanc.client
     source = dcmread(phantom_files[0])
@@ -128,12 +124,12 @@ def test_dataset_without_pixel_data_is_acknowledged_then_skipped(make_settings, 
 
 
 def test_sigkill_after_acknowledgement_loses_nothing_and_duplicates_nothing(orthanc, make_settings, phantom_files, tmp_path):
-    settings = make_settings(node={"port": orthanc.node_port}, destinations=orthanc_destination(orthanc))
+    settings = make_settings(node={"port": orthanc.node_port}, destinations=[orthanc.destination()])
     env = {**os.environ,
            "SMARTNODULE_NODE__PORT": str(settings.node.port),
            "SMARTNODULE_NODE__DATA_DIR": str(settings.node.data_dir),
            "SMARTNODULE_NODE__ALLOWED_CALLING_AETS": json.dumps(["STORESCU"]),
-           "SMARTNODULE_DESTINATIONS": json.dumps(orthanc_destination(orthanc)),
+           "SMARTNODULE_DESTINATIONS": json.dumps([orthanc.destination()]),
            "SMARTNODULE_DELIVERY__BACKOFF_INITIAL_S": "0.2",
            "SMARTNODULE_WORKER__POLL_INTERVAL_S": "0.05"}
     command = [sys.executable, "-m", "node.cli", "run"]

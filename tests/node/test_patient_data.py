@@ -16,7 +16,7 @@ from node.audit import verify_chain
 from node.db import TERMINAL
 from tests.conftest import STORESCU, finished_jobs, require_binary, wait_for
 from tests.node.test_bad_input import chunked_sender, file_meta, send_pynetdicom  # noqa: F401  (fixture)
-from tests.node.test_end_to_end import orthanc, orthanc_destination  # noqa: F401  (fixture)
+from tests.node.test_end_to_end import orthanc  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.integration
 NAME, PATIENT_ID, BIRTH_DATE = "QUIXOTEFINCH^ZENOBIA^MARGARETH", "PIDQX73914", "19370412"
@@ -45,7 +45,7 @@ def store(paths, port: int) -> subprocess.CompletedProcess:
 
 def test_logs_hold_no_patient_data_and_audit_log_is_appended(  # noqa: F811  (fixtures imported above)
         orthanc, make_settings, running_node, tmp_path, capsys, chunked_sender):
-    settings = make_settings(node={"port": orthanc.node_port}, destinations=orthanc_destination(orthanc))
+    settings = make_settings(node={"port": orthanc.node_port}, destinations=[orthanc.destination()])
     node = running_node(settings)
     paths = identified_files(tmp_path, 3)
     unparseable = tmp_path / "unparseable.dcm"  # the header cut inside Patient's Name

@@ -29,8 +29,7 @@ def test_two_receivers_three_workers_process_each_instance_once(postgres_url, tm
                     "SMARTNODULE_NODE__ALLOWED_CALLING_AETS": json.dumps(["STORESCU"]),
                     "SMARTNODULE_WORKER__POLL_INTERVAL_S": "0.05",
                     "SMARTNODULE_MODEL__THREADS": "1",
-                    "SMARTNODULE_DESTINATIONS": json.dumps([{"name": "pacs", "ae_title": "ORTHANC",
-                                                             "host": "127.0.0.1", "port": orthanc.dicom_port}])}
+                    "SMARTNODULE_DESTINATIONS": json.dumps([orthanc.destination("pacs")])}
         try:
             for port in scp_ports:
                 processes.append(subprocess.Popen([sys.executable, "-m", "node.cli", "scp"], stderr=subprocess.DEVNULL,
