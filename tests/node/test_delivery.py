@@ -67,7 +67,7 @@ def test_refused_association_ends_failed_delivery_then_resend_delivers(pacs, mak
     pacs.check_called_aet = True
     pacs.start()
     settings = make_settings(
-        destinations=[pacs.destination("pacs")],
+        destinations=[{**pacs.destination("pacs"), "ae_title": "ORTHANC"}],  # not the AE title this PACS answers to
         delivery={"backoff_initial_s": 0.2, "backoff_max_s": 0.5, "max_attempts": 2})
     node = running_node(settings)
     push(node, phantom_files[3:4])
