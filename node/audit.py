@@ -2,7 +2,9 @@
 
 Events are snake_case past tense (`instance_stored`) bound with job id, SOP
 Instance UID and calling AE. Patient name, ID and birth date never enter a log:
-a processor removes any such key that a caller might pass by mistake.
+a processor removes any such key that a caller might pass by mistake, tracebacks
+carry neither local variables nor exception messages, and what pydicom and
+highdicom log or warn (they quote header values) is cut down to tags and keywords.
 
 The audit file is opened for appending only, and each line ends with
 `"chain": sha256(previous link + this line)`, so an edited, inserted or removed
@@ -19,10 +21,13 @@ import logging
 import os
 import re
 import sys
+import threading
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
+from pydicom.datadict import keyword_dict
 
 AUDIT_FILE = "audit.jsonl"
 GENESIS = "0" * 64
@@ -134,9 +139,76 @@ def verify_chain(path: Path) -> ChainCheck:
     return ChainCheck(number, unchained)
 
 
+# Loggers whose messages quote header values (pydicom's "Invalid value for VR DA: '<value>'", a captured
+# warning): a record from them keeps its level, warning category, source line, VRs, tags and keywords only.
+_SCRUBBED_LOGGERS = ("pydicom", "highdicom", "py.warnings")
+_TAG = re.compile(r"\([0-9A-Fa-f]{4},\s?[0-9A-Fa-f]{4}\)")
+_VR = re.compile(r"\bVR\b\W{0,3}([A-Z]{2})\b")
+_CATEGORY = re.compile(r"\b([A-Z][A-Za-z]*(?:Warning|Error))\b")
+_SOURCE = re.compile(r"([\w.-]+[/\\][\w.-]+\.py):(\d+)")
+_WORD = re.compile(r"\b[A-Z][A-Za-z0-9]+\b")
+
+
+def scrub_library_message(message: str) -> str:
+    """What may be logged of a library's message: category, source line, VRs, tags and DICOM keywords, no values."""
+    parts = []
+    for label, pattern in (("category", _CATEGORY), ("source", _SOURCE), ("vr", _VR), ("tag", _TAG)):
+        found = list(dict.fromkeys(m.group(0) if label in ("tag", "source") else m.group(1)
+                                   for m in pattern.finditer(message)))
+        if found:
+            parts.append(f"{label}={','.join(found)}")
+    keywords = [w for w in dict.fromkeys(_WORD.findall(message)) if w in keyword_dict]
+    if keywords:
+        parts.append(f"keyword={','.join(keywords)}")
+    return " ".join(["library message withheld (it may quote header values):", *parts])
+
+
+class _LibraryScrubber(logging.Filter):
+    """Replaces the message of a record from `_SCRUBBED_LOGGERS` by `scrub_library_message` of it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith(_SCRUBBED_LOGGERS) and not getattr(record, "scrubbed", False):
+            record.msg, record.args, record.scrubbed = scrub_library_message(record.getMessage()), (), True
+        return True
+
+
+def safe_traceback(exc_info) -> str:
+    """A traceback without local variables and without exception messages (they may quote patient data).
+
+    Frames (file, line, function, source line) and exception classes are kept; an
+    OSError keeps its errno and strerror (a file system or socket problem, never a header value).
+    """
+    chain: list[BaseException] = []
+    exception: BaseException | None = exc_info[1]
+    while exception is not None and all(exception is not earlier for earlier in chain):
+        chain.append(exception)
+        exception = exception.__cause__ or (None if exception.__suppress_context__ else exception.__context__)
+    blocks = []
+    for exception in reversed(chain):  # the first cause first, as Python prints them
+        detail = f" [Errno {exception.errno}] {exception.strerror}" if isinstance(exception, OSError) \
+            and exception.strerror else " (message withheld)"
+        frames = "".join(traceback.format_list(traceback.extract_tb(exception.__traceback__)))
+        blocks.append(f"Traceback (most recent call last):\n{frames}"
+                      f"{type(exception).__module__}.{type(exception).__qualname__}:{detail}")
+    return "\n\nThe above exception led to the following one:\n\n".join(blocks)
+
+
+def _console_traceback(sio, exc_info) -> None:
+    sio.write("\n" + safe_traceback(exc_info))
+
+
+def _log_uncaught(exc_type, exc_value, exc_traceback, thread: str = "main") -> None:
+    structlog.get_logger(__name__).error("uncaught_exception_logged", thread=thread, error=exc_type.__name__,
+                                         exc_info=(exc_type, exc_value, exc_traceback))
+
+
 def configure_logging(log_dir: Path | None, *, console_level: str = "INFO") -> Path | None:
     """Send every event to `log_dir/audit.jsonl` (JSON, hash-chained, INFO and up) and the console.
 
+    Tracebacks carry no local variables and no exception messages (`safe_traceback`);
+    Python warnings are captured into the log and, like the records of pydicom and
+    highdicom, reduced to category, tags and keywords (`scrub_library_message`); uncaught
+    exceptions, in any thread, are logged the same way instead of printed.
     Returns the audit file's path. Safe to call again (handlers are replaced).
     """
     structlog.configure(
@@ -155,9 +227,10 @@ def configure_logging(log_dir: Path | None, *, console_level: str = "INFO") -> P
     console.setLevel(console_level)
     console.setFormatter(structlog.stdlib.ProcessorFormatter(
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                    structlog.dev.ConsoleRenderer(colors=False)],
+                    structlog.dev.ConsoleRenderer(colors=False, exception_formatter=_console_traceback)],
         foreign_pre_chain=_SHARED,
     ))
+    console.addFilter(_LibraryScrubber())
     root.addHandler(console)
 
     audit_path = None
@@ -168,11 +241,16 @@ def configure_logging(log_dir: Path | None, *, console_level: str = "INFO") -> P
         audit.setLevel(logging.INFO)
         audit.setFormatter(structlog.stdlib.ProcessorFormatter(
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                        structlog.processors.format_exc_info,
+                        structlog.processors.ExceptionRenderer(safe_traceback),
                         structlog.processors.JSONRenderer()],
             foreign_pre_chain=_SHARED,
         ))
+        audit.addFilter(_LibraryScrubber())
         root.addHandler(audit)
+    logging.captureWarnings(True)
+    sys.excepthook = _log_uncaught
+    threading.excepthook = lambda args: _log_uncaught(args.exc_type, args.exc_value, args.exc_traceback,
+                                                      thread=getattr(args.thread, "name", "?"))
     # pynetdicom's own logger is chatty at INFO and may print dataset contents at DEBUG.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     # highdicom reports every module it copies at INFO, naming source UIDs: noise in an audit trail.

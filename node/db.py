@@ -123,6 +123,7 @@ class Job(Base):
     embedding: Mapped[bytes | None] = mapped_column(LargeBinary)
     quality_flags: Mapped[str | None] = mapped_column(String(256))
     stage_seconds: Mapped[str | None] = mapped_column(Text)  # JSON {"stage": seconds}
+    header_warnings: Mapped[str | None] = mapped_column(Text)  # JSON ["Keyword (gggg,eeee): problem"], never values
     results_dir: Mapped[str | None] = mapped_column(String(512))
 
     deliveries: Mapped[list["Delivery"]] = relationship(

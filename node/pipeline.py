@@ -31,6 +31,7 @@ from node.tls import client_context
 from retrieval.cases import similar_cases
 from retrieval.index import CaseIndex
 from sr_writer.encode import encode_results
+from sr_writer.source_header import clean_header
 
 log = structlog.get_logger(__name__)
 RESULT_FILES = ("sr", "heatmap", "pdf")
@@ -90,7 +91,11 @@ class Processor:
                 similar = similar_cases(self._sessions, self._index, prediction.embedding,
                                         self._settings.retrieval.k, exclude_job_id=claim.job_id)
             with timer.stage("encode"):
-                results = encode_results(source, image, prediction, review=prediction.review, similar_cases=similar)
+                header = clean_header(source)  # messy patient and study attributes: repaired or left out, never fatal
+                if header.warnings:
+                    bound.warning("source_header_repaired", warnings=list(header.warnings))
+                results = encode_results(header.dataset, image, prediction, review=prediction.review,
+                                         similar_cases=similar)
                 # One folder per attempt: a worker whose lease expired never touches the winner's files.
                 folder = self._settings.results_dir / checked_uid(sop_uid, "SOP Instance UID") / f"attempt-{claim.attempt}"
                 for name, dataset in zip(RESULT_FILES, results.all()):
@@ -100,15 +105,17 @@ class Processor:
         except Unreadable as exc:
             return self._finish(claim, JobState.REJECTED, bound, reason=exc.reason, timer=timer)
         except Exception as exc:
-            bound.exception("processing_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+            # The exception's text may quote header values: the log and the reason name its class only.
+            bound.exception("processing_failed", error=type(exc).__name__)
             if claim.attempt >= self._settings.worker.max_attempts:
-                return self._finish(claim, JobState.FAILED, bound, reason=f"{type(exc).__name__}: {exc}"[:500], timer=timer)
+                return self._finish(claim, JobState.FAILED, bound, reason=f"processing_error: {type(exc).__name__}",
+                                    timer=timer)
             delay = backoff_s(claim.attempt, self._settings.delivery.backoff_initial_s, 60.0)
             return self._finish(claim, JobState.RECEIVED, bound, reason=f"retrying: {type(exc).__name__}",
                                 timer=timer, next_attempt_at=utcnow() + timedelta(seconds=delay))
         model = prediction.model
         try:
-            self._encoded(claim, folder, image, prediction, timer)
+            self._encoded(claim, folder, image, prediction, timer, header.warnings)
         except TransitionError:
             shutil.rmtree(folder, ignore_errors=True)
             bound.warning("stale_result_discarded", reason="lease lost while processing")
@@ -119,7 +126,8 @@ class Processor:
                    review=bool(prediction.review), model_version=model.version, seconds=timer.seconds)
         return JobState.ENCODED
 
-    def _encoded(self, claim: Claim, folder: Path, image, prediction, timer: StageTimer) -> None:
+    def _encoded(self, claim: Claim, folder: Path, image, prediction, timer: StageTimer,
+                 header_warnings: tuple[str, ...]) -> None:
         """RUNNING -> ENCODED with the prediction, in one transaction that also checks the lease."""
         model, location = prediction.model, prediction.location
         with self._sessions.begin() as session:
@@ -135,6 +143,7 @@ class Processor:
                 embedding=np.asarray(prediction.embedding, dtype=np.float32).tobytes(),
                 quality_flags=",".join(image.quality_flags) or None,
                 stage_seconds=timer.json(),
+                header_warnings=json.dumps(header_warnings) if header_warnings else None,
             )
             ensure_deliveries(session, job, delivery_names(self._settings))
 
