@@ -42,7 +42,7 @@ class MessyCase:
     warned: tuple[str, ...] = ()
 
 
-def _raw(ds: Dataset, keyword: str, vr: str, value: bytes) -> None:
+def put_raw(ds: Dataset, keyword: str, vr: str, value: bytes) -> None:
     """Put `value` into `ds` byte for byte, as a device that ignores the VR's rules would."""
     tag = Tag(tag_for_keyword(keyword))
     value += b" " * (len(value) % 2)
@@ -71,7 +71,7 @@ def _absent(*keywords: str) -> Callable[[Dataset], None]:
 def _raw_values(vr_values: dict[str, tuple[str, bytes]]) -> Callable[[Dataset], None]:
     def edit(ds: Dataset) -> None:
         for keyword, (vr, value) in vr_values.items():
-            _raw(ds, keyword, vr, value)
+            put_raw(ds, keyword, vr, value)
     return edit
 
 
@@ -81,10 +81,10 @@ def _text(encoding: str, charset: str | None, **values: str) -> Callable[[Datase
         if charset is None:
             del ds.SpecificCharacterSet
         else:
-            _raw(ds, "SpecificCharacterSet", "CS", charset.encode())
+            put_raw(ds, "SpecificCharacterSet", "CS", charset.encode())
         for keyword, value in values.items():
             vr = "PN" if keyword.endswith("Name") and keyword != "InstitutionName" else "LO"
-            _raw(ds, keyword, vr, value.encode(encoding))
+            put_raw(ds, keyword, vr, value.encode(encoding))
     return edit
 
 
@@ -101,7 +101,7 @@ def _private_tags(ds: Dataset) -> None:
     other = ds.private_block(0x0019, "ACME DX 1.0", create=True)
     other.add_new(0x01, "LO", "acme tube 3")
     other.add_new(0x02, "UN", b"\x01\x02\x03\x04")
-    _raw(ds, "PatientComments", "LT", b"")  # a valid empty LT beside them
+    put_raw(ds, "PatientComments", "LT", b"")  # a valid empty LT beside them
 
 
 def _retired(ds: Dataset) -> None:
