@@ -12,8 +12,8 @@ from node.db import TERMINAL, JobState
 from node.pipeline import RESULT_FILES
 from tests.conftest import audit_events, finished_jobs, wait_for
 from tests.data.make_messy_corpus import build_corpus
+from tests.faults.suite import storescu
 from tests.node.test_end_to_end import orthanc  # noqa: F401  (fixture)
-from tests.node.test_patient_data import store
 from tests.sr_writer.test_source_header import dciodvfy_errors
 
 pytestmark = pytest.mark.integration
@@ -24,8 +24,8 @@ def test_messy_headers_come_back_as_sr_heatmap_and_pdf_that_pass_dciodvfy(  # no
     settings = make_settings(node={"port": orthanc.node_port}, destinations=[orthanc.destination()])
     node = running_node(settings)
     cases = build_corpus(tmp_path / "messy")
-    done = store([case.path for case in cases], settings.node.port)
-    assert done.returncode == 0, done.stderr
+    sent = storescu({case.sop_instance_uid: case.path for case in cases}, settings.node.port)
+    assert sent.acknowledged == {case.sop_instance_uid for case in cases}, sent.statuses
     jobs = wait_for(lambda: finished_jobs(node.sessions, len(cases), TERMINAL), 900, 0.5,
                     message="every messy case to be delivered")
     by_uid = {job.sop_instance_uid: job for job in jobs}
