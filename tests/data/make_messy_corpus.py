@@ -29,6 +29,9 @@ from tests.data.make_bad_corpus import _phantom
 DEFAULT_FOLDER = Path(__file__).resolve().parent / "messy"
 # The example of PS3.5 H.3.1: Yamada^Tarou in alphabetic, ideographic (kanji) and phonetic (hiragana) groups.
 JAPANESE_NAME = "Yamada^Tarou=山田^太郎=やまだ^たろう"
+# Patient data of the corpus, to look for where it must never be (logs, console, database).
+PATIENT_VALUES = ("MESSY^CASE", "MESSY01", "19570314", "1957-03-14", "WELBY^MARCUS", "ACC001", "Yamada", "山田",
+                  "MÜLLER", "GARCÍA", "ŞAHIN", "NOËL", "DOE^JOHN")
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from node.db import TERMINAL, Job, JobState, open_database
 from node.orthanc_peer import OrthancPeer, free_port, stop_process
 from node.scp import OUT_OF_RESOURCES, SUCCESS
 from tests.conftest import POSTGRES_ADMIN_URL, STORESCU, all_jobs, poll
+from tests.data.make_messy_corpus import PATIENT_VALUES, build_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -453,8 +454,26 @@ def worker_hangs(workdir: Path, scale: Scale) -> Result:
     return result
 
 
+def messy_headers(workdir: Path, _scale: Scale) -> Result:
+    """The messy-header corpus (tests/data/make_messy_corpus.py): every case delivered, no patient value logged."""
+    result = Result("messy_headers")
+    files = {case.sop_instance_uid: case.path for case in build_corpus(workdir / "in")}
+    with OrthancPeer(workdir / "orthanc") as peer:
+        node = NodeProcess(workdir, destinations=[peer.destination()]).start()
+        try:
+            sent = storescu(files, node.port)
+            tally(result, set(files), sent.acknowledged, node.open_database(), node.data_dir, peer, timeout_s=600)
+        finally:
+            node.stop()
+    logs = [p.read_text(errors="replace") for p in (*workdir.glob("run-*.log"), node.data_dir / "logs" / "audit.jsonl")]
+    leaked = sorted({value for value in PATIENT_VALUES for text in logs if value in text})
+    result.check(not leaked, f"{len(leaked)} patient values in the console or audit log")
+    return result
+
+
 SCENARIOS: dict[str, Callable[[Path, Scale], Result]] = {f.__name__: f for f in (
-    sigkill_during_burst, destination_down, database_unavailable, disk_full, sender_drops_connection, worker_hangs)}
+    sigkill_during_burst, destination_down, database_unavailable, disk_full, sender_drops_connection, worker_hangs,
+    messy_headers)}
 COLUMNS = ("sent", "acknowledged", "processed", "delivered", "duplicates", "lost")
 
 
