@@ -132,8 +132,8 @@ def build_corpus(folder: Path | str = DEFAULT_FOLDER, *, round_: int = 0) -> lis
 
     add("clean", "no defect (the control)", None)
     add("birth_date_absent", "Patient's Birth Date (Type 2) absent", _absent("PatientBirthDate"), "PatientBirthDate")
-    add("birth_date_dashes", "Patient's Birth Date 1957-03-14", _raw_values({"PatientBirthDate": ("DA", b"1957-03-14")}),
-        "PatientBirthDate")
+    add("birth_date_dashes", "Patient's Birth Date 1957-03-14",
+        _raw_values({"PatientBirthDate": ("DA", b"1957-03-14")}), "PatientBirthDate")
     add("birth_date_junk", "Patient's Birth Date with trailing junk",
         _raw_values({"PatientBirthDate": ("DA", b"19570314xx")}), "PatientBirthDate")
     add("birth_date_impossible", "Patient's Birth Date 19571314 (month 13)",
