@@ -6,7 +6,7 @@ invalid dates, missing Type 2 attributes, odd character sets, and highdicom and
 dciodvfy refuse them. `clean_header(source)` returns a copy in which every text
 value is valid for its VR, plus one warning per repair that names the keyword,
 the tag and the problem, never the value (warnings go to the job row and the
-audit log). The source itself is never changed, and pixels, private elements,
+audit log; at most MAX_WARNINGS). The source itself is never changed, and pixels, private elements,
 UIDs and binary values are passed on as they are.
 
 Rules, by VR (a value that no rule repairs is left empty: zero length is valid
@@ -56,6 +56,7 @@ from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName, format_number_as_ds
 
 UTF8 = "ISO_IR 192"
+MAX_WARNINGS = 50  # a header with thousands of bad elements still gives a short job row and audit line
 TYPE_2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
           "ReferringPhysicianName", "StudyID", "AccessionNumber")
 MAX_LENGTH = {"AE": 16, "AS": 4, "CS": 16, "DS": 16, "IS": 12, "LO": 64, "LT": 10240, "PN": 64, "SH": 16,
@@ -94,6 +95,8 @@ def clean_header(source: pydicom.Dataset) -> SourceHeader:
         del clean.SpecificCharacterSet
     if any(not _text(e.value).isascii() for e in clean.iterall() if e.VR in TEXT_VRS and e.value):
         clean.SpecificCharacterSet = UTF8
+    if len(warnings) > MAX_WARNINGS:
+        warnings[MAX_WARNINGS - 1:] = [f"{len(warnings) - MAX_WARNINGS + 1} more warnings left out"]
     return SourceHeader(clean, tuple(warnings))
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from inference.preprocess import read_dataset
 from sr_writer.encode import encode_results
-from sr_writer.source_header import UTF8, clean_header
+from sr_writer.source_header import MAX_WARNINGS, UTF8, clean_header
 from tests.conftest import require_binary
 from tests.data.make_messy_corpus import JAPANESE_NAME, build_corpus, put_raw
 from tests.sr_writer.test_sr_writer_encode import _save, make_inputs, make_source
@@ -113,3 +113,15 @@ def test_absent_character_set_with_utf8_bytes_is_read_as_utf8():
 def test_ascii_header_declares_no_character_set():
     header = clean_header(read_dataset(CORPUS["clean"].path))
     assert "SpecificCharacterSet" not in header.dataset
+
+
+def test_warnings_are_bounded():
+    source = make_source()
+    items = []
+    for _ in range(120):
+        items.append(pydicom.Dataset())
+        put_raw(items[-1], "ContentDate", "DA", b"1-2-3")
+    source.ReferencedImageSequence = items
+    warnings = clean_header(source).warnings
+    assert len(warnings) == MAX_WARNINGS and warnings[-1] == "71 more warnings left out"
+    assert warnings[0] == "ReferencedImageSequence[0].ContentDate (0008,0023): not a valid date, left empty"
