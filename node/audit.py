@@ -198,6 +198,9 @@ def _console_traceback(sio, exc_info) -> None:
 
 
 def _log_uncaught(exc_type, exc_value, exc_traceback, thread: str = "main") -> None:
+    if issubclass(exc_type, KeyboardInterrupt):
+        sys.__excepthook__(exc_type, exc_value, exc_traceback)  # no message, no locals: an operator's Ctrl-C
+        return
     structlog.get_logger(__name__).error("uncaught_exception_logged", thread=thread, error=exc_type.__name__,
                                          exc_info=(exc_type, exc_value, exc_traceback))
 
