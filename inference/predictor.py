@@ -118,6 +118,7 @@ class Detector:
             heatmap=np.clip(model_map_to_source(cam_np, image.display.shape[:2], self.input_size), 0.0, 1.0),
             embedding=embed(out.deep_features[:1].detach())[0].cpu().numpy().astype(np.float32),
             model=self.identity,
+            threshold=self.card.threshold,
         )
 
     def _location(self, hm_row: int, hm_col: int, radius_model: float, shape: tuple[int, int]) -> Location:

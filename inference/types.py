@@ -66,6 +66,8 @@ class Prediction:
     `heatmap` is Grad-CAM in [0, 1], float32, in the source geometry (rows, cols).
     `embedding` is a 1-D float32 vector (L2-normalised) for similar-case retrieval.
     `review` is True when the case is uncertain or near the threshold.
+    `threshold` is the operating threshold `positive` was decided at (the model
+    card's), or None where the caller does not know it.
     """
 
     probability: float
@@ -76,3 +78,4 @@ class Prediction:
     heatmap: np.ndarray
     embedding: np.ndarray
     model: ModelIdentity
+    threshold: float | None = None

@@ -31,6 +31,7 @@ from node.tls import client_context
 from retrieval.cases import similar_cases
 from retrieval.index import CaseIndex
 from sr_writer.encode import encode_results
+from sr_writer.heatmap import EXPLANATION_FILE, explanation_png
 from sr_writer.source_header import clean_header
 
 log = structlog.get_logger(__name__)
@@ -100,6 +101,7 @@ class Processor:
                 folder = self._settings.results_dir / checked_uid(sop_uid, "SOP Instance UID") / f"attempt-{claim.attempt}"
                 for name, dataset in zip(RESULT_FILES, results.all()):
                     write_atomic(folder / f"{name}.dcm", _encode_file(dataset))
+                write_atomic(folder / EXPLANATION_FILE, explanation_png(prediction.heatmap))  # for the review page
         except NotApplicable as exc:
             return self._finish(claim, JobState.SKIPPED, bound, reason=exc.reason, timer=timer)
         except Unreadable as exc:

@@ -1,11 +1,12 @@
 """What the case page shows from a job's files: the display PNG, the Grad-CAM overlay PNG, the PDF report.
 
 The display image comes from the spooled source through `inference.preprocess.prepare`
-(the pixels the model saw, before letterboxing). The overlay is taken from the
-heatmap secondary capture sent to the PACS (`results_dir/heatmap.dcm`): the
-pixels where it differs from the plain display image (the Grad-CAM colours and
-the finding's circle) on a transparent background, so it lies over the display
-image at any window. Without results it is a circle at the job's location.
+(the pixels the model saw, before letterboxing). The overlay is drawn by the same
+function that draws it into the heatmap secondary capture sent to the PACS,
+`sr_writer.heatmap.explanation_layer`, from the explanation map the worker keeps
+beside the results (`results_dir/explanation.png`) and the job's location, on a
+transparent background, so it lies over the display image at any window. Without
+that map it is the circle at the job's location alone.
 """
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ import numpy as np
 import pydicom
 
 from inference.preprocess import prepare
+from inference.types import Location
 from node.db import Job
+from sr_writer.heatmap import EXPLANATION_FILE, explanation_layer, read_explanation_png
 
 MAX_SIDE = 1024  # longest side of the PNGs sent to the browser
-_DIFFERENCE = 6  # grey levels: below this an overlay pixel is the plain image
-_CIRCLE_RGBA = (0, 255, 0, 255)
 
 
 class MissingFile(LookupError):
@@ -41,28 +42,20 @@ def display_png(ds: pydicom.Dataset) -> tuple[bytes, tuple[int, int]]:
 
 
 def overlay_png(job: Job, ds: pydicom.Dataset) -> bytes:
-    """Transparent RGBA PNG, the size of `display_png`, with the Grad-CAM overlay."""
-    source = prepare(ds).display
-    rows, cols = _fit(source).shape
-    rgba = np.zeros((rows, cols, 4), np.uint8)
-    heatmap_path = Path(job.results_dir or "") / "heatmap.dcm"
-    if job.results_dir and heatmap_path.is_file():
-        sc = pydicom.dcmread(heatmap_path).pixel_array  # RGB: overlay on top, legend band below
-        overlay_rows = round(sc.shape[1] * rows / cols)
-        overlay = sc[:overlay_rows]
-        shrink = overlay.shape[1] < source.shape[1]  # as sr_writer.heatmap.render_overlay resizes
-        grey = cv2.resize(source, (overlay.shape[1], overlay.shape[0]),
-                          interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-        differs = np.abs(overlay.astype(np.int16) - grey[..., None]).max(axis=2) >= _DIFFERENCE
-        coloured = np.dstack([overlay, np.where(differs, 255, 0).astype(np.uint8)])
-        rgba = cv2.resize(coloured, (cols, rows), interpolation=cv2.INTER_NEAREST)
-    elif job.location_row is not None and job.location_col is not None:
-        scale = cols / ds.Columns
-        centre = (round(job.location_col * scale), round(job.location_row * scale))
-        radius = max(round((job.location_radius or 10.0) * scale), 8)
-        cv2.circle(rgba, centre, radius, _CIRCLE_RGBA, max(2, round(cols / 300)), lineType=cv2.LINE_AA)
+    """Transparent RGBA PNG, the size of `display_png`, with the Grad-CAM contours and the circle."""
+    source_shape = (int(ds.Rows), int(ds.Columns))
+    rows, cols = _fitted_shape(source_shape)
+    location = None
+    if job.location_row is not None and job.location_col is not None:
+        location = Location(row=job.location_row, col=job.location_col, radius=job.location_radius or 10.0)
+    map_path = Path(job.results_dir or "") / EXPLANATION_FILE
+    if job.results_dir and map_path.is_file():
+        heatmap = read_explanation_png(map_path.read_bytes())
+    elif location is not None:
+        heatmap = np.zeros((1, 1), np.float32)  # no map: the circle alone
     else:
-        raise MissingFile(f"job {job.id}: no heatmap among its results and no location")
+        raise MissingFile(f"job {job.id}: no explanation map among its results and no location")
+    rgba = explanation_layer(heatmap, location, source_shape=source_shape, size=(cols, rows))
     return _png(cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))
 
 
@@ -77,12 +70,18 @@ def report_pdf(job: Job) -> bytes:
     return document[:length] if length else document.rstrip(b"\x00")
 
 
+def _fitted_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(rows, cols) of an image of `shape` once its long side is at most MAX_SIDE."""
+    rows, cols = shape[:2]
+    scale = min(1.0, MAX_SIDE / max(rows, cols))
+    return round(rows * scale), round(cols * scale)
+
+
 def _fit(image: np.ndarray) -> np.ndarray:
-    rows, cols = image.shape[:2]
-    scale = MAX_SIDE / max(rows, cols)
-    if scale >= 1:
+    rows, cols = _fitted_shape(image.shape)
+    if (rows, cols) == image.shape[:2]:
         return image
-    return cv2.resize(image, (round(cols * scale), round(rows * scale)), interpolation=cv2.INTER_AREA)
+    return cv2.resize(image, (cols, rows), interpolation=cv2.INTER_AREA)
 
 
 def _png(image: np.ndarray) -> bytes:

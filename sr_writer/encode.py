@@ -124,6 +124,8 @@ def _validate(source: pydicom.Dataset, image: PreparedImage, prediction: Predict
                          f"[{np.nanmin(heatmap)}, {np.nanmax(heatmap)}]")
 
     _check_unit_interval("prediction.probability", prediction.probability)
+    if prediction.threshold is not None:
+        _check_unit_interval("prediction.threshold", prediction.threshold)
     if not isinstance(prediction.uncertainty, numbers.Real) or not math.isfinite(prediction.uncertainty) \
             or prediction.uncertainty < 0:
         raise ValueError(f"prediction.uncertainty must be a finite number >= 0, "

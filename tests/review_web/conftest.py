@@ -20,6 +20,7 @@ from retrieval.index import CaseIndex
 from review_web.models import Role
 from review_web.security import create_user
 from sr_writer.encode import encode_results
+from sr_writer.heatmap import EXPLANATION_FILE, explanation_png
 
 PASSWORD = "correct horse battery staple"
 SECRET = "s" * 48
@@ -60,6 +61,7 @@ def case_files(tmp_path_factory) -> list[CaseFiles]:
         results.mkdir(parents=True)
         for name, dataset in zip(("sr", "heatmap", "pdf"), encode_results(ds, image, prediction, review=review).all()):
             dataset.save_as(results / f"{name}.dcm", enforce_file_format=True)
+        (results / EXPLANATION_FILE).write_bytes(explanation_png(prediction.heatmap))  # as the worker keeps it
         made.append(CaseFiles(path, results, location, embedding))
     return made
 
