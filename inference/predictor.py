@@ -17,7 +17,7 @@ import torch
 from config.settings import ModelSettings
 from inference import torch_setup
 from inference.gradcam import explained_forward
-from inference.model import RADIUS, build_network, embed, image_score, load_weights, tta_views
+from inference.model import LUNG, RADIUS, build_network, embed, image_score, load_weights, tta_views
 from inference.model_card import ModelCard, load_card, verify_weights
 from inference.preprocess import letterbox, model_map_to_source, model_to_source
 from inference.samples import model_coord
@@ -119,7 +119,17 @@ class Detector:
             embedding=embed(out.deep_features[:1].detach())[0].cpu().numpy().astype(np.float32),
             model=self.identity,
             threshold=self.card.threshold,
+            lung_rows=self._lung_rows(out.maps[0, LUNG], image.display.shape[:2]),
         )
+
+    def _lung_rows(self, lung_logits: torch.Tensor, shape: tuple[int, int]) -> tuple[float, float] | None:
+        """First and last source row of the predicted lung field (original view), None if there is none."""
+        rows = np.nonzero((lung_logits > 0).any(dim=1).cpu().numpy())[0]
+        if rows.size == 0:
+            return None
+        top, bottom = (model_to_source(float(model_coord(r)), 0.0, source_shape=shape, input_size=self.input_size)[0]
+                       for r in (rows[0], rows[-1]))
+        return max(top, 0.0), min(bottom, shape[0] - 1.0)
 
     def _location(self, hm_row: int, hm_col: int, radius_model: float, shape: tuple[int, int]) -> Location:
         row, col = model_to_source(float(model_coord(hm_row)), float(model_coord(hm_col)), source_shape=shape,

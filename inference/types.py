@@ -67,7 +67,9 @@ class Prediction:
     `embedding` is a 1-D float32 vector (L2-normalised) for similar-case retrieval.
     `review` is True when the case is uncertain or near the threshold.
     `threshold` is the operating threshold `positive` was decided at (the model
-    card's), or None where the caller does not know it.
+    card's), or None where the caller does not know it. `lung_rows` is the first
+    and last source row of the lung field the model found (None: none found or
+    not known); the report names the finding's zone from it.
     """
 
     probability: float
@@ -79,3 +81,4 @@ class Prediction:
     embedding: np.ndarray
     model: ModelIdentity
     threshold: float | None = None
+    lung_rows: tuple[float, float] | None = None

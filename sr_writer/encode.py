@@ -126,6 +126,11 @@ def _validate(source: pydicom.Dataset, image: PreparedImage, prediction: Predict
     _check_unit_interval("prediction.probability", prediction.probability)
     if prediction.threshold is not None:
         _check_unit_interval("prediction.threshold", prediction.threshold)
+    if prediction.lung_rows is not None:
+        top, bottom = prediction.lung_rows
+        if not (0 <= top <= bottom <= display.shape[0] - 1):
+            raise ValueError(f"prediction.lung_rows {prediction.lung_rows!r} must be rows top <= bottom "
+                             f"of the image of {display.shape[0]} rows")
     if not isinstance(prediction.uncertainty, numbers.Real) or not math.isfinite(prediction.uncertainty) \
             or prediction.uncertainty < 0:
         raise ValueError(f"prediction.uncertainty must be a finite number >= 0, "

@@ -199,7 +199,7 @@ def _thickness(size: tuple[int, int]) -> int:
 def _draw_side_markers(rgb: np.ndarray, markers: dict[str, str]) -> None:
     """Burn the side letters in white with a black rim, centred on each edge."""
     rows, cols = rgb.shape[:2]
-    scale = max(rows, cols) / 900
+    scale = max(0.4, max(rows, cols) / 900)
     thickness = max(1, round(scale * 2))
     margin = max(4, round(max(rows, cols) / 100))
     for side, text in markers.items():
