@@ -53,6 +53,7 @@ class OrthancPeer:
     http_port: int = field(default_factory=free_port)
     modalities: dict[str, tuple[str, str, int]] = field(default_factory=dict)
     check_called_aet: bool = False
+    lua_scripts: tuple[Path, ...] = ()
     _process: subprocess.Popen | None = None
 
     @property
@@ -80,6 +81,7 @@ class OrthancPeer:
             "AuthenticationEnabled": False,
             "DicomCheckCalledAet": self.check_called_aet,
             "DicomModalities": {name: list(peer) for name, peer in self.modalities.items()},
+            "LuaScripts": [str(Path(script).resolve()) for script in self.lua_scripts],
             "DicomAlwaysAllowStore": True,
             "DicomAlwaysAllowEcho": True,
             "HttpTimeout": 120,

@@ -1,4 +1,4 @@
-"""docs/conformance-statement.md against the code's own tables, so the statement cannot drift.
+"""docs/conformance-statement.md (and the README's result series) against the code's own tables, so they cannot drift.
 
 Each `<!-- table: NAME -->` table of the statement is parsed and compared with what
 the code does: the SCP's SOP classes and transfer syntaxes (node.scp), the statuses
@@ -27,12 +27,13 @@ from tests.sr_writer.test_sr_writer_encode import make_inputs, make_source
 
 ROOT = Path(__file__).resolve().parents[1]
 STATEMENT = ROOT / "docs" / "conformance-statement.md"
+README = ROOT / "README.md"
 NETWORK_SECTIONS = {"node": NodeSettings, "delivery": DeliverySettings, "tls": TLSSettings}
 
 
-def table(name: str) -> list[dict[str, str]]:
+def table(name: str, document: Path = STATEMENT) -> list[dict[str, str]]:
     """Rows of the markdown table right after `<!-- table: name -->`, keyed by header, backticks removed."""
-    lines = STATEMENT.read_text().splitlines()
+    lines = document.read_text().splitlines()
     start = lines.index(f"<!-- table: {name} -->") + 1
     rows = []
     for line in lines[start:]:
@@ -119,6 +120,13 @@ def test_result_objects_sent(results):
     assert {(r["UID"], r["Modality"], r["Series number"], r["Series description"]) for r in rows} == sent
     for row in rows:
         assert UID(row["UID"]).name == row["SOP class"]
+
+
+def test_readme_result_series(results):
+    """README "Connect your PACS": the series a PACS shows, as the node writes them."""
+    written = {(str(ds.SeriesNumber), ds.Modality, ds.SeriesDescription) for ds in results}
+    rows = table("result-series", README)
+    assert {(r["Series"], r["Modality"], r["Series description"]) for r in rows} == written
 
 
 def test_scu_transfer_syntaxes(results):
