@@ -14,8 +14,8 @@ import pydicom
 import pytest
 
 from sr_writer.encode import encode_results
-from sr_writer.heatmap import (CONTOUR_LEVELS, EXPLANATION_MAX_SIDE, explanation_layer, explanation_png,
-                               level_colour, read_explanation_png, side_markers)
+from sr_writer.heatmap import (CONTOUR_LEVELS, EXPLANATION_MAX_SIDE, MIN_RING_RADIUS, explanation_layer,
+                               explanation_png, level_colour, read_explanation_png, side_markers)
 from tests.sr_writer.test_sr_writer_encode import OUTPUT, make_inputs, make_source
 
 NODULE_GREY = 230
@@ -52,15 +52,28 @@ def test_nodule_stays_visible_under_the_contours(tmp_path):
     assert pixels.shape[1] == SIZE
     overlay = pixels[:SIZE]
     row, col, radius = round(location.row), round(location.col), round(location.radius)
-    # The centre of the nodule shows the source's own grey level, untinted.
-    assert list(overlay[row, col]) == [NODULE_GREY] * 3
+    # Inside the finding's circle the SC shows the source's own grey levels, untinted.
     yy, xx = np.mgrid[:SIZE, :SIZE]
-    inside = (yy - row) ** 2 + (xx - col) ** 2 <= (0.8 * radius) ** 2
-    grey = np.abs(overlay[inside].astype(int) - display[inside][:, None]).max(axis=1) <= 2
-    assert grey.mean() >= 0.8, f"only {grey.mean():.0%} of the nodule keeps its grey level"
-    # ... while the explanation is there: pixels of each contour level's colour.
-    for level in CONTOUR_LEVELS:
+    inside = (yy - row) ** 2 + (xx - col) ** 2 <= (radius - 3) ** 2
+    assert np.array_equal(overlay[inside], np.repeat(display[inside][:, None], 3, axis=1))
+    assert list(overlay[row, col]) == [NODULE_GREY] * 3
+    # ... while the explanation is there around it: pixels in the colours of the levels outside the circle
+    # (this map's 0.9 contour lies inside the circle, so it is not drawn).
+    for level in CONTOUR_LEVELS[:2]:
         assert np.any(np.all(np.abs(overlay.astype(int) - level_colour(level)) <= 30, axis=2)), level
+
+
+def test_a_small_hot_spot_is_ringed_not_covered():
+    """A Grad-CAM peak a few pixels wide (as the detection map gives) becomes a ring around the spot."""
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    heat = np.exp(-((yy - 300) ** 2 + (xx - 120) ** 2) / (2 * 2.0 ** 2)).astype(np.float32)
+    layer = explanation_layer(heat, None, source_shape=(SIZE, SIZE), size=(SIZE, SIZE))
+    drawn = layer[..., 3] > 0
+    rows, cols = np.nonzero(drawn)
+    distance = np.hypot(rows - 300, cols - 120)
+    assert rows.size and distance.min() > 4  # the spot itself (the 0.5 level lies 2.4 px out) stays clear
+    assert distance.max() <= (MIN_RING_RADIUS + 1) * 2 + 1  # a ring of MIN_RING_RADIUS line widths (2 px here)
+    assert np.all(np.abs(layer[drawn][:, :3].astype(int) - level_colour(CONTOUR_LEVELS[-1])).max(axis=1) <= 60)
 
 
 def test_colour_bar_and_legend_band(tmp_path):
