@@ -125,10 +125,19 @@ def side_markers(patient_orientation: Sequence[str] | None) -> dict[str, str]:
             "bottom": column_direction, "top": column_direction.translate(_OPPOSITE)}
 
 
+def percent(probability: float) -> str:
+    """A probability as a whole percentage that never reads as certainty: '>99%' and '<1%' at the ends."""
+    if probability >= 0.995:
+        return ">99%"
+    if probability < 0.005:
+        return "<1%"
+    return f"{probability:.0%}"
+
+
 def legend_lines(prediction: Prediction) -> tuple[str, ...]:
     """The legend's text lines above the colour bar."""
     finding = "PRESENT" if prediction.positive else "absent"
-    result = (f"Nodule {finding}: probability {prediction.probability:.0%}, "
+    result = (f"Nodule {finding}: probability {percent(prediction.probability)}, "
               f"uncertainty {prediction.uncertainty:.2f}")
     if prediction.threshold is not None:
         result += f", threshold {prediction.threshold:.0%}"

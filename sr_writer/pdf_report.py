@@ -32,7 +32,7 @@ from reportlab.lib.units import mm
 from reportlab.platypus import Image, KeepInFrame, Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
 
 from inference.types import Location, PreparedImage, Prediction
-from sr_writer.heatmap import DISCLAIMER, render_overlay
+from sr_writer.heatmap import DISCLAIMER, percent, render_overlay
 from sr_writer.structured_report import MANUFACTURER
 from sr_writer.uids import OutputUids
 
@@ -89,7 +89,7 @@ def render_report_pdf(source: pydicom.Dataset, image: PreparedImage, prediction:
         story += [
             Paragraph("Similar past cases", heading),
             _table([("Received", "AI probability", "Expert verdict", "Similarity")]
-                   + [(_date(case.study_date), f"{case.probability:.0%}",
+                   + [(_date(case.study_date), percent(case.probability),
                        case.verdict or "not reviewed", f"{case.similarity:.2f}")
                       for case in similar_cases],
                    body, col_widths=(44 * mm, 40 * mm, 56 * mm, 40 * mm), header=True),
@@ -219,7 +219,7 @@ def _result_rows(source: pydicom.Dataset, image: PreparedImage, prediction: Pred
     threshold = "not stated" if prediction.threshold is None else f"{prediction.threshold:.0%}"
     return [
         ("Nodule", "PRESENT" if prediction.positive else "absent"),
-        ("Probability", f"{prediction.probability:.0%}"),
+        ("Probability", percent(prediction.probability)),
         ("Operating threshold", f"{threshold} (present at or above)"),
         ("Uncertainty", f"{prediction.uncertainty:.2f}"),
         ("Location", place),
@@ -231,10 +231,10 @@ def _result_rows(source: pydicom.Dataset, image: PreparedImage, prediction: Pred
 def _meaning(prediction: Prediction, review: bool) -> str:
     if prediction.positive:
         text = (f"The program found a spot that looks like a lung nodule, with an estimated "
-                f"probability of {prediction.probability:.0%}. It is circled in the heatmap.")
+                f"probability of {percent(prediction.probability)}. It is circled in the heatmap.")
     else:
         text = (f"The program found no lung nodule; its estimated probability that one is "
-                f"present is {prediction.probability:.0%}.")
+                f"present is {percent(prediction.probability)}.")
     if review:
         text += " The program was unsure about this image, so it was sent to an expert for review."
     return text

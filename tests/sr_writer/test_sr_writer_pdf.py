@@ -12,6 +12,7 @@ import pytest
 
 from inference.types import Location
 from sr_writer.encode import SimilarCase, render_pdf
+from sr_writer.heatmap import percent
 from sr_writer.pdf_report import INTENDED_USE, TRAINING_DATA, finding_place, produced_at
 from tests.conftest import require_binary
 from tests.sr_writer.test_sr_writer_encode import OUTPUT, make_inputs, make_source
@@ -78,6 +79,11 @@ def test_zone_is_a_third_of_the_lung_field(row, zone):
     assert place.endswith(f"{zone} zone")
     upside_down, _ = finding_place(Location(row=row, col=40, radius=5), (256, 256), ("L", "H"), (40.0, 190.0))
     assert upside_down.endswith(f"{ {'upper': 'lower', 'middle': 'middle', 'lower': 'upper'}[zone]} zone")
+
+
+@pytest.mark.parametrize("probability, text", [(0.998, ">99%"), (0.87, "87%"), (0.004, "<1%"), (0.0, "<1%")])
+def test_percent_never_reads_as_certainty(probability, text):
+    assert percent(probability) == text
 
 
 def test_produced_at_names_the_zone_and_offset():
