@@ -16,6 +16,7 @@ from pydicom import dcmread
 
 from node.db import JobState
 from node.orthanc_peer import OrthancPeer, free_port, orthanc_available
+from sr_writer.heatmap import EXPLANATION_FILE, EXPLANATION_MAX_SIDE, read_explanation_png
 from tests.conftest import all_jobs, finished_jobs, wait_for
 from tests.test_conformance_statement import README, table
 
@@ -56,6 +57,9 @@ def test_orthanc_recipe_routes_cr_dx_and_receives_the_result_series(tmp_path, ma
                                                               for p in sent[:count]]
             assert jobs[-1].state is JobState.SENT, jobs[-1].reason
             assert jobs[-1].calling_aet == "ORTHANC"
+            # The worker keeps the explanation map beside the results, for the review page's overlay.
+            kept = read_explanation_png((Path(jobs[-1].results_dir) / EXPLANATION_FILE).read_bytes())
+            assert max(kept.shape) == min(EXPLANATION_MAX_SIDE, max(source.Rows, source.Columns))
 
             def result_series():
                 series = [client.get(f"series/{s}").json()["MainDicomTags"]
