@@ -13,9 +13,9 @@ made from the explanation map the worker stores beside the results
 (`explanation_png` / `read_explanation_png`).
 
 Measured with `python -m bench.encode` (2048 px phantom, 2 shared cores): the heatmap
-SC took 0.037 s with the former JET wash and 0.038 s with contours, markers and colour
-bar on an idle machine; run interleaved at load 10, 0.141-0.168 s before and
-0.142-0.172 s after. The cost is highdicom's and the resize, not the drawing.
+SC took 0.037 s with the former JET wash and 0.038 s with the first contour version
+on an idle machine; five runs interleaved with the former code at load 9 to 14 gave
+0.141-0.188 s before and 0.124-0.172 s after, the same within the noise.
 """
 from __future__ import annotations
 
