@@ -23,6 +23,7 @@ import node.scp as scp
 from config.settings import DeliverySettings, NodeSettings, TLSSettings
 from node.scu import UNCOMPRESSED, WARNING_STATUSES
 from sr_writer.encode import encode_results
+from sr_writer.source_header import clean_header
 from tests.sr_writer.test_sr_writer_encode import make_inputs, make_source
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,17 +51,21 @@ def _hex(cell: str) -> int:
     return int(re.match(r"0x[0-9A-Fa-f]+", cell).group(0), 16)
 
 
+def _encoded(source, *, positive: bool):
+    """The result objects of `source` as the worker makes them: from the cleaned header."""
+    header = clean_header(source).dataset
+    image, prediction = make_inputs(header, positive=positive)
+    return [ds for ds in encode_results(header, image, prediction, review=not positive).all() if ds is not None]
+
+
 def _results():
     """Result objects of a positive and a negative DX and a positive CR source."""
     dx = make_source()
     cr = make_source()
     cr.SOPClassUID = cr.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
     cr.Modality = "CR"
-    made = []
-    for source, positive in ((dx, True), (dx, False), (cr, True)):
-        image, prediction = make_inputs(source, positive=positive)
-        made += [ds for ds in encode_results(source, image, prediction, review=not positive).all() if ds is not None]
-    return made
+    return [ds for source, positive in ((dx, True), (dx, False), (cr, True))
+            for ds in _encoded(source, positive=positive)]
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +157,15 @@ def test_sr_codes_and_units(results):
     documented = {(r["Code value"], r["Scheme"]): r["Meaning"] for r in table("sr-codes")}
     assert sorted(documented) == sorted(found)
     assert documented == found
+
+
+def test_result_character_sets():
+    rows = {row["Source text"]: row["Specific Character Set of the results"] for row in table("result-character-sets")}
+    ascii_source, latin_source = make_source(), make_source()
+    latin_source.PatientName = "M\u00fcller^J\u00fcrgen"
+    for source, row in ((ascii_source, "ASCII only"), (latin_source, "any non-ASCII character")):
+        written = {ds.get("SpecificCharacterSet") for ds in _encoded(source, positive=True)}
+        assert written == {None if rows[row].startswith("absent") else rows[row]}, row
 
 
 def _rendered(value: object) -> str:
