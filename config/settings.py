@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydicom.uid import RE_VALID_UID
 
 DEFAULT_CONFIG = Path(__file__).with_name("node.toml")
 
@@ -91,14 +92,38 @@ class DeliverySettings(_Section):
     return_to_calling_ae: bool = False
 
 
+ResultObject = Literal["sr", "gsps", "heatmap", "pdf"]
+RESULT_OBJECTS: tuple[ResultObject, ...] = ("sr", "gsps", "heatmap", "pdf")
+
+
 class Destination(_Section):
-    """A DICOM peer that receives the results (C-STORE SCP)."""
+    """A DICOM peer that receives the results (C-STORE SCP), and which of them it wants.
+
+    `objects`: the result objects it receives for a positive finding (a presentation
+    state exists only for a positive image); `negatives`: those it receives when the
+    model found no nodule (a subset of `objects`; empty: nothing is sent for negatives).
+    """
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,32}$")]
     ae_title: AETitle
     host: str
     port: Port
     tls: bool = False
+    objects: list[ResultObject] = Field(default=list(RESULT_OBJECTS), min_length=1)
+    negatives: list[ResultObject] = ["sr", "heatmap", "pdf"]
+
+    @model_validator(mode="after")
+    def _negatives_within_objects(self) -> "Destination":
+        if "gsps" in self.negatives:
+            raise ValueError("negatives cannot hold gsps: a negative result has no presentation state")
+        extra = sorted(set(self.negatives) - set(self.objects))
+        if extra:
+            raise ValueError(f"negatives must be a subset of objects; not in objects: {', '.join(extra)}")
+        return self
+
+    def wants(self, name: str, *, positive: bool) -> bool:
+        """Whether this destination receives the result object `name` of a positive or negative result."""
+        return name in (self.objects if positive else self.negatives)
 
 
 class Source(_Section):
@@ -108,6 +133,27 @@ class Source(_Section):
     hosts: list[str] = []
     port: Port | None = None
     tls: bool = False
+
+
+MAX_UID_ROOT_LENGTH = 44  # sr_writer.uids.MAX_UID_ROOT_LENGTH: room for 19+ hash digits within 64
+
+
+class ResultsSettings(_Section):
+    """The result objects the node writes."""
+
+    # SmartNodule's own UUID-derived root (2.25.<uuid>); a site with a registered root sets its own.
+    uid_root: str = "2.25.6917992207774837699974228907813234322"
+
+    @field_validator("uid_root")
+    @classmethod
+    def _uid_root_grammar(cls, uid_root: str) -> str:
+        if not RE_VALID_UID.match(uid_root):
+            raise ValueError("uid_root must be a DICOM UID: digit components separated by dots, "
+                             "no leading zeros, no trailing dot")
+        if len(uid_root) > MAX_UID_ROOT_LENGTH:
+            raise ValueError(f"uid_root must be at most {MAX_UID_ROOT_LENGTH} characters to leave room "
+                             f"for the generated suffix (got {len(uid_root)})")
+        return uid_root
 
 
 class TLSSettings(_Section):
@@ -254,6 +300,7 @@ class Settings(BaseSettings):
     delivery: DeliverySettings = DeliverySettings()
     destinations: list[Destination] = []
     sources: list[Source] = []
+    results: ResultsSettings = ResultsSettings()
     tls: TLSSettings = TLSSettings()
     web: WebSettings = WebSettings()
     retrieval: RetrievalSettings = RetrievalSettings()

@@ -1,10 +1,12 @@
-"""Entry point of `sr_writer`: one prediction in, three DICOM result objects out.
+"""Entry point of `sr_writer`: one prediction in, the DICOM result objects out.
 
 Owns the public API the node's worker calls (`encode_results`, `ResultObjects`,
 `SimilarCase`), `render_pdf` for the review page's download, and the checks on
 their inputs: everything is validated here, once,
 before any object is built, and a bad input raises ValueError/TypeError naming
-the parameter and the value.
+the parameter and the value. Also owns the header attributes the secondary
+capture copies from the source beyond highdicom's (Body Part Examined, and the
+Laterality that makes its IOD complete).
 """
 from __future__ import annotations
 
@@ -19,8 +21,9 @@ import pydicom
 from inference.types import PreparedImage, Prediction
 from sr_writer.heatmap import build_heatmap_sc
 from sr_writer.pdf_report import build_pdf_document, render_report_pdf
-from sr_writer.structured_report import build_sr
-from sr_writer.uids import output_uids
+from sr_writer.presentation_state import build_gsps
+from sr_writer.structured_report import ROI_TRACKING_ID, build_sr, tracking_uid
+from sr_writer.uids import DEFAULT_UID_ROOT, check_uid_root, output_uids
 
 _REQUIRED_SOURCE_ATTRIBUTES = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
                                "SeriesInstanceUID", "Modality", "Rows", "Columns")
@@ -46,37 +49,65 @@ class SimilarCase:
 
 @dataclass(frozen=True)
 class ResultObjects:
-    """The result objects of one source image, ready for C-STORE."""
+    """The result objects of one source image, ready for C-STORE; `gsps` only for a positive finding."""
 
     sr: pydicom.Dataset
     heatmap: pydicom.Dataset
     pdf: pydicom.Dataset
+    gsps: pydicom.Dataset | None = None
+
+    def named(self) -> dict[str, pydicom.Dataset]:
+        """The objects by name ("sr", "heatmap", "pdf", "gsps"), the ones that exist."""
+        objects = {"sr": self.sr, "heatmap": self.heatmap, "pdf": self.pdf, "gsps": self.gsps}
+        return {name: dataset for name, dataset in objects.items() if dataset is not None}
 
     def all(self) -> tuple[pydicom.Dataset, ...]:
-        return (self.sr, self.heatmap, self.pdf)
+        return tuple(self.named().values())
 
 
 def encode_results(source: pydicom.Dataset, image: PreparedImage, prediction: Prediction, *,
                    review: bool, similar_cases: Sequence[SimilarCase] = (),
-                   institution_name: str | None = None) -> ResultObjects:
-    """SR, heatmap secondary capture and Encapsulated PDF of `prediction` on `source`.
+                   institution_name: str | None = None, uid_root: str = DEFAULT_UID_ROOT) -> ResultObjects:
+    """SR, heatmap secondary capture, Encapsulated PDF and, when positive, GSPS of `prediction` on `source`.
 
-    Output UIDs derive from the source SOP Instance UID and the model version, so
-    encoding again replaces rather than duplicates.
+    Output UIDs lie under `uid_root` and derive from the source SOP Instance UID and
+    the model version, so encoding again replaces rather than duplicates.
     """
     _validate(source, image, prediction, review, similar_cases, institution_name)
+    check_uid_root(uid_root)
     version = prediction.model.version
     sop_uid = source.SOPInstanceUID
-    sr = build_sr(source, prediction, review=review,
-                  uids=output_uids(sop_uid, version, "sr"), institution_name=institution_name)
-    heatmap = build_heatmap_sc(source, image, prediction,
-                               uids=output_uids(sop_uid, version, "heatmap"),
+
+    def uids(kind):
+        return output_uids(sop_uid, version, kind, uid_root=uid_root)
+
+    sr = build_sr(source, prediction, review=review, uids=uids("sr"), institution_name=institution_name,
+                  uid_root=uid_root)
+    heatmap = build_heatmap_sc(source, image, prediction, uids=uids("heatmap"),
                                institution_name=institution_name)
+    _copy_body_part(source, heatmap)
     pdf_bytes = render_report_pdf(source, image, prediction, review=review,
                            similar_cases=similar_cases, institution_name=institution_name)
-    pdf = build_pdf_document(source, pdf_bytes, uids=output_uids(sop_uid, version, "pdf"),
+    pdf = build_pdf_document(source, pdf_bytes, uids=uids("pdf"),
                              prediction=prediction, institution_name=institution_name)
-    return ResultObjects(sr=sr, heatmap=heatmap, pdf=pdf)
+    gsps = build_gsps(source, prediction, uids=uids("gsps"), institution_name=institution_name,
+                      tracking_uid=tracking_uid(source, prediction, ROI_TRACKING_ID, uid_root=uid_root)) \
+        if prediction.positive else None
+    if gsps is not None:
+        _copy_body_part(source, gsps)
+    return ResultObjects(sr=sr, heatmap=heatmap, pdf=pdf, gsps=gsps)
+
+
+def _copy_body_part(source: pydicom.Dataset, series: pydicom.Dataset) -> None:
+    """Body Part Examined of the source on an image-like result series (SC, GSPS).
+
+    General Series Laterality is Type 2C, required only for a paired body part: with
+    the body part named (CHEST), a validator knows none is needed; without it,
+    dciodvfy asks for Laterality on every object.
+    """
+    body_part = source.get("BodyPartExamined")
+    if isinstance(body_part, str) and body_part.strip():
+        series.BodyPartExamined = body_part.strip()[:16]
 
 
 def render_pdf(source: pydicom.Dataset, image: PreparedImage, prediction: Prediction, *,

@@ -16,7 +16,7 @@ from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittle
 from inference.types import Location, ModelIdentity, PreparedImage, Prediction
 from sr_writer.encode import ResultObjects, SimilarCase, encode_results, render_pdf
 from tests.conftest import require_binary
-from sr_writer.structured_report import (ABSENT, IMAGE_TRACKING_ID, LUNG, NODULE, PRESENT, PROBABILITY,
+from sr_writer.structured_report import (ABSENT, LUNG, NODULE, PRESENT, PROBABILITY,
                                          ROI_TRACKING_ID, UNCERTAINTY, tracking_uid)
 
 OUTPUT = Path(__file__).resolve().parents[2] / "test-output" / "sr_writer"
