@@ -2,7 +2,8 @@
 
 `Processor` turns a claimed RUNNING job into ENCODED result files or a SKIPPED /
 REJECTED / FAILED outcome; `Deliverer` sends a claimed DELIVERING job's results to
-every destination with retries and exponential backoff.
+every destination with retries and exponential backoff, each destination only the
+result objects it chose (`objects`, and `negatives` for a result without a nodule).
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from sr_writer.heatmap import EXPLANATION_FILE, explanation_png
 from sr_writer.source_header import clean_header
 
 log = structlog.get_logger(__name__)
-RESULT_FILES = ("sr", "heatmap", "pdf")
+RESULT_FILES = ("sr", "gsps", "heatmap", "pdf")  # <name>.dcm in a job's results folder; gsps only when positive
 RETURN_TO_CALLER = "calling-ae"  # the delivery row of `delivery.return_to_calling_ae`
 
 
@@ -96,10 +97,10 @@ class Processor:
                 if header.warnings:
                     bound.warning("source_header_repaired", warnings=list(header.warnings))
                 results = encode_results(header.dataset, image, prediction, review=prediction.review,
-                                         similar_cases=similar)
+                                         similar_cases=similar, uid_root=self._settings.results.uid_root)
                 # One folder per attempt: a worker whose lease expired never touches the winner's files.
                 folder = self._settings.results_dir / checked_uid(sop_uid, "SOP Instance UID") / f"attempt-{claim.attempt}"
-                for name, dataset in zip(RESULT_FILES, results.all()):
+                for name, dataset in results.named().items():
                     write_atomic(folder / f"{name}.dcm", _encode_file(dataset))
                 write_atomic(folder / EXPLANATION_FILE, explanation_png(prediction.heatmap))  # for the review page
         except NotApplicable as exc:
@@ -163,6 +164,14 @@ def delivery_names(settings: Settings) -> list[str]:
     return names + [RETURN_TO_CALLER] if settings.delivery.return_to_calling_ae else names
 
 
+def chosen_files(folder: Path, destination: Destination, *, positive: bool) -> list[Path]:
+    """The result files of a job that `destination` receives, in RESULT_FILES order.
+
+    A missing file is not skipped: sending it fails, and the delivery with it (fail closed).
+    """
+    return [folder / f"{name}.dcm" for name in RESULT_FILES if destination.wants(name, positive=positive)]
+
+
 def _encode_file(dataset) -> bytes:
     buffer = BytesIO()
     dataset.save_as(buffer, enforce_file_format=True)
@@ -182,13 +191,17 @@ class Deliverer:
     def run(self, claim: Claim) -> JobState:
         with self._sessions() as session:
             job = session.get(Job, claim.job_id)
-            files = [Path(job.results_dir) / f"{name}.dcm" for name in RESULT_FILES]
+            folder, positive = Path(job.results_dir), bool(job.positive)
             pending = [d.destination for d in job.deliveries if d.state is not DeliveryState.SENT]
             sop_uid, caller = job.sop_instance_uid, (job.calling_aet, job.calling_host)
         bound = log.bind(job_id=claim.job_id, sop_instance_uid=sop_uid, attempt=claim.attempt)
         timer = StageTimer()
         with timer.stage("deliver"):
-            outcomes = {name: self._deliver_to(self._resolve(name, *caller), name, files, bound) for name in pending}
+            outcomes = {}
+            for name in pending:
+                destination = self._resolve(name, *caller)
+                files = [] if destination is None else chosen_files(folder, destination, positive=positive)
+                outcomes[name] = self._deliver_to(destination, name, files, bound)
         delivery = self._settings.delivery
         with self._sessions.begin() as session:
             job = session.get(Job, claim.job_id)
@@ -229,6 +242,9 @@ class Deliverer:
         if destination is None:
             bound.error("result_delivery_failed", destination=name, error="destination not configured")
             return False, "unknown", "destination not configured"
+        if not files:
+            bound.info("result_delivery_skipped", destination=name, reason="destination chose none of the results")
+            return True, "none", None
         try:
             results = send_files(files, host=destination.host, port=destination.port,
                                  called_aet=destination.ae_title, calling_aet=self._settings.node.ae_title,

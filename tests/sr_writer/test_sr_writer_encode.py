@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-import shutil
+import re
 import subprocess
 from pathlib import Path
 
@@ -11,13 +11,15 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import FileMetaDataset
+from pydicom.sr.coding import Code
 from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
 
 from inference.types import Location, ModelIdentity, PreparedImage, Prediction
 from sr_writer.encode import ResultObjects, SimilarCase, encode_results, render_pdf
 from tests.conftest import require_binary
-from sr_writer.structured_report import (ABSENT, LUNG, NODULE, PRESENT, PROBABILITY,
-                                         ROI_TRACKING_ID, UNCERTAINTY, tracking_uid)
+from sr_writer.structured_report import (ABSENT, EXPERT_REVIEW, LUNG, NODULE, NO, PRESENT, PROBABILITY,
+                                         QUALITATIVE_EVALUATIONS, ROI_TRACKING_ID, UNCERTAINTY, YES,
+                                         tracking_uid)
 
 OUTPUT = Path(__file__).resolve().parents[2] / "test-output" / "sr_writer"
 MODEL = ModelIdentity(name="nodule-resnet18", version="1.2.0", weights_sha256="ab" * 32)
@@ -122,7 +124,7 @@ def test_same_patient_and_study_own_series(encoded, source, tmp_path):
         assert back.Manufacturer == "SmartNodule"
         assert "not for primary diagnosis" in back.SeriesDescription
         numbers.add(back.SeriesNumber)
-    assert numbers == {9901, 9902, 9903}
+    assert numbers == ({9901, 9902, 9903, 9904} if results.gsps is not None else {9901, 9902, 9903})
 
 
 def test_sr_content(encoded, source, tmp_path):
@@ -133,36 +135,59 @@ def test_sr_content(encoded, source, tmp_path):
     assert sr.ContentDate and sr.ContentTime
     assert source.SOPInstanceUID in sr.get_evidence()[0]
 
-    [group] = sr.content.get_image_measurement_groups()
-    [probability] = group.get_measurements(name=PROBABILITY)
-    assert probability.value == pytest.approx(prediction.probability)
-    assert probability.unit.value == "1"
-    [uncertainty] = group.get_measurements(name=UNCERTAINTY)
-    assert uncertainty.value == pytest.approx(prediction.uncertainty)
-    [finding] = group.get_qualitative_evaluations(name=NODULE)
-    assert finding.value == (PRESENT if positive else ABSENT)
+    # The image-level result: TID 1500 "Qualitative Evaluations", in every SR.
+    [evaluations] = [item for item in sr.ContentSequence
+                     if item.ConceptNameCodeSequence[0].CodeValue == QUALITATIVE_EVALUATIONS.value]
+    finding, review = evaluations.ContentSequence
+    assert _code(finding.ConceptNameCodeSequence) == NODULE
+    assert _code(finding.ConceptCodeSequence) == (PRESENT if positive else ABSENT)
+    assert _numbers(finding) == {PROBABILITY.meaning: (round(prediction.probability * 100, 1), "%"),
+                                 UNCERTAINTY.meaning: (round(prediction.uncertainty * 100, 1), "%")}
+    assert _code(review.ConceptNameCodeSequence) == EXPERT_REVIEW
+    assert _code(review.ConceptCodeSequence) == (NO if positive else YES)  # the fixture reviews negatives
+
+    groups = sr.content.get_image_measurement_groups()
+    assert sr.content.get_planar_roi_measurement_groups() == []
+    if not positive:
+        assert groups == []  # OHIF makes a measurement of every group; a negative has nothing to draw
+        return
+    [group] = groups
+    assert group.tracking_identifier == ROI_TRACKING_ID
+    assert ROI_TRACKING_ID.startswith("Cornerstone3DTools@^0.1.0:CircleROI:")
+    assert group.tracking_uid == tracking_uid(source, prediction, ROI_TRACKING_ID)
     assert group.finding_type == NODULE
+    assert [site.value for site in group.finding_sites] == [LUNG]
     assert _texts(group, "111001") == [MODEL.name]  # Algorithm Name
     assert _texts(group, "111003") == [MODEL.version]  # Algorithm Version
     assert _texts(group, "111002") == [f"weights_sha256={MODEL.weights_sha256}"]  # Parameters
+    [present] = group.get_qualitative_evaluations(name=NODULE)
+    assert present.value == PRESENT
+    # The first NUM is the probability, INFERRED FROM the circle: cornerstone takes its geometry from there.
+    probability, uncertainty = [item for item in group[0].ContentSequence if item.ValueType == "NUM"]
+    assert _code(probability.ConceptNameCodeSequence) == PROBABILITY
+    assert _code(uncertainty.ConceptNameCodeSequence) == UNCERTAINTY
+    [measured] = group.get_measurements(name=PROBABILITY)
+    assert measured.value == pytest.approx(87.0) and measured.unit.value == "%"
+    [circle] = [item for item in probability.ContentSequence if item.ValueType == "SCOORD"]
+    assert circle.RelationshipType == "INFERRED FROM" and circle.GraphicType == "CIRCLE"
+    centre, edge = np.reshape(circle.GraphicData, (2, 2))
+    # DICOM pixel convention: the nodule centred on pixel index (row 100, column 170) is at (170.5, 100.5).
+    assert tuple(centre) == pytest.approx((LOCATION.col + 0.5, LOCATION.row + 0.5))
+    assert tuple(edge) == pytest.approx((LOCATION.col + 0.5 + LOCATION.radius, LOCATION.row + 0.5))
+    assert circle.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
 
-    rois = sr.content.get_planar_roi_measurement_groups()
-    if not positive:
-        assert rois == []
-        return
-    [roi] = rois
-    assert roi.finding_type == NODULE
-    assert [site.value for site in roi.finding_sites] == [LUNG]
-    assert roi.roi.GraphicType == "CIRCLE"
-    centre, edge = roi.roi.value
-    assert tuple(centre) == pytest.approx((LOCATION.col, LOCATION.row))
-    assert tuple(edge) == pytest.approx((LOCATION.col + LOCATION.radius, LOCATION.row))
-    assert roi.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID \
-        == source.SOPInstanceUID
-    [roi_probability] = roi.get_measurements(name=PROBABILITY)
-    assert roi_probability.value == pytest.approx(prediction.probability)
-    assert roi.tracking_uid == tracking_uid(source, prediction, ROI_TRACKING_ID)
-    assert group.tracking_uid == tracking_uid(source, prediction, IMAGE_TRACKING_ID)
+
+def _code(sequence) -> Code:
+    item = sequence[0]
+    return Code(item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning)
+
+
+def _numbers(item) -> dict[str, tuple[float, str]]:
+    """Concept meaning -> (value, UCUM unit) of the NUM children of `item`."""
+    return {child.ConceptNameCodeSequence[0].CodeMeaning:
+            (float(child.MeasuredValueSequence[0].NumericValue),
+             child.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue)
+            for child in item.ContentSequence if child.ValueType == "NUM"}
 
 
 def _texts(group: hd.sr.Template, code: str) -> list[str]:
@@ -180,7 +205,7 @@ def test_uids_deterministic_per_model_version(source):
     uids = [(ds.SeriesInstanceUID, ds.SOPInstanceUID) for ds in first.all()]
     assert uids == [(ds.SeriesInstanceUID, ds.SOPInstanceUID) for ds in again.all()]
     every = {uid for pair in uids for uid in pair}
-    assert len(every) == 6
+    assert len(every) == 8  # SR, heatmap, PDF and GSPS: series and instance each
     assert every.isdisjoint({uid for ds in other.all() for uid in (ds.SeriesInstanceUID, ds.SOPInstanceUID)})
 
 
@@ -200,8 +225,7 @@ def test_heatmap_of_large_image_is_at_most_1024(tmp_path):
     image, prediction = make_inputs(big, positive=True)
     results = encode_results(big, image, prediction, review=True)
     assert max(results.heatmap.Rows, results.heatmap.Columns) <= 1024
-    [roi] = hd.sr.Comprehensive3DSR.from_dataset(results.sr).content.get_planar_roi_measurement_groups()
-    assert tuple(roi.roi.value[0]) == pytest.approx((prediction.location.col, prediction.location.row))
+    assert _circle_centre(results.sr) == pytest.approx((prediction.location.col + 0.5, prediction.location.row + 0.5))
 
 
 def test_pdf(encoded, source, tmp_path):
@@ -225,31 +249,30 @@ def test_render_pdf_matches_encapsulated_content(source):
     assert pdf.startswith(b"%PDF")
 
 
-@pytest.mark.skipif(not shutil.which("dsr2html") or not shutil.which("dcmdump"),
-                    reason="DCMTK not installed")
 def test_dcmtk_reads_all_objects(encoded, tmp_path):
-    _, _, results = encoded
+    positive, prediction, results = encoded
     sr = _save(results.sr, tmp_path / "sr.dcm")
-    html = subprocess.run(["dsr2html", str(sr)], capture_output=True, text=True)
+    html = subprocess.run([require_binary("dsr2html"), str(sr)], capture_output=True, text=True)
     assert html.returncode == 0, html.stderr
-    assert "SmartNodule" in html.stdout
-    for name, ds in (("sc.dcm", results.heatmap), ("pdf.dcm", results.pdf)):
-        dump = subprocess.run(["dcmdump", str(_save(ds, tmp_path / name))],
+    text = re.sub(r"<[^>]+>", "", html.stdout)
+    assert "SmartNodule" in text
+    # Concept names with values rounded to 0.1 and their unit, never "0.86967758012219 1".
+    assert f"Probability = {prediction.probability * 100:.1f} %" in text
+    assert f"Model uncertainty = {prediction.uncertainty * 100:.1f} %" in text
+    assert not re.search(r"\b0\.\d{4,}", text)
+    for name, ds in results.named().items():
+        dump = subprocess.run([require_binary("dcmdump"), str(_save(ds, tmp_path / f"{name}.dcm"))],
                               capture_output=True, text=True)
         assert dump.returncode == 0 and "E:" not in dump.stderr, dump.stderr
 
 
-@pytest.mark.skipif(not shutil.which("dciodvfy"), reason="dciodvfy not installed")
 def test_dciodvfy(encoded, tmp_path):
     _, _, results = encoded
-    for name, ds in zip(("sr.dcm", "sc.dcm", "pdf.dcm"), results.all()):
-        check = subprocess.run(["dciodvfy", str(_save(ds, tmp_path / name))],
+    for name, ds in results.named().items():
+        check = subprocess.run([require_binary("dciodvfy"), str(_save(ds, tmp_path / f"{name}.dcm"))],
                                capture_output=True, text=True)
-        # dciodvfy wants General Series Laterality (Type 2C) whatever the body part;
-        # the standard asks for it only for paired body parts, and a chest is not one.
-        errors = [line for line in (check.stdout + check.stderr).splitlines()
-                  if line.startswith("Error") and "<Laterality>" not in line]
-        assert errors == [], check.stderr
+        errors = [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
+        assert errors == [], (name, errors)
 
 
 def _write_png(rgb: np.ndarray, path: Path) -> None:
@@ -268,6 +291,14 @@ def test_header_only_source_without_orientation_or_imager_spacing(tmp_path):
     image, prediction = make_inputs(source, positive=True)
     results = encode_results(source, image, prediction, review=False)
     assert results.heatmap.PatientOrientation == ""
-    sr = hd.sr.srread(_save(results.sr, tmp_path / "sr.dcm"))
-    [roi] = sr.content.get_planar_roi_measurement_groups()
-    assert tuple(roi.roi.value[0]) == pytest.approx((LOCATION.col, LOCATION.row))
+    assert _circle_centre(hd.sr.srread(_save(results.sr, tmp_path / "sr.dcm"))) \
+        == pytest.approx((LOCATION.col + 0.5, LOCATION.row + 0.5))
+    assert results.gsps is not None and results.gsps.BodyPartExamined == results.heatmap.BodyPartExamined == "CHEST"
+
+
+def _circle_centre(sr: pydicom.Dataset) -> tuple[float, float]:
+    """(column, row) of the centre of the SR's nodule circle."""
+    [group] = hd.sr.Comprehensive3DSR.from_dataset(sr).content.get_image_measurement_groups()
+    [circle] = [item for num in group[0].ContentSequence if num.ValueType == "NUM"
+                for item in getattr(num, "ContentSequence", []) if item.ValueType == "SCOORD"]
+    return tuple(circle.GraphicData[:2])
