@@ -3,7 +3,9 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEBS := dcmtk orthanc poppler-utils dicom3tools chromium openssl
+DEBS := dcmtk orthanc poppler-utils dicom3tools chromium openssl nodejs
+OHIF := tests/viewers/ohif
+OHIF_STAMP := $(OHIF)/node_modules/.installed
 export TCP_NODELAY := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
@@ -15,6 +17,11 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# OHIF's published SR code (npm, pinned by package-lock.json) for tests/viewers; about 25 s, 88 MB.
+$(OHIF_STAMP): $(OHIF)/package.json $(OHIF)/package-lock.json $(OHIF)/.npmrc | system-packages
+	cd $(OHIF) && npm ci --no-audit --no-fund
+	touch $@
 
 system-packages:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -37,7 +44,7 @@ postgres:
 demo: system-packages $(STAMP)
 	$(VENV)/bin/smartnodule demo $(ARGS)
 
-test: system-packages postgres $(STAMP)
+test: system-packages postgres $(STAMP) $(OHIF_STAMP)
 	$(PY) -m pytest -rs tests
 
 bench: system-packages postgres $(STAMP)
@@ -50,4 +57,4 @@ gpu-check: $(STAMP)
 	$(PY) -m inference.gpu_check
 
 clean:
-	rm -rf $(VENV) var test-output
+	rm -rf $(VENV) var test-output $(OHIF)/node_modules

@@ -57,7 +57,9 @@ def test_pacs_down_during_delivery_receives_everything_once_when_back(pacs, make
     assert [j.state for j in jobs] == [JobState.SENT] * 3
     client = pacs.client
     assert len(sr_instances(client)) == 3
-    assert len(client.get("instances").json()) == 9  # SR + heatmap + PDF per source, nothing twice
+    positives = sum(bool(j.positive) for j in jobs)
+    # SR + heatmap + PDF per source and a presentation state per positive one (the default objects), nothing twice
+    assert len(client.get("instances").json()) == 9 + positives
     failures = [e for e in audit_events(settings) if e["event"] == "result_delivery_failed"]
     assert failures and all(e["destination"] == "pacs" for e in failures)
 
