@@ -48,14 +48,15 @@ def test_orthanc_study_comes_back_with_sr_heatmap_and_pdf(orthanc, make_settings
                      message="the job to be delivered")
     assert job.state is JobState.SENT, job.reason
     assert job.calling_aet == "ORTHANC" and job.model_version
-    results = {kind: dcmread(os.path.join(job.results_dir, f"{kind}.dcm")) for kind in ("sr", "heatmap", "pdf")}
+    kinds = ("sr", "heatmap", "pdf", "gsps") if job.positive else ("sr", "heatmap", "pdf")
+    results = {kind: dcmread(os.path.join(job.results_dir, f"{kind}.dcm")) for kind in kinds}
     for kind, dataset in results.items():
         found = client.instances.lookup(str(dataset.SOPInstanceUID))
         assert found, f"{kind} is not in Orthanc"
         assert client.instances.get_parent_study_id(found) == study_id, f"{kind} is not in the source study"
         assert dataset.StudyInstanceUID == source.StudyInstanceUID
         assert dataset.SeriesInstanceUID != source.SeriesInstanceUID
-    assert len(client.studies.get_series_ids(study_id)) == 4  # source + SR + heatmap + PDF
+    assert len(client.studies.get_series_ids(study_id)) == 1 + len(kinds)  # source + SR + heatmap + PDF (+ GSPS)
 
     sr = hd.sr.Comprehensive3DSR.from_dataset(results["sr"])
     assert sr.SOPClassUID == COMPREHENSIVE_3D_SR
