@@ -20,7 +20,7 @@ import numpy as np
 import structlog
 from sqlalchemy.orm import sessionmaker
 
-from config.settings import Destination, Settings
+from config.settings import RESULT_OBJECTS, Destination, Settings
 from inference.predictor import Detector
 from inference.preprocess import prepare, read_dataset
 from inference.types import NotApplicable, Unreadable
@@ -36,7 +36,6 @@ from sr_writer.heatmap import EXPLANATION_FILE, explanation_png
 from sr_writer.source_header import clean_header
 
 log = structlog.get_logger(__name__)
-RESULT_FILES = ("sr", "gsps", "heatmap", "pdf")  # <name>.dcm in a job's results folder; gsps only when positive
 RETURN_TO_CALLER = "calling-ae"  # the delivery row of `delivery.return_to_calling_ae`
 
 
@@ -165,11 +164,11 @@ def delivery_names(settings: Settings) -> list[str]:
 
 
 def chosen_files(folder: Path, destination: Destination, *, positive: bool) -> list[Path]:
-    """The result files of a job that `destination` receives, in RESULT_FILES order.
+    """The result files (`<name>.dcm`) of a job that `destination` receives, in RESULT_OBJECTS order.
 
     A missing file is not skipped: sending it fails, and the delivery with it (fail closed).
     """
-    return [folder / f"{name}.dcm" for name in RESULT_FILES if destination.wants(name, positive=positive)]
+    return [folder / f"{name}.dcm" for name in RESULT_OBJECTS if destination.wants(name, positive=positive)]
 
 
 def _encode_file(dataset) -> bytes:
