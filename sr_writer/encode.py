@@ -4,9 +4,9 @@ Owns the public API the node's worker calls (`encode_results`, `ResultObjects`,
 `SimilarCase`), `render_pdf` for the review page's download, and the checks on
 their inputs: everything is validated here, once,
 before any object is built, and a bad input raises ValueError/TypeError naming
-the parameter and the value. Also owns the header attributes the secondary
-capture copies from the source beyond highdicom's (Body Part Examined, and the
-Laterality that makes its IOD complete).
+the parameter and the value. Also owns the General Series attributes the
+secondary capture and the presentation state take from the source beyond
+highdicom's (Body Part Examined, Laterality).
 """
 from __future__ import annotations
 
@@ -99,15 +99,21 @@ def encode_results(source: pydicom.Dataset, image: PreparedImage, prediction: Pr
 
 
 def _copy_body_part(source: pydicom.Dataset, series: pydicom.Dataset) -> None:
-    """Body Part Examined of the source on an image-like result series (SC, GSPS).
+    """Body Part Examined and Laterality of the source on an image-like result series (SC, GSPS).
 
-    General Series Laterality is Type 2C, required only for a paired body part: with
-    the body part named (CHEST), a validator knows none is needed; without it,
-    dciodvfy asks for Laterality on every object.
+    General Series Laterality is Type 2C, required for a paired body part only. With
+    the body part named (CHEST), a validator knows none is needed; without it, dciodvfy
+    asks for it, so it is then present and empty (Type 2: claims no side). A source's
+    own R or L is kept.
     """
     body_part = source.get("BodyPartExamined")
-    if isinstance(body_part, str) and body_part.strip():
+    known = isinstance(body_part, str) and bool(body_part.strip())
+    if known:
         series.BodyPartExamined = body_part.strip()[:16]
+    if source.get("Laterality") in ("R", "L"):
+        series.Laterality = source.Laterality
+    elif not known and "Laterality" not in series:
+        series.Laterality = ""
 
 
 def render_pdf(source: pydicom.Dataset, image: PreparedImage, prediction: Prediction, *,

@@ -27,18 +27,24 @@ from test_sr_writer_encode import OUTPUT, make_inputs
 SIZE = 512
 
 
-@pytest.fixture(scope="module")
-def cr():
+def encode_cr(*, body_part: bool = True):
     """(source, truth, results) of a positive CR whose prediction sits on the phantom's nodule."""
     phantom = generate_phantom(7, SIZE, nodule=True, bits_stored=15)
     source = phantom_dataset(phantom, monochrome1=True, modality="CR")
     assert (source.Modality, source.PhotometricInterpretation, source.BitsStored) == ("CR", "MONOCHROME1", 15)
+    if not body_part:
+        del source.BodyPartExamined
     image = prepare(source, input_size=256)
     _, prediction = make_inputs(source, positive=True)
     truth = phantom.nodule
     prediction = dataclasses.replace(prediction, location=Location(truth.row, truth.col, truth.radius_px),
                                      heatmap=np.zeros(image.display.shape, np.float32))
     return source, truth, encode_results(source, image, prediction, review=False)
+
+
+@pytest.fixture(scope="module")
+def cr():
+    return encode_cr()
 
 
 def _save(ds: pydicom.Dataset, path: Path) -> Path:
@@ -119,12 +125,16 @@ def test_dcmp2pgm_renders_source_with_presentation_state(cr, tmp_path):
     cv2.imwrite(str(OUTPUT / "gsps-cr.png"), composite.astype(np.uint8))
 
 
-def test_every_output_of_a_cr_passes_dciodvfy(cr, tmp_path):
+@pytest.mark.parametrize("body_part", [True, False], ids=["chest", "no-body-part"])
+def test_every_output_of_a_cr_passes_dciodvfy(body_part, tmp_path):
     dciodvfy = require_binary("dciodvfy")
-    _, _, results = cr
+    _, _, results = encode_cr(body_part=body_part)
     assert set(results.named()) == {"sr", "gsps", "heatmap", "pdf"}
     for name, ds in results.named().items():
         check = subprocess.run([dciodvfy, str(_save(ds, tmp_path / f"{name}.dcm"))], capture_output=True, text=True)
         errors = [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
         assert errors == [], (name, errors)
-    assert results.heatmap.BodyPartExamined == results.gsps.BodyPartExamined == "CHEST"
+    for series in (results.heatmap, results.gsps):
+        # The body part tells a reader no Laterality is needed; without it, Laterality is there and empty.
+        assert (series.BodyPartExamined, "Laterality" in series) == ("CHEST", False) if body_part \
+            else ("BodyPartExamined" in series, series.Laterality) == (False, "")
