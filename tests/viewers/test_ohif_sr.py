@@ -12,8 +12,10 @@ import math
 import subprocess
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 import pytest
+from pydicom.sr.codedict import codes
 
 from inference.phantoms import generate_phantom, phantom_dataset
 from inference.preprocess import prepare
@@ -113,3 +115,19 @@ def test_negative_sr_loads_and_draws_nothing(ohif_packages, cr, tmp_path):
     assert shown["referencedImages"] == [{"ReferencedSOPClassUID": source.SOPClassUID,
                                           "ReferencedSOPInstanceUID": source.SOPInstanceUID}]
     assert shown["measurements"] == [] and shown["drawn"] == [] and shown["hydrated"] == []
+
+
+def test_group_without_coordinates_breaks_ohif(ohif_packages, cr, tmp_path):
+    """The check can fail: the former layout (an image-level TID 1501 group, no coordinates) breaks OHIF."""
+    source, source_path, _, image = cr
+    sr = encode_results(source, image, predict(image, None, 0.08), review=False).sr
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="image-level result"),
+        finding_type=codes.SCT.Nodule,
+        measurements=[hd.sr.Measurement(name=codes.DCM.Probability, value=8.0, unit=codes.UCUM.Percent)])
+    container = hd.sr.ContainerContentItem(name=codes.DCM.ImagingMeasurements,
+                                           relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    container.ContentSequence = hd.sr.ContentSequence(list(group))
+    sr.ContentSequence.append(container)
+    shown = load_in_ohif(tmp_path, sr, source_path)
+    assert shown["error"] == "TypeError: Cannot read properties of undefined (reading 'ReferencedSOPSequence')"
