@@ -9,7 +9,7 @@ import pytest
 from pydicom import dcmread
 
 from node.db import TERMINAL, JobState
-from node.pipeline import RESULT_FILES
+from node.pipeline import chosen_files
 from tests.conftest import audit_events, finished_jobs, wait_for
 from tests.data.make_messy_corpus import build_corpus
 from tests.faults.suite import storescu
@@ -40,8 +40,8 @@ def test_messy_headers_come_back_as_sr_heatmap_and_pdf_that_pass_dciodvfy(  # no
             continue
         named = {warning.split(" ")[0] for warning in json.loads(job.header_warnings or "[]")}
         found += [f"no header warning for {keyword}" for keyword in case.warned if keyword not in named]
-        for kind in RESULT_FILES:
-            path = Path(job.results_dir) / f"{kind}.dcm"
+        for path in chosen_files(Path(job.results_dir), settings.destinations[0], positive=bool(job.positive)):
+            kind = path.stem
             if not orthanc.client.instances.lookup(str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)):
                 found.append(f"{kind} is not in Orthanc")
             found += [f"{kind}: {line}" for line in dciodvfy_errors(path)]
