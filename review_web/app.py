@@ -9,7 +9,6 @@ token. URLs carry job ids and UIDs only, never patient data.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -35,9 +34,10 @@ from retrieval.cases import similar_jobs
 from retrieval.index import CaseIndex
 from review_web import images
 from review_web.health import Health, HealthCollector, collect_health
-from review_web.models import PROCESSED, Role, User, current_reads, decide, final_verdict, record_verdict, review_queue
-from review_web.security import (MIN_SECRET_KEY_LENGTH, LoginLimiter, SecurityHeaders, check_password, csrf_token,
-                                 csrf_valid, user_by_token)
+from review_web.models import PROCESSED, READING_ROLES, Role, User, current_reads, decide, final_verdict, record_verdict, review_queue
+from review_web.security import (MAX_PASSWORD_LENGTH, MAX_USERNAME_LENGTH, MIN_SECRET_KEY_LENGTH, BodyLimit,
+                                 HashGate, HashingBusy, LoginLimiter, SecurityHeaders, check_password, client_address,
+                                 csrf_token, csrf_valid, end_session, open_session, session_user, user_by_token)
 from sr_writer.encode import SimilarCase
 
 log = structlog.get_logger(__name__)
@@ -56,6 +56,7 @@ class WebContext:
     index: CaseIndex | None
     identity: ModelIdentity | None
     limiter: LoginLimiter
+    hash_gate: HashGate
     templates: Jinja2Templates
     registry: CollectorRegistry
     logins: Counter
@@ -78,13 +79,16 @@ def create_app(settings: Settings, sessions: sessionmaker, index: CaseIndex | No
                   openapi_url="/api/openapi.json")
     app.state.web = WebContext(
         settings=settings, sessions=sessions, index=index, identity=identity,
-        limiter=LoginLimiter(web.login_max_attempts, web.login_window_s),
+        limiter=LoginLimiter(web.login_max_attempts, web.login_max_attempts_per_address,
+                             web.login_max_attempts_total, web.login_window_s, web.login_tracked_max),
+        hash_gate=HashGate(web.password_hash_concurrency, web.password_hash_queue_max),
         templates=_templates(), registry=registry,
         logins=Counter("smartnodule_web_logins", "Login attempts by outcome", ["outcome"], registry=registry),
         verdicts=Counter("smartnodule_verdicts_recorded", "Verdicts recorded", registry=registry),
     )
     app.add_middleware(SessionMiddleware, secret_key=web.secret_key, session_cookie="smartnodule_session",
                        max_age=web.session_max_age_s, same_site="strict", https_only=web.secure_cookies)
+    app.add_middleware(BodyLimit, max_bytes=web.max_request_bytes)
     app.add_middleware(SecurityHeaders)
     app.add_exception_handler(LoginRequired, lambda request, exc: RedirectResponse("/login", status_code=303))
     app.add_exception_handler(images.MissingFile,
@@ -107,15 +111,16 @@ def _web(request: Request) -> WebContext:
 
 
 def _session_user(request: Request) -> User | None:
+    """The user of the request's server-side session; a cookie whose session has ended is cleared."""
     ctx = _web(request)
-    username, login_at = request.session.get("user"), request.session.get("login_at", 0)
-    if username is None:
+    token = request.session.get("sid")
+    if not isinstance(token, str):
         return None
-    if time.time() - login_at > ctx.settings.web.session_max_age_s:
+    with ctx.sessions.begin() as session:
+        user = session_user(session, token, ctx.settings.web.session_max_age_s, ctx.settings.web.session_idle_s)
+    if user is None:
         request.session.clear()
-        return None
-    with ctx.sessions() as session:
-        return session.scalar(select(User).where(User.username == username))
+    return user
 
 
 def page_user(request: Request) -> User:
@@ -157,7 +162,8 @@ def _render(request: Request, template: str, user: User | None = None, status_co
 
 
 def _client_ip(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
+    return client_address(request.client.host if request.client else None, request.headers.get("x-forwarded-for"),
+                          _web(request).settings.web.trusted_proxies)
 
 
 pages = APIRouter(include_in_schema=False)
@@ -174,34 +180,54 @@ def login_form(request: Request) -> HTMLResponse:
 
 
 @pages.post("/login", dependencies=[Depends(check_csrf)])
-def login(request: Request, username: Annotated[str, Form()], password: Annotated[str, Form()]) -> Response:
+async def login(request: Request, username: Annotated[str, Form(max_length=MAX_USERNAME_LENGTH)],
+                password: Annotated[str, Form(max_length=MAX_PASSWORD_LENGTH)]) -> Response:
+    """Field lengths are checked (422) and the limits applied (429) before the password is hashed."""
     ctx, ip = _web(request), _client_ip(request)
-    if ctx.limiter.blocked(ip, username):
-        log.warning("login_failed", username=username, client_ip=ip, reason="rate_limited")
+    limit = ctx.limiter.blocked(ip, username)
+    if limit is not None:
+        log.warning("login_failed", username=username, client_ip=ip, reason="rate_limited", limit=limit)
         ctx.logins.labels("rate_limited").inc()
         return _render(request, "login.html", status_code=429,
                        error="Too many failed attempts. Wait a few minutes and try again.")
-    with ctx.sessions() as session:
-        user = session.scalar(select(User).where(User.username == username))
-    if not check_password(user, password):
+    try:
+        user, token = await ctx.hash_gate.run(_log_in, ctx, username, password)
+    except HashingBusy:
+        log.warning("login_failed", username=username, client_ip=ip, reason="busy")
+        ctx.logins.labels("busy").inc()
+        return _render(request, "login.html", status_code=503, error="The server is busy. Try again shortly.")
+    if user is None:
         ctx.limiter.failed(ip, username)
         log.warning("login_failed", username=username, client_ip=ip, reason="wrong_credentials")
         ctx.logins.labels("failed").inc()
         return _render(request, "login.html", status_code=401, error="Wrong username or password.")
-    ctx.limiter.succeeded(ip, username)
+    ctx.limiter.succeeded(username)
     request.session.clear()
-    request.session.update(user=user.username, login_at=time.time())
+    request.session.update(sid=token)
     log.info("login_succeeded", username=user.username, role=user.role.value, client_ip=ip)
     ctx.logins.labels("succeeded").inc()
     return RedirectResponse("/health" if user.role is Role.ADMIN else "/queue", status_code=303)
 
 
+def _log_in(ctx: WebContext, username: str, password: str) -> tuple[User | None, str | None]:
+    """(user, new session id) when the password is an enabled user's, else (None, None); runs in a worker thread."""
+    with ctx.sessions.begin() as session:
+        user = session.scalar(select(User).where(User.username == username))
+        if not check_password(user, password) or user.disabled:
+            return None, None
+        return user, open_session(session, user)
+
+
 @pages.post("/logout", dependencies=[Depends(check_csrf)])
 def logout(request: Request) -> RedirectResponse:
-    username = request.session.get("user")
+    """Ends the session on the server: every copy of the cookie stops working."""
+    user, token = _session_user(request), request.session.get("sid")
+    if isinstance(token, str):
+        with _web(request).sessions.begin() as session:
+            end_session(session, token)
     request.session.clear()
-    if username:
-        log.info("logout_succeeded", username=username)
+    if user is not None:
+        log.info("logout_succeeded", username=user.username)
     return RedirectResponse("/login", status_code=303)
 
 
@@ -264,6 +290,9 @@ def case_verdict(request: Request, job_id: JobId, user: Annotated[User, Depends(
                  nodule: Annotated[str, Form()], row: Annotated[str, Form()] = "",
                  col: Annotated[str, Form()] = "", comment: Annotated[str, Form(max_length=2000)] = ""
                  ) -> RedirectResponse:
+    if user.role not in READING_ROLES:
+        log.warning("verdict_refused", job_id=job_id, username=user.username, role=user.role.value)
+        raise HTTPException(403, "only reviewers and adjudicators record verdicts")
     if nodule not in ("present", "absent"):
         raise HTTPException(422, f"nodule must be 'present' or 'absent', got {nodule!r}")
     job = _processed_job(request, job_id)

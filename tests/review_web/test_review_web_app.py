@@ -195,13 +195,3 @@ def test_app_refuses_a_short_secret_key(node):
     settings = node.settings.model_copy(update={"web": node.settings.web.model_copy(update={"secret_key": "short"})})
     with pytest.raises(ValueError, match="web.secret_key"):
         create_app(settings, node.sessions)
-
-
-def test_expired_session_logs_out(client, node, monkeypatch):
-    login(client, "reviewer")
-    assert client.get("/queue", follow_redirects=False).status_code == 200
-    import review_web.app as app_module
-
-    later = app_module.time.time() + node.settings.web.session_max_age_s + 1
-    monkeypatch.setattr(app_module.time, "time", lambda: later)
-    assert client.get("/queue", follow_redirects=False).status_code == 303
