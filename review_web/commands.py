@@ -50,6 +50,7 @@ def cmd_web(args: argparse.Namespace) -> int:
 
     from retrieval.index import CaseIndex
     from review_web.app import create_app
+    from review_web.server import UVICORN_OPTIONS
 
     settings, sessions = _open(args.config)
     index = CaseIndex.from_settings(settings)
@@ -60,8 +61,7 @@ def cmd_web(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(app, host=settings.web.host, port=settings.web.port, log_config=None, access_log=False,
-                log_level="warning")
+    uvicorn.run(app, host=settings.web.host, port=settings.web.port, **UVICORN_OPTIONS)
     return 0
 
 

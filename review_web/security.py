@@ -199,14 +199,18 @@ class HashGate:
     def __init__(self, concurrency: int, queue_max: int) -> None:
         self._concurrency, self._queue_max = concurrency, queue_max
         self._limiter: anyio.CapacityLimiter | None = None  # made inside the event loop, on first use
+        self._admitted = 0  # hashing or waiting; only touched from the event loop's thread
 
     async def run(self, function: Callable[..., T], *args) -> T:
         if self._limiter is None:
             self._limiter = anyio.CapacityLimiter(self._concurrency)
-        statistics = self._limiter.statistics()
-        if statistics.borrowed_tokens >= self._concurrency and statistics.tasks_waiting >= self._queue_max:
+        if self._admitted >= self._concurrency + self._queue_max:
             raise HashingBusy()
-        return await anyio.to_thread.run_sync(function, *args, limiter=self._limiter)
+        self._admitted += 1
+        try:
+            return await anyio.to_thread.run_sync(function, *args, limiter=self._limiter)
+        finally:
+            self._admitted -= 1
 
 
 def open_session(session: Session, user: User) -> str:
