@@ -65,15 +65,20 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_resend(args: argparse.Namespace) -> int:
+    import getpass
+
+    from node.audit import configure_logging
     from node.db import open_database
     from node.jobs import TransitionError, requeue_delivery
 
     settings = load_settings(args.config)
+    configure_logging(settings.log_dir)
     try:
         previous = requeue_delivery(open_database(settings.database_url), args.job)
     except TransitionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    log.info("delivery_requeued", job_id=args.job, previous_state=previous.value, actor=getpass.getuser(), via="cli")
     print(f"job {args.job}: {previous.value} -> ENCODED; a running node delivers it now")
     return 0
 

@@ -80,9 +80,16 @@ def create_user(session: Session, username: str, role: Role, password: str) -> s
         raise ValueError(f"username must be 1-64 printable characters without surrounding spaces, got {username!r}")
     if session.scalar(select(User.id).where(User.username == username)) is not None:
         raise ValueError(f"username {username!r} already exists")
+    user = User(username=username, role=role, password_hash=hash_password(password))
+    token = new_api_token(user)
+    session.add(user)
+    return token
+
+
+def new_api_token(user: User) -> str:
+    """Give `user` a new random API token (the old one stops working); returns it, only its hash is stored."""
     token = secrets.token_urlsafe(32)
-    session.add(User(username=username, role=role, password_hash=hash_password(password),
-                     api_token_hash=token_hash(token)))
+    user.api_token_hash = token_hash(token)
     return token
 
 
