@@ -397,10 +397,6 @@ class Settings(BaseSettings):
         return self.node.data_dir / "logs"
 
     @property
-    def audit_key_file(self) -> Path:
-        return self.audit.key_file or self.node.data_dir.parent / f"{self.node.data_dir.name}.audit-key"
-
-    @property
     def tracking_uri(self) -> str:
         return self.registry.tracking_uri or f"sqlite:///{(self.node.data_dir / 'mlflow.db').resolve()}"
 

@@ -26,7 +26,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from node.service import Node
 
     settings = load_settings(args.config)
-    configure_logging(settings.log_dir)
+    configure_logging(settings.log_dir, audit_settings=settings.audit)
     roles = {"run": dict(), "scp": dict(workers=0, deliver=False, scheduler=False),
              "worker": dict(scp=False, scheduler=False)}[args.command]
     if args.command == "run" and args.workers is not None:
@@ -72,7 +72,7 @@ def cmd_resend(args: argparse.Namespace) -> int:
     from node.jobs import TransitionError, requeue_delivery
 
     settings = load_settings(args.config)
-    configure_logging(settings.log_dir)
+    configure_logging(settings.log_dir, audit_settings=settings.audit)
     try:
         previous = requeue_delivery(open_database(settings.database_url), args.job)
     except TransitionError as exc:
@@ -106,13 +106,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from node.audit import AUDIT_FILE, verify_chain
+    from node.audit import AUDIT_FILE, key_path, read_key, verify_chain
 
-    path = args.file or load_settings(args.config).log_dir / AUDIT_FILE
-    check = verify_chain(path)
+    settings = load_settings(args.config)
+    path = args.file or settings.log_dir / AUDIT_FILE
+    key_file = args.key_file or key_path(settings.audit, settings.node.data_dir)
+    if not key_file.is_file():
+        print(f"error: audit key {key_file} does not exist", file=sys.stderr)
+        return 2
+    check = verify_chain(path, read_key(key_file), accept_legacy_prefix=args.accept_legacy_prefix)
     if check.intact:
-        before = f" ({check.unchained} written before the chain began)" if check.unchained else ""
-        print(f"{path}: {check.records} records{before}, chain intact")
+        before = f" ({check.legacy} written before the keyed chain, not verified)" if check.legacy else ""
+        checkpoint = f", checkpoint at record {check.checkpoint}" if check.checkpoint else ""
+        print(f"{path}: {check.records} records{before}, chain intact{checkpoint}")
         return 0
     print(f"{path}: chain broken at line {check.broken_at}: {check.problem}", file=sys.stderr)
     return 1
@@ -153,11 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50)
     p.set_defaults(func=cmd_jobs)
 
-    p = sub.add_parser("audit", help="the audit log: verify its hash chain")
+    p = sub.add_parser("audit", help="the audit log: verify its keyed chain and checkpoint")
     actions = p.add_subparsers(dest="action", required=True)
     q = actions.add_parser("verify", help="recompute the chain; exit status 1 names the first broken line")
     q.add_argument("--config", type=Path, default=None)
     q.add_argument("--file", type=Path, default=None, help="an audit file (default: the node's)")
+    q.add_argument("--key-file", type=Path, default=None, help="its HMAC key (default: the node's audit.key_file)")
+    q.add_argument("--accept-legacy-prefix", action="store_true",
+                   help="accept lines without a keyed link at the head of the file (a log begun before the keyed "
+                        "chain); they are counted, not verified")
     q.set_defaults(func=cmd_audit_verify)
 
     p = sub.add_parser("demo", help="phantom chest X-rays through the node and a local Orthanc")

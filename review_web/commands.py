@@ -59,7 +59,7 @@ def _open(config: Path | None):
 
     settings = load_settings(config)
     settings.node.data_dir.mkdir(parents=True, exist_ok=True)
-    configure_logging(settings.log_dir)
+    configure_logging(settings.log_dir, audit_settings=settings.audit)
     return settings, open_database(settings.database_url)
 
 

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from config.settings import load_settings
-from node.audit import AUDIT_FILE, configure_logging, verify_chain
+from node.audit import AUDIT_FILE, configure_logging, node_key, verify_chain
 from node.cli import main
 from node.db import Job, JobState, open_database
 
@@ -21,8 +21,9 @@ def config(tmp_path):
 
 
 def audit_events(config) -> list[dict]:
-    path = load_settings(config).log_dir / AUDIT_FILE
-    assert verify_chain(path).intact
+    settings = load_settings(config)
+    path = settings.log_dir / AUDIT_FILE
+    assert verify_chain(path, node_key(settings)).intact
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 

@@ -78,18 +78,19 @@ def server_lines(log_dir) -> list[str]:
     return [line for line in (log_dir / AUDIT_FILE).read_text().splitlines() if '"logger": "httpx' not in line]
 
 
-def test_a_one_megabyte_username_is_refused_without_growing_the_audit_log(node, tmp_path):
-    configure_logging(tmp_path)
+def test_a_one_megabyte_username_is_refused_without_growing_the_audit_log(node):
+    log_dir = node.settings.log_dir
+    configure_logging(log_dir)
     try:
         app = app_with(node)
         client = TestClient(app, base_url="http://127.0.0.1")
         csrf = csrf_of(client.get("/login").text)
-        before = server_lines(tmp_path)
+        before = server_lines(log_dir)
         huge = client.post("/login", data={"username": "x" * (1 << 20), "password": WRONG, "csrf_token": csrf})
         long_name = client.post("/login", data={"username": "x" * 65, "password": WRONG, "csrf_token": csrf})
         long_password = client.post("/login", data={"username": "admin", "password": "p" * 1025,
                                                      "csrf_token": csrf})
-        after = server_lines(tmp_path)
+        after = server_lines(log_dir)
     finally:
         configure_logging(None)
     assert (huge.status_code, long_name.status_code, long_password.status_code) == (413, 422, 422)
