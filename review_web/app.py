@@ -238,6 +238,11 @@ def queue_page(request: Request, user: Annotated[User, Depends(page_user)]) -> H
     return _render(request, "queue.html", user, items=items)
 
 
+def _audit_read(user: User, what: str, **ids) -> None:
+    """Every read of patient data (page, image, overlay, report, API answer) is an audit event naming the user."""
+    log.info("patient_data_viewed", username=user.username, role=user.role.value, what=what, **ids)
+
+
 def _processed_job(request: Request, job_id: int) -> Job:
     with _web(request).sessions() as session:
         job = session.get(Job, job_id)
@@ -260,27 +265,35 @@ def case_page(request: Request, job_id: JobId, user: Annotated[User, Depends(pag
     with _web(request).sessions() as session:
         reads = current_reads(session, [job_id])[job_id]
     outcome = decide(reads)
+    similar = _similar(request, job_id)
+    _audit_read(user, "case_page", job_id=job_id, sop_instance_uid=job.sop_instance_uid,
+                similar_job_ids=[other for other, _ in similar])
     return _render(request, "case.html", user, job=job, dataset=ds, outcome=outcome,
-                   reads=reads if user.role is Role.ADJUDICATOR else [],
-                   similar=_similar(request, job_id),
+                   reads=reads if user.role is Role.ADJUDICATOR else [], similar=similar,
                    has_report=bool(job.results_dir) and (Path(job.results_dir) / "pdf.dcm").is_file())
 
 
 @pages.get("/cases/{job_id}/image.png")
 def case_image(request: Request, job_id: JobId, user: Annotated[User, Depends(page_user)]) -> Response:
-    png, _ = images.display_png(images.source_dataset(_processed_job(request, job_id)))
+    job = _processed_job(request, job_id)
+    png, _ = images.display_png(images.source_dataset(job))
+    _audit_read(user, "image", job_id=job_id, sop_instance_uid=job.sop_instance_uid)
     return Response(png, media_type="image/png")
 
 
 @pages.get("/cases/{job_id}/overlay.png")
 def case_overlay(request: Request, job_id: JobId, user: Annotated[User, Depends(page_user)]) -> Response:
     job = _processed_job(request, job_id)
-    return Response(images.overlay_png(job, images.source_dataset(job)), media_type="image/png")
+    png = images.overlay_png(job, images.source_dataset(job))
+    _audit_read(user, "overlay", job_id=job_id, sop_instance_uid=job.sop_instance_uid)
+    return Response(png, media_type="image/png")
 
 
 @pages.get("/cases/{job_id}/report.pdf")
 def case_report(request: Request, job_id: JobId, user: Annotated[User, Depends(page_user)]) -> Response:
-    pdf = images.report_pdf(_processed_job(request, job_id))
+    job = _processed_job(request, job_id)
+    pdf = images.report_pdf(job)
+    _audit_read(user, "report_pdf", job_id=job_id, sop_instance_uid=job.sop_instance_uid)
     return Response(pdf, media_type="application/pdf",
                     headers={"Content-Disposition": f'inline; filename="smartnodule-job-{job_id}.pdf"'})
 
@@ -404,6 +417,7 @@ def api_study_jobs(request: Request, study_instance_uid: Annotated[str, PathPara
         jobs = list(session.scalars(select(Job).where(Job.study_instance_uid == study_instance_uid)
                                     .order_by(Job.received_at, Job.id)))
         states = {job.id: final_verdict(session, job.id) for job in jobs}
+    _audit_read(user, "api_study_jobs", study_instance_uid=study_instance_uid, job_ids=[job.id for job in jobs])
     return [JobSummary.of(job, states[job.id].status.value, states[job.id].label) for job in jobs]
 
 
@@ -412,6 +426,7 @@ def api_queue(request: Request, user: Annotated[User, Depends(api_user)]) -> lis
     """The caller's review queue, oldest first."""
     with _web(request).sessions() as session:
         items = review_queue(session, user)
+    _audit_read(user, "api_queue", job_ids=[job.id for job, _ in items])
     return [JobSummary.of(job, outcome.status.value, outcome.label) for job, outcome in items]
 
 
@@ -419,8 +434,10 @@ def api_queue(request: Request, user: Annotated[User, Depends(api_user)]) -> lis
 def api_similar(request: Request, job_id: JobId, user: Annotated[User, Depends(api_user)]) -> list[SimilarJob]:
     """Past cases most similar to the job's image, with their final verdicts."""
     _processed_job(request, job_id)
+    similar = _similar(request, job_id)
+    _audit_read(user, "api_similar", job_id=job_id, job_ids=[other for other, _ in similar])
     return [SimilarJob(other, case.study_date, case.probability, case.verdict, case.similarity)
-            for other, case in _similar(request, job_id)]
+            for other, case in similar]
 
 
 @api.get("/health", response_model=Health)

@@ -1,5 +1,5 @@
 """Server-side sessions and roles: a copied cookie dies with logout, password change and disable; idle and absolute
-timeouts; only reviewers and adjudicators record verdicts."""
+timeouts; only reviewers and adjudicators record verdicts; every read of patient data is audited with the user."""
 from __future__ import annotations
 
 from datetime import timedelta
@@ -7,8 +7,9 @@ from datetime import timedelta
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
+from structlog.testing import capture_logs
 
-from node.db import utcnow
+from node.db import Job, utcnow
 from review_web.app import create_app
 from review_web.models import NotAReader, Role, User, Verdict, WebSession, final_verdict, record_verdict
 from review_web.security import end_all_sessions, hash_password
@@ -127,3 +128,23 @@ def test_a_session_for_an_unknown_id_is_refused(app, node):
     with node.sessions.begin() as session:
         session.execute(update(WebSession).values(id_hash="0" * 64))
     assert status(client) == 303
+
+
+def test_every_read_of_patient_data_is_audited_with_the_user(app, node):
+    job_id = node.job_ids[0]
+    client = logged_in(app, "reviewer")
+    bearer = {"Authorization": f"Bearer {node.tokens['reviewer2']}"}
+    with node.sessions() as session:
+        study = session.get(Job, job_id).study_instance_uid
+    with capture_logs() as events:
+        for path in ("", "/image.png", "/overlay.png", "/report.pdf"):
+            assert client.get(f"/cases/{job_id}{path}").status_code == 200
+        for path in ("/api/queue", f"/api/jobs/{job_id}/similar", f"/api/studies/{study}/jobs"):
+            assert client.get(path, headers=bearer).status_code == 200
+        assert client.get("/cases/999999").status_code == 404  # nothing read, nothing audited
+    viewed = [e for e in events if e["event"] == "patient_data_viewed"]
+    assert [(e["username"], e["what"]) for e in viewed] == [
+        ("reviewer", "case_page"), ("reviewer", "image"), ("reviewer", "overlay"), ("reviewer", "report_pdf"),
+        ("reviewer2", "api_queue"), ("reviewer2", "api_similar"), ("reviewer2", "api_study_jobs")]
+    assert all(e.get("job_id", job_id) == job_id for e in viewed)
+    assert job_id in viewed[-1]["job_ids"]
