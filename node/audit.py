@@ -461,7 +461,7 @@ def configure_logging(log_dir: Path | None, *, console_level: str = "INFO",
 
     audit_path = None
     if log_dir is not None:
-        log_dir.mkdir(parents=True, exist_ok=True)
+        log_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
         audit_path = log_dir / AUDIT_FILE
         audit = _audit_file(audit_path, audit_settings or AuditSettings())
         audit.setLevel(logging.INFO)

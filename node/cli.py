@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -186,7 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What the node writes is its own and its group's: folders 0750, files 0640 (the SQLite database 0600, node.db).
+PRIVATE_UMASK = 0o027
+
+
 def main(argv: list[str] | None = None) -> int:
+    os.umask(PRIVATE_UMASK)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

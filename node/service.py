@@ -60,7 +60,7 @@ class Node:
                  deliver: bool = True, detector_provider: Callable[[], Callable[[], Detector]] | None = None) -> None:
         self.settings = settings
         for folder in (settings.node.data_dir, settings.spool_dir, settings.results_dir):
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(mode=0o750, parents=True, exist_ok=True)
         self.sessions = open_database(settings.database_url)
         self.index = CaseIndex.from_settings(settings)
         if len(self.index) == 0:

@@ -58,7 +58,7 @@ def _open(config: Path | None):
     from node.db import open_database
 
     settings = load_settings(config)
-    settings.node.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.node.data_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
     configure_logging(settings.log_dir, audit_settings=settings.audit)
     return settings, open_database(settings.database_url)
 
