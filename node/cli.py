@@ -22,14 +22,20 @@ def _host_port(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+# What each way of running the node starts (node.service.Node's switches). The scale-out roles never serve the web
+# app (that is `smartnodule web`, whatever web.enabled says) nor send alerts (the web role does, once).
+ROLES = {"run": dict(),
+         "scp": dict(workers=0, deliver=False, scheduler=False, web=False, alerts=False),
+         "worker": dict(scp=False, scheduler=False, web=False, alerts=False)}
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from node.audit import configure_logging
     from node.service import Node
 
     settings = load_settings(args.config)
     configure_logging(settings.log_dir, audit_settings=settings.audit)
-    roles = {"run": dict(), "scp": dict(workers=0, deliver=False, scheduler=False),
-             "worker": dict(scp=False, scheduler=False)}[args.command]
+    roles = dict(ROLES[args.command])
     if args.command == "run" and args.workers is not None:
         roles["workers"] = args.workers
     node = Node(settings, **roles)

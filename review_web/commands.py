@@ -64,9 +64,12 @@ def _open(config: Path | None):
 
 
 def cmd_web(args: argparse.Namespace) -> int:
+    """The web role: the app, and the alerts (sent from this role only, so replicas of the others do not repeat
+    them)."""
     import uvicorn
 
     from retrieval.index import CaseIndex
+    from review_web.alerts import Alerter
     from review_web.app import create_app
     from review_web.server import UVICORN_OPTIONS
 
@@ -79,7 +82,14 @@ def cmd_web(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(app, host=settings.web.host, port=settings.web.port, **UVICORN_OPTIONS)
+    alerter = Alerter(settings, sessions) if settings.alerts.webhook_url or settings.alerts.mail_to else None
+    if alerter is not None:
+        alerter.start()
+    try:
+        uvicorn.run(app, host=settings.web.host, port=settings.web.port, **UVICORN_OPTIONS)
+    finally:
+        if alerter is not None:
+            alerter.stop()
     return 0
 
 
