@@ -33,7 +33,7 @@ from node.jobs import TransitionError, requeue_delivery
 from retrieval.cases import similar_jobs
 from retrieval.index import CaseIndex
 from review_web import images
-from review_web.health import Health, HealthCollector, collect_health
+from review_web.health import CachedHealth, Health, HealthCollector
 from review_web.models import PROCESSED, READING_ROLES, Role, User, current_reads, decide, final_verdict, record_verdict, review_queue
 from review_web.security import (MAX_PASSWORD_LENGTH, MAX_USERNAME_LENGTH, MIN_SECRET_KEY_LENGTH, BodyLimit,
                                  HashGate, HashingBusy, LoginLimiter, SecurityHeaders, check_password, client_address,
@@ -54,9 +54,9 @@ class WebContext:
     settings: Settings
     sessions: sessionmaker
     index: CaseIndex | None
-    identity: ModelIdentity | None
     limiter: LoginLimiter
     hash_gate: HashGate
+    health: CachedHealth
     templates: Jinja2Templates
     registry: CollectorRegistry
     logins: Counter
@@ -74,14 +74,15 @@ def create_app(settings: Settings, sessions: sessionmaker, index: CaseIndex | No
     if len(web.secret_key) < MIN_SECRET_KEY_LENGTH:
         raise ValueError(f"web.secret_key must have at least {MIN_SECRET_KEY_LENGTH} characters")
     registry = CollectorRegistry()
-    registry.register(HealthCollector(settings, sessions, identity))
+    health = CachedHealth(settings, sessions, identity, web.health_cache_s)
+    registry.register(HealthCollector(health))
     app = FastAPI(title="SmartNodule review", version="1", docs_url=None, redoc_url=None,
                   openapi_url="/api/openapi.json")
     app.state.web = WebContext(
-        settings=settings, sessions=sessions, index=index, identity=identity,
+        settings=settings, sessions=sessions, index=index,
         limiter=LoginLimiter(web.login_max_attempts, web.login_max_attempts_per_address,
                              web.login_max_attempts_total, web.login_window_s, web.login_tracked_max),
-        hash_gate=HashGate(web.password_hash_concurrency, web.password_hash_queue_max),
+        hash_gate=HashGate(web.password_hash_concurrency, web.password_hash_queue_max), health=health,
         templates=_templates(), registry=registry,
         logins=Counter("smartnodule_web_logins", "Login attempts by outcome", ["outcome"], registry=registry),
         verdicts=Counter("smartnodule_verdicts_recorded", "Verdicts recorded", registry=registry),
@@ -337,16 +338,18 @@ def _location(row: str, col: str) -> tuple[float, float] | None:
 @pages.get("/health")
 def health_page(request: Request, user: Annotated[User, Depends(admin_user)]) -> HTMLResponse:
     ctx = _web(request)
-    return _render(request, "health.html", user, health=collect_health(ctx.settings, ctx.sessions, ctx.identity),
+    return _render(request, "health.html", user, health=ctx.health(),
                    destinations=ctx.settings.destinations)
 
 
 @pages.post("/health/resend/{job_id}", dependencies=[Depends(check_csrf)])
 def resend(request: Request, job_id: JobId, user: Annotated[User, Depends(admin_user)]) -> RedirectResponse:
+    ctx = _web(request)
     try:
-        previous = requeue_delivery(_web(request).sessions, job_id)
+        previous = requeue_delivery(ctx.sessions, job_id)
     except TransitionError as exc:
         raise HTTPException(409, str(exc)) from None
+    ctx.health.invalidate()
     log.info("delivery_requeued", job_id=job_id, previous_state=previous.value, admin=user.username)
     return RedirectResponse("/health", status_code=303)
 
@@ -355,7 +358,7 @@ def resend(request: Request, job_id: JobId, user: Annotated[User, Depends(admin_
 def healthz(request: Request) -> JSONResponse:
     ctx = _web(request)
     try:
-        health = collect_health(ctx.settings, ctx.sessions, ctx.identity)
+        health = ctx.health()
     except Exception as exc:
         log.error("health_check_failed", error=f"{type(exc).__name__}: {exc}"[:300])
         return JSONResponse({"status": "down"}, status_code=503)
@@ -445,5 +448,4 @@ def api_health(request: Request, user: Annotated[User, Depends(api_user)]) -> He
     """The health page's figures (administrators)."""
     if user.role is not Role.ADMIN:
         raise HTTPException(403, "administrators only")
-    ctx = _web(request)
-    return collect_health(ctx.settings, ctx.sessions, ctx.identity)
+    return _web(request).health()
