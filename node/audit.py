@@ -205,7 +205,10 @@ class SyslogForwarder:
                     self._connected().sendall(message)
                     backoff = 0.1
                     break
-                except OSError:
+                except OSError as exc:
+                    if backoff == 0.1:  # once per outage; not a log event, which would come back here
+                        print(f"audit syslog server {self._address[0]}:{self._address[1]} unreachable "
+                              f"({type(exc).__name__}); retrying", file=sys.stderr)
                     self._disconnect()
                     time.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)

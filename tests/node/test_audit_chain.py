@@ -19,7 +19,7 @@ from config.settings import AuditSettings
 from node.audit import (AUDIT_FILE, CHECKPOINT_SUFFIX, AuditKeyError, configure_logging, key_path,
                         load_or_create_key, verify_chain)
 from node.cli import main
-from tests.conftest import require_binary
+from tests.conftest import require_binary, wait_for
 
 WRITER = """
 import sys
@@ -228,6 +228,7 @@ def _receive(log_dir, receiver: _Receiver, url: str, **audit) -> list[bytes]:
     threading.Thread(target=receiver.serve_forever, daemon=True).start()
     try:
         lines = write_events(log_dir, 3, syslog=url, **audit)
+        wait_for(lambda: len(receiver.messages) >= 3, 30, message="three syslog messages")
     finally:
         receiver.shutdown()
         receiver.server_close()
