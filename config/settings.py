@@ -218,6 +218,7 @@ class AuditSettings(_Section):
 
     key_file: Path | None = None  # None: `<data_dir>.audit-key` beside the data folder
     checkpoint_every: int = Field(default=1000, ge=1)
+    checkpoint_interval_s: float = Field(default=60.0, gt=0)
     syslog: str = Field(default="", pattern=r"^((tcp|tls)://[^/:]+:\d{1,5})?$")
     syslog_ca_file: Path | None = None
 

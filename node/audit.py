@@ -15,7 +15,8 @@ whose link was stripped or recomputed without the key, breaks the chain from
 there on (`smartnodule audit verify`). A signed checkpoint (sequence number and
 link of a record, with an HMAC) is written beside the file
 (`audit.jsonl.checkpoint`) at the first record, every `audit.checkpoint_every`
-records and at close, so a tail cut off before the checkpoint shows. Records
+records, with the first record after `audit.checkpoint_interval_s` without one,
+and at close, so a tail cut off before the checkpoint shows. Records
 can also be forwarded, as written, to a syslog server (RFC 5424 over TCP or
 TLS, `audit.syslog`), a copy out of reach of whoever holds the node's disk.
 Processes sharing the file (the scale-out roles) append under an exclusive
@@ -229,10 +230,11 @@ class SyslogForwarder:
 class ChainedAuditFile(logging.Handler):
     """Appends each record as one JSON line carrying its sequence number and keyed link (module docstring)."""
 
-    def __init__(self, path: Path, key: bytes, checkpoint_every: int, forwarder: SyslogForwarder | None = None
-                 ) -> None:
+    def __init__(self, path: Path, key: bytes, checkpoint_every: int, checkpoint_interval_s: float,
+                 forwarder: SyslogForwarder | None = None) -> None:
         super().__init__()
-        self.path, self._key, self._every, self._forwarder = path, key, checkpoint_every, forwarder
+        self.path, self._key, self._forwarder = path, key, forwarder
+        self._every, self._interval = checkpoint_every, checkpoint_interval_s
         self._checkpoint = path.with_name(path.name + CHECKPOINT_SUFFIX)
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         self._reader = os.open(path, os.O_RDONLY)
@@ -268,7 +270,7 @@ class ChainedAuditFile(logging.Handler):
                 link = chain_link(self._key, previous, signed)
                 line = f'{signed[:-1]}, "chain": "{link}"}}'
                 os.write(self._fd, (line + "\n").encode())
-                if seq == 1 or seq % self._every == 0:
+                if self._checkpoint_due(seq):
                     self._write_checkpoint(seq, link)
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -277,6 +279,14 @@ class ChainedAuditFile(logging.Handler):
                 self._forwarder.send(line, record.levelname.lower(), str(event or record.name))
         except Exception:
             self.handleError(record)
+
+    def _checkpoint_due(self, seq: int) -> bool:
+        if seq == 1 or seq % self._every == 0:
+            return True
+        try:
+            return time.time() - self._checkpoint.stat().st_mtime >= self._interval
+        except FileNotFoundError:
+            return True
 
     def _write_checkpoint(self, seq: int, head: str) -> None:
         """Replace the checkpoint file (under the file lock): seq, head link and their HMAC."""
@@ -491,4 +501,4 @@ def _audit_file(path: Path, settings: AuditSettings) -> ChainedAuditFile:
     data_dir = path.parent.parent
     key = load_or_create_key(key_path(settings, data_dir), data_dir)
     forwarder = SyslogForwarder(settings.syslog, settings.syslog_ca_file) if settings.syslog else None
-    return ChainedAuditFile(path, key, settings.checkpoint_every, forwarder)
+    return ChainedAuditFile(path, key, settings.checkpoint_every, settings.checkpoint_interval_s, forwarder)

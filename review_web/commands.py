@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import signal
 import sys
 from pathlib import Path
 
@@ -85,6 +86,10 @@ def cmd_web(args: argparse.Namespace) -> int:
     alerter = Alerter(settings, sessions) if settings.alerts.webhook_url or settings.alerts.mail_to else None
     if alerter is not None:
         alerter.start()
+    # uvicorn raises the stop signal again after its graceful shutdown; handled here, the command returns and
+    # logging closes the audit file (writing its checkpoint) instead of the process dying on the signal.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     try:
         uvicorn.run(app, host=settings.web.host, port=settings.web.port, **UVICORN_OPTIONS)
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import socketserver
 import ssl
@@ -186,6 +187,10 @@ def test_checkpoints_are_written_while_the_node_runs(log_dir):
         log.info("instance_stored", job_id=i)
         seen.append(json.loads(checkpoint.read_text())["seq"])
     assert seen == [1, 1, 3, 3, 3, 6, 6]
+    old = checkpoint.stat().st_mtime - AuditSettings().checkpoint_interval_s
+    os.utime(checkpoint, (old, old))  # a minute without a checkpoint: the next record writes one
+    log.info("instance_stored", job_id=7)
+    assert json.loads(checkpoint.read_text())["seq"] == 8
 
 
 def test_processes_appending_to_one_file_keep_one_chain(log_dir):

@@ -5,16 +5,22 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import signal
+import subprocess
+import sys
+import urllib.request
 
 import pytest
 from sqlalchemy import select
 
 from config.settings import load_settings
-from node.audit import AUDIT_FILE, configure_logging
+from node.audit import AUDIT_FILE, CHECKPOINT_SUFFIX, configure_logging
 from node.db import open_database
+from node.orthanc_peer import free_port
 from review_web import commands
 from review_web.models import Role, User
 from review_web.security import check_password, open_session, session_user, user_by_token
+from tests.conftest import wait_for
 
 
 @pytest.fixture(autouse=True)
@@ -110,3 +116,28 @@ def test_user_management_commands_change_the_user_end_sessions_and_are_audited(t
     assert all(e["username"] == "rita" and e["actor"] for e in events)
     assert [e["sessions_ended"] for e in events[1:]] == [1, 0, 1, 1, 0]
     assert not any(first_token in json.dumps(e) or new_token in json.dumps(e) for e in audit_events(tmp_path))
+
+
+def test_the_web_role_stopped_by_sigterm_closes_the_audit_file_with_a_checkpoint(tmp_path):
+    port = free_port()
+    config = tmp_path / "node.toml"
+    config.write_text(f'[node]\ndata_dir = "{tmp_path / "var"}"\naccept_any_calling_ae = true\n'
+                      f'[web]\nenabled = true\nport = {port}\nsecret_key = "{"k" * 48}"\n')
+    server = subprocess.Popen([sys.executable, "-m", "node.cli", "web", "--config", str(config)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _answers(f"http://127.0.0.1:{port}/healthz"), 120, message="the web role")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(60) == 0
+    log = tmp_path / "var" / "logs" / AUDIT_FILE
+    last = json.loads(log.read_text().splitlines()[-1])
+    assert json.loads(log.with_name(AUDIT_FILE + CHECKPOINT_SUFFIX).read_text())["seq"] == last["seq"]
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except OSError:
+        return False
