@@ -1,7 +1,7 @@
 """web sessions and disabled users (server-side sessions that logout, password change and disable end)
 
 Revision ID: 0002_web_sessions
-Revises: 0002
+Revises: 0002_header_warnings
 Create Date: 2026-12-02 09:50:00
 """
 import sqlalchemy as sa
@@ -10,7 +10,7 @@ from alembic import op
 import node.db
 
 revision = '0002_web_sessions'
-down_revision = '0002'
+down_revision = '0002_header_warnings'
 branch_labels = None
 depends_on = None
 
