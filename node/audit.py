@@ -213,7 +213,7 @@ class SyslogForwarder:
                     self._disconnect()
                     time.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
-        self._disconnect()
+        self._finish()
 
     def _connected(self) -> socket.socket:
         if self._socket is None:
@@ -225,6 +225,20 @@ class SyslogForwarder:
         if self._socket is not None:
             self._socket.close()
             self._socket = None
+
+    def _finish(self) -> None:
+        """Close so that the server reads every frame: FIN, then drain what it sent (TLS session tickets)
+        until it closes too. Closing with unread data would send a reset, and a reset makes the server's
+        kernel drop what it has not read yet: the last records."""
+        if self._socket is not None:
+            try:
+                self._socket.shutdown(socket.SHUT_WR)
+                self._socket.settimeout(self._timeout)
+                while self._socket.recv(4096):
+                    pass
+            except OSError:
+                pass
+        self._disconnect()
 
 
 class ChainedAuditFile(logging.Handler):
