@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, IPvAnyNetwork, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from pydicom.uid import RE_VALID_UID
 
@@ -186,15 +186,48 @@ class WebSettings(_Section):
     port: Port = 8080
     secret_key: str = ""
     session_max_age_s: int = Field(default=8 * 3600, ge=60)
+    session_idle_s: int = Field(default=30 * 60, ge=60)
     secure_cookies: bool = False
     login_max_attempts: int = Field(default=5, ge=1)
+    login_max_attempts_per_address: int = Field(default=20, ge=1)
+    login_max_attempts_total: int = Field(default=200, ge=1)
     login_window_s: float = Field(default=300.0, gt=0)
+    login_tracked_max: int = Field(default=10000, ge=100)
+    password_hash_concurrency: int = Field(default=2, ge=1, le=64)
+    password_hash_queue_max: int = Field(default=16, ge=0)
+    trusted_proxies: list[IPvAnyNetwork] = []
+    max_request_bytes: int = Field(default=64 * 1024, ge=1024)
+    health_cache_s: float = Field(default=5.0, ge=0)
+
+    @model_validator(mode="after")
+    def _tracked_covers_total(self) -> "WebSettings":
+        if self.login_tracked_max < 2 * self.login_max_attempts_total:
+            raise ValueError("login_tracked_max must be at least twice login_max_attempts_total "
+                             "(each failure is tracked under its username and its address)")
+        return self
 
     @model_validator(mode="after")
     def _secret_key_when_enabled(self) -> "WebSettings":
         if self.enabled and len(self.secret_key) < 32:
             raise ValueError("secret_key must be a random string of at least 32 characters when the web app is enabled")
         return self
+
+
+class AuditSettings(_Section):
+    """The audit log: its HMAC key (kept outside the data folder), checkpoints and forwarding to syslog."""
+
+    key_file: Path | None = None  # None: `<data_dir>.audit-key` beside the data folder
+    checkpoint_every: int = Field(default=1000, ge=1)
+    checkpoint_interval_s: float = Field(default=60.0, gt=0)
+    syslog: str = Field(default="", pattern=r"^((tcp|tls)://[^/:]+:\d{1,5})?$")
+    syslog_ca_file: Path | None = None
+
+    @field_validator("syslog_ca_file")
+    @classmethod
+    def _ca_exists(cls, ca_file: Path | None) -> Path | None:
+        if ca_file is not None and not ca_file.is_file():
+            raise ValueError(f"syslog_ca_file {ca_file} does not exist")
+        return ca_file
 
 
 class RetrievalSettings(_Section):
@@ -303,6 +336,7 @@ class Settings(BaseSettings):
     results: ResultsSettings = ResultsSettings()
     tls: TLSSettings = TLSSettings()
     web: WebSettings = WebSettings()
+    audit: AuditSettings = AuditSettings()
     retrieval: RetrievalSettings = RetrievalSettings()
     alerts: AlertSettings = AlertSettings()
     scheduler: SchedulerSettings = SchedulerSettings()

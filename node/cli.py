@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -21,14 +22,20 @@ def _host_port(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+# What each way of running the node starts (node.service.Node's switches). The scale-out roles never serve the web
+# app (that is `smartnodule web`, whatever web.enabled says) nor send alerts (the web role does, once).
+ROLES = {"run": dict(),
+         "scp": dict(workers=0, deliver=False, scheduler=False, web=False, alerts=False),
+         "worker": dict(scp=False, scheduler=False, web=False, alerts=False)}
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from node.audit import configure_logging
     from node.service import Node
 
     settings = load_settings(args.config)
-    configure_logging(settings.log_dir)
-    roles = {"run": dict(), "scp": dict(workers=0, deliver=False, scheduler=False),
-             "worker": dict(scp=False, scheduler=False)}[args.command]
+    configure_logging(settings.log_dir, audit_settings=settings.audit)
+    roles = dict(ROLES[args.command])
     if args.command == "run" and args.workers is not None:
         roles["workers"] = args.workers
     node = Node(settings, **roles)
@@ -65,15 +72,20 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_resend(args: argparse.Namespace) -> int:
+    import getpass
+
+    from node.audit import configure_logging
     from node.db import open_database
     from node.jobs import TransitionError, requeue_delivery
 
     settings = load_settings(args.config)
+    configure_logging(settings.log_dir, audit_settings=settings.audit)
     try:
         previous = requeue_delivery(open_database(settings.database_url), args.job)
     except TransitionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    log.info("delivery_requeued", job_id=args.job, previous_state=previous.value, actor=getpass.getuser(), via="cli")
     print(f"job {args.job}: {previous.value} -> ENCODED; a running node delivers it now")
     return 0
 
@@ -101,13 +113,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from node.audit import AUDIT_FILE, verify_chain
+    from node.audit import AUDIT_FILE, key_path, read_key, verify_chain
 
-    path = args.file or load_settings(args.config).log_dir / AUDIT_FILE
-    check = verify_chain(path)
+    settings = load_settings(args.config)
+    path = args.file or settings.log_dir / AUDIT_FILE
+    key_file = args.key_file or key_path(settings.audit, settings.node.data_dir)
+    if not key_file.is_file():
+        print(f"error: audit key {key_file} does not exist", file=sys.stderr)
+        return 2
+    check = verify_chain(path, read_key(key_file), accept_legacy_prefix=args.accept_legacy_prefix)
     if check.intact:
-        before = f" ({check.unchained} written before the chain began)" if check.unchained else ""
-        print(f"{path}: {check.records} records{before}, chain intact")
+        before = f" ({check.legacy} written before the keyed chain, not verified)" if check.legacy else ""
+        checkpoint = f", checkpoint at record {check.checkpoint}" if check.checkpoint else ""
+        print(f"{path}: {check.records} records{before}, chain intact{checkpoint}")
         return 0
     print(f"{path}: chain broken at line {check.broken_at}: {check.problem}", file=sys.stderr)
     return 1
@@ -148,11 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50)
     p.set_defaults(func=cmd_jobs)
 
-    p = sub.add_parser("audit", help="the audit log: verify its hash chain")
+    p = sub.add_parser("audit", help="the audit log: verify its keyed chain and checkpoint")
     actions = p.add_subparsers(dest="action", required=True)
     q = actions.add_parser("verify", help="recompute the chain; exit status 1 names the first broken line")
     q.add_argument("--config", type=Path, default=None)
     q.add_argument("--file", type=Path, default=None, help="an audit file (default: the node's)")
+    q.add_argument("--key-file", type=Path, default=None, help="its HMAC key (default: the node's audit.key_file)")
+    q.add_argument("--accept-legacy-prefix", action="store_true",
+                   help="accept lines without a keyed link at the head of the file (a log begun before the keyed "
+                        "chain); they are counted, not verified")
     q.set_defaults(func=cmd_audit_verify)
 
     p = sub.add_parser("demo", help="phantom chest X-rays through the node and a local Orthanc")
@@ -171,7 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What the node writes is its own and its group's: folders 0750, files 0640 (the SQLite database 0600, node.db).
+PRIVATE_UMASK = 0o027
+
+
 def main(argv: list[str] | None = None) -> int:
+    os.umask(PRIVATE_UMASK)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -5,6 +5,7 @@ Job state lives here alone. `jobs.py` owns the transitions and the claims.
 from __future__ import annotations
 
 import enum
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from sqlalchemy import (
     event,
     text,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 
@@ -152,6 +153,7 @@ class Delivery(Base):
 def make_engine(url: str) -> Engine:
     """An engine for `url`; SQLite gets WAL, full sync, a busy timeout and immediate transactions."""
     if url.startswith("sqlite"):
+        _private_database_file(url)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")
@@ -170,6 +172,18 @@ def make_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def _private_database_file(url: str) -> None:
+    """Create the SQLite file readable by its owner only (0600; SQLite gives its -wal and -shm files the same
+    mode), and narrow an existing one to that."""
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database)
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o600)
 
 
 MIGRATIONS = Path(__file__).with_name("migrations")

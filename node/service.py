@@ -57,10 +57,10 @@ class Node:
     """The node's parts in one process."""
 
     def __init__(self, settings: Settings, *, scp: bool = True, workers: int | None = None, scheduler: bool = True,
-                 deliver: bool = True, detector_provider: Callable[[], Callable[[], Detector]] | None = None) -> None:
+                 deliver: bool = True, web: bool = True, alerts: bool = True, detector_provider: Callable[[], Callable[[], Detector]] | None = None) -> None:
         self.settings = settings
         for folder in (settings.node.data_dir, settings.spool_dir, settings.results_dir):
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(mode=0o750, parents=True, exist_ok=True)
         self.sessions = open_database(settings.database_url)
         self.index = CaseIndex.from_settings(settings)
         if len(self.index) == 0:
@@ -74,6 +74,7 @@ class Node:
         self._threads: list[WorkLoop] = []
         self.web: WebServer | None = None
         self.alerter: Alerter | None = None
+        self._web, self._alerts = web and settings.web.enabled, alerts
         self._scheduler = Scheduler(settings, self.sessions) if scheduler and settings.scheduler.enabled else None
 
     def _model_in_service(self) -> Callable[[], Detector]:
@@ -102,14 +103,14 @@ class Node:
             thread.start()
         if self.scp is not None:
             self.scp.start()
-        if self.settings.web.enabled:
+        if self._web:
             identity = detectors[0]().identity if detectors else None
             self.web = WebServer(self.settings, self.sessions, self.index, identity)
             self.web.start()
         if self._scheduler is not None:
             self._scheduler.start()
         alerts = self.settings.alerts
-        if alerts.webhook_url or alerts.mail_to:
+        if self._alerts and (alerts.webhook_url or alerts.mail_to):
             self.alerter = Alerter(self.settings, self.sessions)
             self.alerter.start()
         log.info("node_started", workers=self._workers, destinations=[d.name for d in self.settings.destinations])

@@ -9,7 +9,6 @@ token. URLs carry job ids and UIDs only, never patient data.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -34,10 +33,11 @@ from node.jobs import TransitionError, requeue_delivery
 from retrieval.cases import similar_jobs
 from retrieval.index import CaseIndex
 from review_web import images
-from review_web.health import Health, HealthCollector, collect_health
-from review_web.models import PROCESSED, Role, User, current_reads, decide, final_verdict, record_verdict, review_queue
-from review_web.security import (MIN_SECRET_KEY_LENGTH, LoginLimiter, SecurityHeaders, check_password, csrf_token,
-                                 csrf_valid, user_by_token)
+from review_web.health import CachedHealth, Health, HealthCollector
+from review_web.models import PROCESSED, READING_ROLES, Role, User, current_reads, decide, final_verdict, record_verdict, review_queue
+from review_web.security import (MAX_PASSWORD_LENGTH, MAX_USERNAME_LENGTH, MIN_SECRET_KEY_LENGTH, BodyLimit,
+                                 HashGate, HashingBusy, LoginLimiter, SecurityHeaders, check_password, client_address,
+                                 csrf_token, csrf_valid, end_session, open_session, session_user, user_by_token)
 from sr_writer.encode import SimilarCase
 
 log = structlog.get_logger(__name__)
@@ -54,8 +54,9 @@ class WebContext:
     settings: Settings
     sessions: sessionmaker
     index: CaseIndex | None
-    identity: ModelIdentity | None
     limiter: LoginLimiter
+    hash_gate: HashGate
+    health: CachedHealth
     templates: Jinja2Templates
     registry: CollectorRegistry
     logins: Counter
@@ -73,18 +74,22 @@ def create_app(settings: Settings, sessions: sessionmaker, index: CaseIndex | No
     if len(web.secret_key) < MIN_SECRET_KEY_LENGTH:
         raise ValueError(f"web.secret_key must have at least {MIN_SECRET_KEY_LENGTH} characters")
     registry = CollectorRegistry()
-    registry.register(HealthCollector(settings, sessions, identity))
+    health = CachedHealth(settings, sessions, identity, web.health_cache_s)
+    registry.register(HealthCollector(health))
     app = FastAPI(title="SmartNodule review", version="1", docs_url=None, redoc_url=None,
                   openapi_url="/api/openapi.json")
     app.state.web = WebContext(
-        settings=settings, sessions=sessions, index=index, identity=identity,
-        limiter=LoginLimiter(web.login_max_attempts, web.login_window_s),
+        settings=settings, sessions=sessions, index=index,
+        limiter=LoginLimiter(web.login_max_attempts, web.login_max_attempts_per_address,
+                             web.login_max_attempts_total, web.login_window_s, web.login_tracked_max),
+        hash_gate=HashGate(web.password_hash_concurrency, web.password_hash_queue_max), health=health,
         templates=_templates(), registry=registry,
         logins=Counter("smartnodule_web_logins", "Login attempts by outcome", ["outcome"], registry=registry),
         verdicts=Counter("smartnodule_verdicts_recorded", "Verdicts recorded", registry=registry),
     )
     app.add_middleware(SessionMiddleware, secret_key=web.secret_key, session_cookie="smartnodule_session",
                        max_age=web.session_max_age_s, same_site="strict", https_only=web.secure_cookies)
+    app.add_middleware(BodyLimit, max_bytes=web.max_request_bytes)
     app.add_middleware(SecurityHeaders)
     app.add_exception_handler(LoginRequired, lambda request, exc: RedirectResponse("/login", status_code=303))
     app.add_exception_handler(images.MissingFile,
@@ -107,15 +112,16 @@ def _web(request: Request) -> WebContext:
 
 
 def _session_user(request: Request) -> User | None:
+    """The user of the request's server-side session; a cookie whose session has ended is cleared."""
     ctx = _web(request)
-    username, login_at = request.session.get("user"), request.session.get("login_at", 0)
-    if username is None:
+    token = request.session.get("sid")
+    if not isinstance(token, str):
         return None
-    if time.time() - login_at > ctx.settings.web.session_max_age_s:
+    with ctx.sessions.begin() as session:
+        user = session_user(session, token, ctx.settings.web.session_max_age_s, ctx.settings.web.session_idle_s)
+    if user is None:
         request.session.clear()
-        return None
-    with ctx.sessions() as session:
-        return session.scalar(select(User).where(User.username == username))
+    return user
 
 
 def page_user(request: Request) -> User:
@@ -157,7 +163,8 @@ def _render(request: Request, template: str, user: User | None = None, status_co
 
 
 def _client_ip(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
+    return client_address(request.client.host if request.client else None, request.headers.get("x-forwarded-for"),
+                          _web(request).settings.web.trusted_proxies)
 
 
 pages = APIRouter(include_in_schema=False)
@@ -174,34 +181,54 @@ def login_form(request: Request) -> HTMLResponse:
 
 
 @pages.post("/login", dependencies=[Depends(check_csrf)])
-def login(request: Request, username: Annotated[str, Form()], password: Annotated[str, Form()]) -> Response:
+async def login(request: Request, username: Annotated[str, Form(max_length=MAX_USERNAME_LENGTH)],
+                password: Annotated[str, Form(max_length=MAX_PASSWORD_LENGTH)]) -> Response:
+    """Field lengths are checked (422) and the limits applied (429) before the password is hashed."""
     ctx, ip = _web(request), _client_ip(request)
-    if ctx.limiter.blocked(ip, username):
-        log.warning("login_failed", username=username, client_ip=ip, reason="rate_limited")
+    limit = ctx.limiter.blocked(ip, username)
+    if limit is not None:
+        log.warning("login_failed", username=username, client_ip=ip, reason="rate_limited", limit=limit)
         ctx.logins.labels("rate_limited").inc()
         return _render(request, "login.html", status_code=429,
                        error="Too many failed attempts. Wait a few minutes and try again.")
-    with ctx.sessions() as session:
-        user = session.scalar(select(User).where(User.username == username))
-    if not check_password(user, password):
+    try:
+        user, token = await ctx.hash_gate.run(_log_in, ctx, username, password)
+    except HashingBusy:
+        log.warning("login_failed", username=username, client_ip=ip, reason="busy")
+        ctx.logins.labels("busy").inc()
+        return _render(request, "login.html", status_code=503, error="The server is busy. Try again shortly.")
+    if user is None:
         ctx.limiter.failed(ip, username)
         log.warning("login_failed", username=username, client_ip=ip, reason="wrong_credentials")
         ctx.logins.labels("failed").inc()
         return _render(request, "login.html", status_code=401, error="Wrong username or password.")
-    ctx.limiter.succeeded(ip, username)
+    ctx.limiter.succeeded(username)
     request.session.clear()
-    request.session.update(user=user.username, login_at=time.time())
+    request.session.update(sid=token)
     log.info("login_succeeded", username=user.username, role=user.role.value, client_ip=ip)
     ctx.logins.labels("succeeded").inc()
     return RedirectResponse("/health" if user.role is Role.ADMIN else "/queue", status_code=303)
 
 
+def _log_in(ctx: WebContext, username: str, password: str) -> tuple[User | None, str | None]:
+    """(user, new session id) when the password is an enabled user's, else (None, None); runs in a worker thread."""
+    with ctx.sessions.begin() as session:
+        user = session.scalar(select(User).where(User.username == username))
+        if not check_password(user, password) or user.disabled:
+            return None, None
+        return user, open_session(session, user)
+
+
 @pages.post("/logout", dependencies=[Depends(check_csrf)])
 def logout(request: Request) -> RedirectResponse:
-    username = request.session.get("user")
+    """Ends the session on the server: every copy of the cookie stops working."""
+    user, token = _session_user(request), request.session.get("sid")
+    if isinstance(token, str):
+        with _web(request).sessions.begin() as session:
+            end_session(session, token)
     request.session.clear()
-    if username:
-        log.info("logout_succeeded", username=username)
+    if user is not None:
+        log.info("logout_succeeded", username=user.username)
     return RedirectResponse("/login", status_code=303)
 
 
@@ -210,6 +237,11 @@ def queue_page(request: Request, user: Annotated[User, Depends(page_user)]) -> H
     with _web(request).sessions() as session:
         items = review_queue(session, user)
     return _render(request, "queue.html", user, items=items)
+
+
+def _audit_read(user: User, what: str, **ids) -> None:
+    """Every read of patient data (page, image, overlay, report, API answer) is an audit event naming the user."""
+    log.info("patient_data_viewed", username=user.username, role=user.role.value, what=what, **ids)
 
 
 def _processed_job(request: Request, job_id: int) -> Job:
@@ -234,27 +266,35 @@ def case_page(request: Request, job_id: JobId, user: Annotated[User, Depends(pag
     with _web(request).sessions() as session:
         reads = current_reads(session, [job_id])[job_id]
     outcome = decide(reads)
+    similar = _similar(request, job_id)
+    _audit_read(user, "case_page", job_id=job_id, sop_instance_uid=job.sop_instance_uid,
+                similar_job_ids=[other for other, _ in similar])
     return _render(request, "case.html", user, job=job, dataset=ds, outcome=outcome,
-                   reads=reads if user.role is Role.ADJUDICATOR else [],
-                   similar=_similar(request, job_id),
+                   reads=reads if user.role is Role.ADJUDICATOR else [], similar=similar,
                    has_report=bool(job.results_dir) and (Path(job.results_dir) / "pdf.dcm").is_file())
 
 
 @pages.get("/cases/{job_id}/image.png")
 def case_image(request: Request, job_id: JobId, user: Annotated[User, Depends(page_user)]) -> Response:
-    png, _ = images.display_png(images.source_dataset(_processed_job(request, job_id)))
+    job = _processed_job(request, job_id)
+    png, _ = images.display_png(images.source_dataset(job))
+    _audit_read(user, "image", job_id=job_id, sop_instance_uid=job.sop_instance_uid)
     return Response(png, media_type="image/png")
 
 
 @pages.get("/cases/{job_id}/overlay.png")
 def case_overlay(request: Request, job_id: JobId, user: Annotated[User, Depends(page_user)]) -> Response:
     job = _processed_job(request, job_id)
-    return Response(images.overlay_png(job, images.source_dataset(job)), media_type="image/png")
+    png = images.overlay_png(job, images.source_dataset(job))
+    _audit_read(user, "overlay", job_id=job_id, sop_instance_uid=job.sop_instance_uid)
+    return Response(png, media_type="image/png")
 
 
 @pages.get("/cases/{job_id}/report.pdf")
 def case_report(request: Request, job_id: JobId, user: Annotated[User, Depends(page_user)]) -> Response:
-    pdf = images.report_pdf(_processed_job(request, job_id))
+    job = _processed_job(request, job_id)
+    pdf = images.report_pdf(job)
+    _audit_read(user, "report_pdf", job_id=job_id, sop_instance_uid=job.sop_instance_uid)
     return Response(pdf, media_type="application/pdf",
                     headers={"Content-Disposition": f'inline; filename="smartnodule-job-{job_id}.pdf"'})
 
@@ -264,6 +304,9 @@ def case_verdict(request: Request, job_id: JobId, user: Annotated[User, Depends(
                  nodule: Annotated[str, Form()], row: Annotated[str, Form()] = "",
                  col: Annotated[str, Form()] = "", comment: Annotated[str, Form(max_length=2000)] = ""
                  ) -> RedirectResponse:
+    if user.role not in READING_ROLES:
+        log.warning("verdict_refused", job_id=job_id, username=user.username, role=user.role.value)
+        raise HTTPException(403, "only reviewers and adjudicators record verdicts")
     if nodule not in ("present", "absent"):
         raise HTTPException(422, f"nodule must be 'present' or 'absent', got {nodule!r}")
     job = _processed_job(request, job_id)
@@ -295,16 +338,18 @@ def _location(row: str, col: str) -> tuple[float, float] | None:
 @pages.get("/health")
 def health_page(request: Request, user: Annotated[User, Depends(admin_user)]) -> HTMLResponse:
     ctx = _web(request)
-    return _render(request, "health.html", user, health=collect_health(ctx.settings, ctx.sessions, ctx.identity),
+    return _render(request, "health.html", user, health=ctx.health(),
                    destinations=ctx.settings.destinations)
 
 
 @pages.post("/health/resend/{job_id}", dependencies=[Depends(check_csrf)])
 def resend(request: Request, job_id: JobId, user: Annotated[User, Depends(admin_user)]) -> RedirectResponse:
+    ctx = _web(request)
     try:
-        previous = requeue_delivery(_web(request).sessions, job_id)
+        previous = requeue_delivery(ctx.sessions, job_id)
     except TransitionError as exc:
         raise HTTPException(409, str(exc)) from None
+    ctx.health.invalidate()
     log.info("delivery_requeued", job_id=job_id, previous_state=previous.value, admin=user.username)
     return RedirectResponse("/health", status_code=303)
 
@@ -313,7 +358,7 @@ def resend(request: Request, job_id: JobId, user: Annotated[User, Depends(admin_
 def healthz(request: Request) -> JSONResponse:
     ctx = _web(request)
     try:
-        health = collect_health(ctx.settings, ctx.sessions, ctx.identity)
+        health = ctx.health()
     except Exception as exc:
         log.error("health_check_failed", error=f"{type(exc).__name__}: {exc}"[:300])
         return JSONResponse({"status": "down"}, status_code=503)
@@ -375,6 +420,7 @@ def api_study_jobs(request: Request, study_instance_uid: Annotated[str, PathPara
         jobs = list(session.scalars(select(Job).where(Job.study_instance_uid == study_instance_uid)
                                     .order_by(Job.received_at, Job.id)))
         states = {job.id: final_verdict(session, job.id) for job in jobs}
+    _audit_read(user, "api_study_jobs", study_instance_uid=study_instance_uid, job_ids=[job.id for job in jobs])
     return [JobSummary.of(job, states[job.id].status.value, states[job.id].label) for job in jobs]
 
 
@@ -383,6 +429,7 @@ def api_queue(request: Request, user: Annotated[User, Depends(api_user)]) -> lis
     """The caller's review queue, oldest first."""
     with _web(request).sessions() as session:
         items = review_queue(session, user)
+    _audit_read(user, "api_queue", job_ids=[job.id for job, _ in items])
     return [JobSummary.of(job, outcome.status.value, outcome.label) for job, outcome in items]
 
 
@@ -390,8 +437,10 @@ def api_queue(request: Request, user: Annotated[User, Depends(api_user)]) -> lis
 def api_similar(request: Request, job_id: JobId, user: Annotated[User, Depends(api_user)]) -> list[SimilarJob]:
     """Past cases most similar to the job's image, with their final verdicts."""
     _processed_job(request, job_id)
+    similar = _similar(request, job_id)
+    _audit_read(user, "api_similar", job_id=job_id, job_ids=[other for other, _ in similar])
     return [SimilarJob(other, case.study_date, case.probability, case.verdict, case.similarity)
-            for other, case in _similar(request, job_id)]
+            for other, case in similar]
 
 
 @api.get("/health", response_model=Health)
@@ -399,5 +448,4 @@ def api_health(request: Request, user: Annotated[User, Depends(api_user)]) -> He
     """The health page's figures (administrators)."""
     if user.role is not Role.ADMIN:
         raise HTTPException(403, "administrators only")
-    ctx = _web(request)
-    return collect_health(ctx.settings, ctx.sessions, ctx.identity)
+    return _web(request).health()

@@ -1,13 +1,18 @@
 """The node's health as an administrator sees it: one snapshot for the health page, /api/health, /healthz and /metrics.
 
-Everything is read from the database and the machine at the moment of the
-request; nothing is cached. The node is `degraded` when a job waits in
-FAILED_DELIVERY or the data folder's disk is almost full.
+Everything is read from the database and the machine. One collection (about a
+dozen queries) is reused for `web.health_cache_s` seconds by `CachedHealth`, so
+the cost of /healthz, /metrics and the health pages is bounded however often
+they are called; concurrent requests wait for the collection in progress. The
+node is `degraded` when a job waits in FAILED_DELIVERY or the data folder's
+disk is almost full.
 """
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -140,14 +145,37 @@ def _gpu() -> str | None:
     return f"{torch.cuda.get_device_name()} ({(total - free) / 2**30:.1f} of {total / 2**30:.1f} GiB in use)"
 
 
-class HealthCollector:
-    """prometheus-client collector: gauges from a fresh `collect_health` on every scrape."""
+class CachedHealth:
+    """`collect_health` at most once per `ttl_s` (0: every call); `invalidate()` after a change the next
+    reader must see. A failed collection is not kept."""
 
-    def __init__(self, settings: Settings, sessions: sessionmaker, identity: ModelIdentity | None) -> None:
-        self._args = (settings, sessions, identity)
+    def __init__(self, settings: Settings, sessions: sessionmaker, identity: ModelIdentity | None, ttl_s: float
+                 ) -> None:
+        self._args, self._ttl = (settings, sessions, identity), ttl_s
+        self._lock = threading.Lock()
+        self._health: Health | None = None
+        self._at = 0.0
+
+    def __call__(self) -> Health:
+        with self._lock:
+            if self._health is None or time.monotonic() - self._at >= self._ttl:
+                self._health = collect_health(*self._args)
+                self._at = time.monotonic()
+            return self._health
+
+    def invalidate(self) -> None:
+        with self._lock:
+            self._health = None
+
+
+class HealthCollector:
+    """prometheus-client collector: gauges from `health()` (a `CachedHealth`) on every scrape."""
+
+    def __init__(self, health: Callable[[], Health]) -> None:
+        self._health = health
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        health = collect_health(*self._args)
+        health = self._health()
         jobs = GaugeMetricFamily("smartnodule_jobs", "Jobs by state", labels=["state"])
         for state, count in health.jobs_by_state.items():
             jobs.add_metric([state], count)

@@ -1,4 +1,8 @@
-"""The review tables (users, verdicts) on the node's database, and the rule that makes a verdict final.
+"""The review tables (users, their sessions, verdicts) on the node's database, and the rule that makes a verdict final.
+
+Only reviewers and adjudicators read cases (`READING_ROLES`): an administrator's
+verdict is refused by `record_verdict` and ignored by `decide`, so it can never
+become a final verdict that feeds drift checks and retraining.
 
 A verdict is never edited: a reviewer who changes their mind records a new
 row, and the old one points to it through `superseded_by`. The current reads
@@ -21,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Boolean, Enum, Float, ForeignKey, Integer, String, Text, select
+from sqlalchemy import Boolean, Enum, Float, ForeignKey, Integer, String, Text, false, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from node.db import Base, Job, JobState, utcnow
@@ -36,6 +40,13 @@ class Role(str, enum.Enum):
     ADMIN = "admin"
 
 
+READING_ROLES = frozenset({Role.REVIEWER, Role.ADJUDICATOR})
+
+
+class NotAReader(PermissionError):
+    """A user whose role may not record verdicts tried to."""
+
+
 class User(Base):
     """A person who may log in: argon2 password hash, SHA-256 of their API token."""
 
@@ -47,6 +58,22 @@ class User(Base):
     password_hash: Mapped[str] = mapped_column(String(256))
     api_token_hash: Mapped[str | None] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+
+
+class WebSession(Base):
+    """One login: the cookie carries a random id, only its SHA-256 is stored here.
+
+    Logging out deletes the row; a password change, a disable or a token
+    rotation deletes every row of the user, so every copy of every cookie ends.
+    """
+
+    __tablename__ = "web_sessions"
+
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Verdict(Base):
@@ -90,8 +117,8 @@ class Outcome:
 
 
 def decide(reads: Iterable[Verdict]) -> Outcome:
-    """Apply the final-verdict rule to the current reads of one case."""
-    reads = sorted(reads, key=lambda v: (v.created_at, v.id))
+    """Apply the final-verdict rule to the current reads of one case (reads by other roles are ignored)."""
+    reads = sorted((v for v in reads if v.role in READING_ROLES), key=lambda v: (v.created_at, v.id))
     readers = frozenset(v.reviewer for v in reads)
     values = {v.nodule_present for v in reads}
     if not reads:
@@ -129,7 +156,12 @@ def outcomes(session: Session, job_ids: Iterable[int]) -> dict[int, Outcome]:
 
 def record_verdict(session: Session, job_id: int, user: User, *, nodule_present: bool,
                    location: tuple[float, float] | None, comment: str | None) -> Verdict:
-    """Add `user`'s read of `job_id`, superseding their previous one; the caller commits."""
+    """Add `user`'s read of `job_id`, superseding their previous one; the caller commits.
+
+    Raises `NotAReader` for a user whose role may not read cases.
+    """
+    if user.role not in READING_ROLES:
+        raise NotAReader(f"role {user.role.value} may not record verdicts")
     verdict = Verdict(job_id=job_id, reviewer=user.username, role=user.role, nodule_present=nodule_present,
                       location_row=location[0] if location else None,
                       location_col=location[1] if location else None,
@@ -145,8 +177,8 @@ def record_verdict(session: Session, job_id: int, user: User, *, nodule_present:
 
 
 def awaits(outcome: Outcome, user: User) -> bool:
-    """Whether the case belongs in `user`'s review queue."""
-    if outcome.status is Status.FINAL or user.username in outcome.readers:
+    """Whether the case belongs in `user`'s review queue (never in an administrator's)."""
+    if user.role not in READING_ROLES or outcome.status is Status.FINAL or user.username in outcome.readers:
         return False
     return outcome.status is not Status.NEEDS_ADJUDICATION or user.role is Role.ADJUDICATOR
 

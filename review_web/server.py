@@ -16,6 +16,10 @@ from review_web.app import create_app
 log = structlog.get_logger(__name__)
 
 START_TIMEOUT_S = 30.0
+# uvicorn would believe X-Forwarded-For from 127.0.0.1 (proxy_headers); the app decides itself, from
+# web.trusted_proxies only (review_web.security.client_address).
+UVICORN_OPTIONS = dict(log_config=None, access_log=False, log_level="warning", proxy_headers=False,
+                       server_header=False)
 
 
 class WebServer:
@@ -25,8 +29,7 @@ class WebServer:
                  identity: ModelIdentity | None = None) -> None:
         app = create_app(settings, sessions, index, identity)
         self._host, self._port = settings.web.host, settings.web.port
-        self._server = uvicorn.Server(uvicorn.Config(app, host=self._host, port=self._port, log_config=None,
-                                                     access_log=False, log_level="warning"))
+        self._server = uvicorn.Server(uvicorn.Config(app, host=self._host, port=self._port, **UVICORN_OPTIONS))
         self._thread = threading.Thread(target=self._server.run, name="review-web", daemon=True)
 
     def start(self) -> None:

@@ -41,20 +41,21 @@ def register(subparsers) -> None:
 
 
 def _open(config: Path | None):
+    """Settings, logging (so that promote and rollback reach the audit file) and the database."""
     from config.settings import load_settings
+    from node.audit import configure_logging
     from node.db import open_database
 
     settings = load_settings(config)
-    settings.node.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.node.data_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+    configure_logging(settings.log_dir, audit_settings=settings.audit)
     return settings, open_database(settings.database_url)
 
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
-    from node.audit import configure_logging
     from scheduler.service import Scheduler
 
     settings, sessions = _open(args.config)
-    configure_logging(settings.log_dir)
     scheduler = Scheduler(settings, sessions)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

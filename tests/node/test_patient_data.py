@@ -19,8 +19,9 @@ import pytest
 from pydicom.datadict import dictionary_VR
 from sqlalchemy import inspect, text
 
+from config.settings import AuditSettings
 from inference.phantoms import generate_phantom, phantom_dataset
-from node.audit import verify_chain
+from node.audit import key_path, read_key, verify_chain
 from node.db import TERMINAL, JobState
 from tests.conftest import STORESCU, require_binary, wait_for
 from tests.data.make_messy_corpus import put_raw
@@ -139,7 +140,7 @@ def test_no_patient_data_in_logs_console_database_or_audit(  # noqa: F811  (fixt
     node.stop()
     second_run = audit_path.read_text()
     assert second_run.startswith(first_run) and len(second_run) > len(first_run), "earlier audit lines were lost"
-    assert verify_chain(audit_path).intact
+    assert verify_chain(audit_path, read_key(key_path(AuditSettings(), node.data_dir))).intact
 
     places = {str(path.relative_to(workdir)): content for path, content in written_files(node).items()}
     places["database"] = database_dump(node.open_database())

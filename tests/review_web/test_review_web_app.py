@@ -197,11 +197,23 @@ def test_app_refuses_a_short_secret_key(node):
         create_app(settings, node.sessions)
 
 
-def test_expired_session_logs_out(client, node, monkeypatch):
-    login(client, "reviewer")
-    assert client.get("/queue", follow_redirects=False).status_code == 200
-    import review_web.app as app_module
+def test_healthz_and_metrics_share_one_collection_within_the_cache_time(client, node, monkeypatch):
+    import review_web.health as health_module
 
-    later = app_module.time.time() + node.settings.web.session_max_age_s + 1
-    monkeypatch.setattr(app_module.time, "time", lambda: later)
-    assert client.get("/queue", follow_redirects=False).status_code == 303
+    collections = []
+    real = health_module.collect_health
+    monkeypatch.setattr(health_module, "collect_health", lambda *args: collections.append(1) or real(*args))
+    app = create_app(node.settings, node.sessions, node.index)  # web.health_cache_s = 5
+    fresh = TestClient(app, base_url="http://127.0.0.1")
+    assert fresh.get("/healthz").status_code == 200
+    assert "smartnodule_queue_depth" in fresh.get("/metrics").text
+    assert fresh.get("/healthz").status_code == 200
+    assert len(collections) == 1
+    app.state.web.health.invalidate()
+    fresh.get("/metrics")
+    assert len(collections) == 2
+    uncached = node.settings.model_copy(update={"web": node.settings.web.model_copy(update={"health_cache_s": 0})})
+    plain = TestClient(create_app(uncached, node.sessions, node.index), base_url="http://127.0.0.1")
+    plain.get("/healthz")
+    plain.get("/healthz")
+    assert len(collections) == 4
