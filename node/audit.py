@@ -500,6 +500,9 @@ def configure_logging(log_dir: Path | None, *, console_level: str = "INFO",
         ))
         audit.addFilter(_LibraryScrubber())
         root.addHandler(audit)
+    # Off then on: captureWarnings(True) is a no-op when an earlier call's hook was since replaced (e.g. by a
+    # caller's warnings.catch_warnings), and warnings would then reach stderr unscrubbed.
+    logging.captureWarnings(False)
     logging.captureWarnings(True)
     sys.excepthook = _log_uncaught
     threading.excepthook = lambda args: _log_uncaught(args.exc_type, args.exc_value, args.exc_traceback,
