@@ -73,6 +73,9 @@ class ModelSettings(_Section):
     threads: int = Field(default=0, ge=0, description="0: all cores but one, at least one")
     review_margin: float = Field(default=0.1, ge=0, le=1)
     review_max_uncertainty: float = Field(default=0.15, ge=0, le=1)
+    review_flags: list[Annotated[str, Field(pattern=r"^[a-z_]{1,40}$")]] = Field(
+        default=["ap_view", "no_pixel_spacing", "invalid_pixel_spacing", "secondary_capture"],
+        description="image quality flags that send a read to review, the flag being the reason")
 
     @field_validator("card")
     @classmethod

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from inference.gradcam import explained_forward
 from inference.model import HEAD_STRIDE, RADIUS, NoduleNet, tta_views
-from inference.samples import HeldOut, model_coord, seed_of, worker_init
+from inference.samples import HeldOut, model_coord, worker_init
 
 SIZE_BINS_MM = ((5.0, 8.0), (8.0, 12.0), (12.0, 18.0), (18.0, 30.0))
 POINTING_MARGIN_MM = 3.0
@@ -218,36 +218,6 @@ def json_safe(obj):
     return obj
 
 
-def format_table(f: dict) -> str:
-    rows = [
-        ("held-out images (positives)", f"{f['n']} ({f['positives']})"),
-        ("AUC", f"{f['auc']:.3f}"),
-        (f"sensitivity / specificity @ {f['threshold']:.3f}", f"{f['sensitivity']:.3f} / {f['specificity']:.3f}"),
-        ("ECE (10 bins)", f"{f['ece']:.3f}"),
-    ]
-    rows += [(f"AUC size {k} (n+={v['n_pos']})", f"{v['auc']:.3f}") for k, v in f["auc_by_size"].items()]
-    rows += [(f"AUC contrast {k} tertile (n+={v['n_pos']})", f"{v['auc']:.3f}") for k, v in f["auc_by_contrast"].items()]
-    for src in ("heatmap", "gradcam"):
-        rows.append((f"pointing ({src} peak, r+{POINTING_MARGIN_MM:g}mm)", f"{f[f'pointing_{src}']:.3f}"))
-        rows += [(f"  pointing {src} {k}", f"{v:.3f}") for k, v in f[f"pointing_{src}_by_size"].items()]
-    rows += [
-        ("radius |relative error|, median over found nodules", f"{f['radius_rel_error_median']:.3f}"),
-        ("errors / flagged for review", f"{f['errors']} / {f['errors_flagged']} (review rate {f['review_rate']:.3f})"),
-        ("error rate: uncertainty above / below median", f"{f['error_rate_uncertain']:.3f} / {f['error_rate_certain']:.3f}"),
-    ]
-    if "latency_total_s" in f:
-        size, n = f["latency_size"], f["latency_images"]
-        rows += [
-            (f"latency predict, {size} px (median of {n}, s)", f"{f['latency_predict_s']:.3f}"),
-            (f"latency predict+Grad-CAM, {size} px (s)", f"{f['latency_explain_s']:.3f}"),
-            (f"latency prepare+predict+Grad-CAM, {size} px (s)", f"{f['latency_total_s']:.3f}"),
-            ("peak RSS of the serving path (MB)", f"{f['peak_rss_mb']:.0f}"),
-            ("CPU load average while timing (1 min)", f"{f['load_average_1min']:.2f}"),
-        ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-
-
 def _phantom_dicom(seed: int, size: int):
     from inference.phantoms import generate_phantom, phantom_dataset
 
@@ -287,33 +257,57 @@ def latency(detector, n: int, size: int) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--n", type=int, default=1000, help="held-out test phantoms (default 1000)")
+    p.add_argument("--n", type=int, default=200, help="images per family, half with a finding (default 200)")
+    p.add_argument("--size", type=int, default=None, help="long side of generated images (default: the model's input size)")
+    p.add_argument("--robust-n", type=int, default=100, help="independent-family images per perturbation (0: skip)")
+    p.add_argument("--ood-n", type=int, default=40, help="images per out-of-distribution set (0: skip)")
+    p.add_argument("--data", type=Path, default=None, help="a labelled folder (NODE21 layout) to evaluate as well")
+    p.add_argument("--labels", type=Path, default=None, help="its CSV (default: the only .csv in --data)")
     p.add_argument("--card", type=Path, default=None, help="model card (default: the shipped one)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers generating phantoms")
-    p.add_argument("--start", type=int, default=0, help="first index in the test split")
     p.add_argument("--latency-images", type=int, default=3, help="2048 px DICOM phantoms timed on CPU (0: skip)")
     p.add_argument("--latency-size", type=int, default=2048)
 
 
 def run(args: argparse.Namespace) -> int:
+    """Print the families side by side, the robustness and OOD tables, latency, and a last JSON line."""
+    from inference import eval_report as er
     from inference.predictor import Detector
 
     det = Detector.load(args.card, device=args.device, threads=args.threads)
-    figs: dict = {}
+    size = args.size or det.input_size
+    figs: dict = {"model": {"name": det.identity.name, "version": det.identity.version}, "size": size}
+    t0 = time.perf_counter()
+    families = {name: er.figures(er.read_cases(det, er.family_cases(name, args.n, size)))
+                for name in ("training", "independent")}
+    if args.data is not None:
+        families["folder"] = er.figures(er.read_folder(det, args.data, args.labels))
+    figs["families"] = families
+    print(f"== families side by side ({args.n} images each at {size} px; training = held-out test split of "
+          f"inference/phantoms.py, independent = inference/eval_family.py)")
+    print(er.side_by_side(families))
+    keys = ("auc", "pointing_detection", "pointing_gradcam", "mean_p_negative", "confident_fp", "review_share")
+    if args.robust_n:
+        robust = {name: er.figures(er.read_cases(det, (fn(c) for c in er.family_cases("independent", args.robust_n, size))))
+                  for name, fn in er.PERTURBATIONS.items()}
+        figs["robustness"] = robust
+        print(f"\n== robustness: independent family, {args.robust_n} images per perturbation")
+        print(er.transposed(robust, keys))
+    if args.ood_n:
+        ood = {name: er.figures(er.read_ood_set(det, name, args.ood_n, size)) for name in er.OOD_SETS}
+        figs["out_of_distribution"] = ood
+        print(f"\n== not what the model reads ({args.ood_n} images per set, all without a finding)")
+        print(er.transposed(ood, ("review_or_skipped", "ood_share", "confident_fp", "confident_fp_without_ood_gate",
+                                  "mean_p_negative", "ood_score_median")))
+    figs["scoring_s"] = time.perf_counter() - t0
     if args.latency_images:
         cpu = det if det.device.type == "cpu" else Detector.load(args.card, device="cpu", threads=args.threads)
-        figs.update(latency(cpu, args.latency_images, args.latency_size))
-    t0 = time.perf_counter()
-    batch = 16 if det.device.type == "cuda" else 4
-    r = score_heldout(det.net, "test", args.n, det.input_size, det.device, args.workers, batch=batch, start=args.start)
-    cal = det.card.calibration
-    figs.update(summarize(r, cal.a, cal.b, det.card.threshold, det.review.margin, det.review.max_uncertainty))
-    figs["scoring_s"] = time.perf_counter() - t0
-    figs["test_seeds"] = [seed_of("test", args.start), seed_of("test", args.start + args.n - 1)]
-    figs["model"] = {"name": det.identity.name, "version": det.identity.version}
-    print(format_table(figs))
+        lat = latency(cpu, args.latency_images, args.latency_size)
+        figs["latency"] = lat
+        print(f"\n== latency, {args.latency_size} px, median of {args.latency_images}: prepare+predict+explain "
+              f"{lat['latency_total_s']:.3f} s, predict only {lat['latency_predict_s']:.3f} s, "
+              f"peak RSS {lat['peak_rss_mb']:.0f} MB, load {lat['load_average_1min']:.2f}")
     print(json.dumps(json_safe(figs), sort_keys=True))
     return 0
 

@@ -39,7 +39,6 @@ import numpy as np
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 PHANTOM_SEED_INDEX0 = 50_000_000  # train-split indices far beyond any training run's (train.py uses 0..fresh)
-CLICK_SIGMA_HM = 2.0  # heatmap pixels: sigma of the target at a verdict click (radius unknown)
 
 
 def case_model_input(spool_path: str | Path, input_size: int) -> np.ndarray:
@@ -51,36 +50,17 @@ def case_model_input(spool_path: str | Path, input_size: int) -> np.ndarray:
 
 
 def case_sample(case: dict, input_size: int, flip: bool = False) -> dict:
-    """Training sample of one adjudicated case: image label, heatmap target at the click when given."""
-    import torch
+    """Training sample of one adjudicated case: image label, heatmap target at the click when given
+    (built as a labelled folder's, `inference.labelled_folder.labelled_sample`)."""
     from pydicom import dcmread
 
-    from inference.model import HEAD_STRIDE
-    from inference.preprocess import prepare, source_to_model
-    from inference.samples import heatmap_coord
+    from inference.labelled_folder import labelled_sample
+    from inference.preprocess import prepare
 
     prepared = prepare(dcmread(case["spool_path"]), input_size=input_size)
-    out = input_size // HEAD_STRIDE
     present = bool(case["nodule_present"]) != flip
-    heat = np.zeros((out, out), np.float32)
-    heat_valid = not present  # a negative's target is all zeros; a positive's needs the click
-    if present and case.get("location") and not flip:
-        row, col = source_to_model(*case["location"], source_shape=prepared.display.shape[:2], input_size=input_size)
-        r, c = heatmap_coord(row), heatmap_coord(col)
-        yy, xx = np.mgrid[0:out, 0:out].astype(np.float32)
-        heat = np.exp(-((yy - r) ** 2 + (xx - c) ** 2) / (2 * CLICK_SIGMA_HM**2)).astype(np.float32)
-        heat[min(out - 1, max(0, round(r))), min(out - 1, max(0, round(c)))] = 1.0
-        heat_valid = True
-    return {
-        "image": torch.from_numpy(np.ascontiguousarray(prepared.model_input, np.float32))[None],
-        "heat": torch.from_numpy(heat)[None],
-        "lung": torch.zeros((1, out, out)),
-        "log_radius": torch.tensor(0.0),
-        "label": torch.tensor(float(present)),
-        "heat_valid": torch.tensor(float(heat_valid)),
-        "lung_valid": torch.tensor(0.0),
-        "radius_valid": torch.tensor(0.0),
-    }
+    spots = [(*case["location"], None)] if present and case.get("location") and not flip else []
+    return labelled_sample(prepared, present, spots, input_size)
 
 
 def phantom_samples(seed_indices: list[int], input_size: int, flip: bool = False) -> list[dict]:

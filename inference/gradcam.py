@@ -17,21 +17,28 @@ import torch.nn.functional as F
 
 from inference.model import ModelOutput, NoduleNet, image_score, lung_region
 
-TARGETS = {"head": "head_features", "decoder": "decoder_features", "encoder": "deep_features"}
+TARGETS = {"head": "head_features", "decoder": "decoder_features", "encoder": "deep_features",
+           "encoder8": "mid_features"}
+METHODS = ("gradcam", "hirescam")
 
 
-def gradcam(out: ModelOutput, score: torch.Tensor, target: str = "head") -> torch.Tensor:
+def gradcam(out: ModelOutput, score: torch.Tensor, target: str = "head", method: str = "gradcam") -> torch.Tensor:
     """Grad-CAM for each image of a batch, (B, H, W) at the output maps' resolution, in [0, 1].
 
     `out` must come from a forward pass with gradients enabled; `score` is (B,)
     and each element depends only on its own image (eval mode), so one
-    backward of the sum gives every image's gradient.
+    backward of the sum gives every image's gradient. `method` "gradcam"
+    weighs each channel by its spatially averaged gradient (Selvaraju et al.);
+    "hirescam" multiplies gradient and activation element-wise before the sum
+    over channels (Draelos and Carin 2020), which keeps where the evidence is.
     """
     if target not in TARGETS:
         raise ValueError(f"target must be one of {tuple(TARGETS)}, got {target!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     features = getattr(out, TARGETS[target])
     (grads,) = torch.autograd.grad(score.sum(), features)
-    weights = grads.float().mean(dim=(2, 3), keepdim=True)
+    weights = grads.float().mean(dim=(2, 3), keepdim=True) if method == "gradcam" else grads.float()
     cam = F.relu((weights * features.float()).sum(dim=1, keepdim=True))
     size = out.maps.shape[-2:]
     if cam.shape[-2:] != size:
@@ -41,7 +48,7 @@ def gradcam(out: ModelOutput, score: torch.Tensor, target: str = "head") -> torc
     return (cam / peak[:, None, None]).detach()
 
 
-def explained_forward(net: NoduleNet, x: torch.Tensor, n_explain: int, target: str = "head"
+def explained_forward(net: NoduleNet, x: torch.Tensor, n_explain: int, target: str = "head", method: str = "gradcam"
                       ) -> tuple[ModelOutput, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward `x`, image scores and argmax indices of every image, Grad-CAM of the first `n_explain`.
 
@@ -53,12 +60,13 @@ def explained_forward(net: NoduleNet, x: torch.Tensor, n_explain: int, target: s
             plain = net(x)
         hidden = plain.head_features.detach().requires_grad_(True)
         with torch.enable_grad():
-            out = ModelOutput(net.head_output(hidden), hidden, plain.decoder_features, plain.deep_features)
+            out = ModelOutput(net.head_output(hidden), hidden, plain.decoder_features, plain.deep_features,
+                              plain.mid_features)
             scores, idx = image_score(out.maps)
-            cam = gradcam(out, scores[:n_explain], target)
+            cam = gradcam(out, scores[:n_explain], target, method)
     else:
         with torch.enable_grad():
             out = net(x.detach().requires_grad_(True))
             scores, idx = image_score(out.maps)
-            cam = gradcam(out, scores[:n_explain], target)
+            cam = gradcam(out, scores[:n_explain], target, method)
     return out, scores.detach(), idx, cam[:n_explain]

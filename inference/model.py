@@ -24,12 +24,14 @@ LUNG_DILATION_PX = 9  # heatmap px the predicted lung field is grown by before s
 
 @dataclass(frozen=True)
 class ModelOutput:
-    """Maps (B,3,H/2,W/2), the head's hidden features, the decoder's last map, the deepest encoder features."""
+    """Maps (B,3,H/2,W/2), the head's hidden features, the decoder's last map, the encoder's stride-8 and
+    deepest (stride-16) features."""
 
     maps: torch.Tensor
     head_features: torch.Tensor
     decoder_features: torch.Tensor
     deep_features: torch.Tensor
+    mid_features: torch.Tensor
 
 
 def _conv_bn(cin: int, cout: int, k: int = 3) -> nn.Sequential:
@@ -69,7 +71,7 @@ class NoduleNet(nn.Module):
         p = self.lat2(f2) + F.interpolate(p, size=f2.shape[-2:], mode="bilinear", align_corners=False)
         dec = self.smooth2(p)
         hidden = self.head[0](dec)
-        return ModelOutput(self.head_output(hidden), hidden, dec, f16)
+        return ModelOutput(self.head_output(hidden), hidden, dec, f16, f8)
 
     def head_output(self, hidden: torch.Tensor) -> torch.Tensor:
         """The output maps from the head's hidden features (the last, 1x1, convolution)."""

@@ -48,6 +48,11 @@ class ModelCard:
     training: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
     schema: int = CARD_SCHEMA
+    ood: dict[str, Any] = field(default_factory=dict)  # file, sha256, threshold of the feature density (inference.ood)
+    intended_use: str = ""
+    trained_on: str = ""
+    known_failure_modes: list[str] = field(default_factory=list)
+    independent_evaluation: dict[str, Any] = field(default_factory=dict)  # figures on the evaluation family
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold < 1.0:
@@ -56,6 +61,9 @@ class ModelCard:
             raise ValueError(f"input_size must be >= 32, got {self.input_size!r}")
         if self.location_source not in ("heatmap", "gradcam"):
             raise ValueError(f"location_source must be 'heatmap' or 'gradcam', got {self.location_source!r}")
+        missing = {"file", "sha256", "threshold"} - set(self.ood)
+        if self.ood and missing:
+            raise ValueError(f"ood must name {sorted(missing)}, got keys {sorted(self.ood)}")
 
 
 def sha256_file(path: str | Path) -> str:

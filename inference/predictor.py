@@ -1,10 +1,18 @@
 """Owns the node's entry point: load a carded model once, turn a PreparedImage into a Prediction.
 
 One forward pass of a two-view TTA batch (original + flipped, contrast-jittered
-copy) gives the calibrated probability (Platt on the mean view score) and the
-uncertainty (std of the views' calibrated probabilities); a backward pass
-through the head's last convolution gives Grad-CAM on the original view. Heatmap and location are
-mapped back to the source geometry through preprocess's letterbox helpers.
+copy) gives the calibrated probability (Platt on the mean view score), the
+uncertainty (std of the views' calibrated probabilities), the location (the
+detection heatmap's peak) and the out-of-distribution score (Mahalanobis
+distance of the pooled encoder features, `inference.ood`); a backward pass of
+the image score to an encoder stage (`EXPLAIN_TARGET`, HiResCAM) gives the map
+of the original view, an explanation that is not the detection heatmap itself. Heatmap
+and location are mapped back to the source geometry through preprocess's
+letterbox helpers.
+
+The review decision lists its reasons: `near_threshold`, `uncertain`,
+`out_of_distribution`, and every quality flag of the image that the policy
+names (a portable AP film, no pixel spacing, a secondary capture).
 """
 from __future__ import annotations
 
@@ -19,19 +27,29 @@ from inference import torch_setup
 from inference.gradcam import explained_forward
 from inference.model import LUNG, RADIUS, build_network, embed, image_score, load_weights, tta_views
 from inference.model_card import ModelCard, load_card, verify_weights
+from inference.ood import REASON as OOD_REASON
+from inference.ood import FeatureDensity, load_density, pooled_features
 from inference.preprocess import letterbox, model_map_to_source, model_to_source
 from inference.samples import model_coord
 from inference.types import Location, ModelIdentity, PreparedImage, Prediction
 
 DEFAULT_CARD = Path(__file__).resolve().parent / "models" / "card.json"
+# Explanation: HiResCAM of the image score on the encoder's stride-8 stage. On calibration phantoms (indices
+# 500-559, positives) classic Grad-CAM there pointed at the nodule (radius + 3 mm) for 1 of 40 and on the
+# stride-16 stage for 0.08 (card); HiResCAM on the stride-8 stage pointed for nearly all (#17 report).
+EXPLAIN_TARGET, EXPLAIN_METHOD = "encoder8", "hirescam"
+# Quality flags (inference.preprocess) that make a read unreliable: the image goes to review with the flag as reason.
+REVIEW_FLAGS = ("ap_view", "no_pixel_spacing", "invalid_pixel_spacing", "secondary_capture")
 
 
 @dataclass(frozen=True)
 class ReviewPolicy:
-    """Review when |p - threshold| < margin or uncertainty > max_uncertainty."""
+    """Review when |p - threshold| < margin, uncertainty > max_uncertainty, the image is out of
+    distribution, or it carries one of `flags`."""
 
     margin: float = 0.1
     max_uncertainty: float = 0.15
+    flags: tuple[str, ...] = REVIEW_FLAGS
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.margin <= 1.0:
@@ -39,12 +57,24 @@ class ReviewPolicy:
         if not 0.0 <= self.max_uncertainty <= 0.5:
             raise ValueError(f"max_uncertainty must be in [0, 0.5], got {self.max_uncertainty!r}")
 
+    def reasons(self, p: float, threshold: float, uncertainty: float, ood: bool, quality_flags: tuple[str, ...]
+                ) -> tuple[str, ...]:
+        found = []
+        if abs(p - threshold) < self.margin:
+            found.append("near_threshold")
+        if uncertainty > self.max_uncertainty:
+            found.append("uncertain")
+        if ood:
+            found.append(OOD_REASON)
+        return tuple(found + [f for f in quality_flags if f in self.flags])
+
 
 class Detector:
     """A loaded, verified model; `predict` is safe to call repeatedly from one thread."""
 
-    def __init__(self, card: ModelCard, net: torch.nn.Module, device: torch.device, review: ReviewPolicy) -> None:
-        self.card, self.net, self.device, self.review = card, net, device, review
+    def __init__(self, card: ModelCard, net: torch.nn.Module, device: torch.device, review: ReviewPolicy,
+                 density: FeatureDensity | None = None) -> None:
+        self.card, self.net, self.device, self.review, self.density = card, net, device, review, density
         self.identity = ModelIdentity(card.name, card.version, card.weights_sha256)
         self.input_size = card.input_size
 
@@ -62,13 +92,15 @@ class Detector:
             net = net.to(memory_format=torch.channels_last)
         for p in net.parameters():
             p.requires_grad_(False)
-        return cls(card, net, dev, review or ReviewPolicy(**card.review))
+        density = load_density(card_path, card.ood) if card.ood else None
+        return cls(card, net, dev, review or ReviewPolicy(**card.review), density)
 
     @classmethod
     def from_settings(cls, model: ModelSettings, card_path: str | Path | None = None) -> "Detector":
         """The detector the `[model]` settings describe (`card_path` overrides `model.card`)."""
         return cls.load(card_path or model.card, device=model.device, threads=model.threads or None,
-                        review=ReviewPolicy(model.review_margin, model.review_max_uncertainty))
+                        review=ReviewPolicy(model.review_margin, model.review_max_uncertainty,
+                                            tuple(model.review_flags)))
 
     def _input(self, image: PreparedImage) -> torch.Tensor:
         x = np.asarray(image.model_input, dtype=np.float32)
@@ -90,37 +122,45 @@ class Detector:
         return self._calibrated(scores)
 
     def predict(self, image: PreparedImage) -> Prediction:
-        """Probability, uncertainty, decision, review flag, location and Grad-CAM in source geometry, embedding.
+        """Probability, uncertainty, decision, review reasons, location and Grad-CAM in source geometry,
+        embedding, OOD score.
 
         `location` is the most suspicious spot; it is given when the case is
         positive or flagged for review, else None.
         """
-        out, scores, idx, cam = explained_forward(self.net, tta_views(self._input(image)), 1)
+        return self.read(image)[0]
+
+    def read(self, image: PreparedImage) -> tuple[Prediction, Location]:
+        """`predict`'s Prediction and the detection peak (always given, for evaluation)."""
+        out, scores, idx, cam = explained_forward(self.net, tta_views(self._input(image)), 1, EXPLAIN_TARGET,
+                                                  EXPLAIN_METHOD)
         p, unc = self._calibrated(scores)
         positive = p >= self.card.threshold
-        review = abs(p - self.card.threshold) < self.review.margin or unc > self.review.max_uncertainty
+        ood = None
+        if self.density is not None:
+            ood = float(self.density.score(pooled_features(out.deep_features[:1]))[0])
+        reasons = self.review.reasons(p, self.card.threshold, unc, ood is not None and ood > self.density.threshold,
+                                      image.quality_flags)
         cam_np = cam[0].cpu().numpy()
-        w = cam_np.shape[1]
-        if self.card.location_source == "gradcam":
-            peak = int(np.argmax(cam_np))
-        else:
-            peak = int(idx[0])
+        w = out.maps.shape[-1]
+        peak = int(np.argmax(cam_np)) if self.card.location_source == "gradcam" else int(idx[0])
         radius_model = float(torch.exp(out.maps[0, RADIUS].detach().flatten()[peak].float())) * (self.input_size / w)
-        location = None
-        if positive or review:
-            location = self._location(peak // w, peak % w, radius_model, image.display.shape[:2])
-        return Prediction(
+        spot = self._location(peak // w, peak % w, radius_model, image.display.shape[:2])
+        prediction = Prediction(
             probability=p,
             uncertainty=unc,
             positive=positive,
-            review=review,
-            location=location,
+            review=bool(reasons),
+            location=spot if positive or reasons else None,
             heatmap=np.clip(model_map_to_source(cam_np, image.display.shape[:2], self.input_size), 0.0, 1.0),
             embedding=embed(out.deep_features[:1].detach())[0].cpu().numpy().astype(np.float32),
             model=self.identity,
             threshold=self.card.threshold,
             lung_rows=self._lung_rows(out.maps[0, LUNG], image.display.shape[:2]),
+            review_reasons=reasons,
+            ood_score=ood,
         )
+        return prediction, spot
 
     def _lung_rows(self, lung_logits: torch.Tensor, shape: tuple[int, int]) -> tuple[float, float] | None:
         """First and last source row of the predicted lung field (original view), None if there is none."""

@@ -24,7 +24,11 @@ What is accepted:
 body_part_not_chest, lateral_view, view_not_supported, multi_frame,
 photometric_not_supported (NotApplicable); too_small, bits_not_supported,
 pixel_data_truncated, pixel_data_unreadable, no_dynamic_range (Unreadable).
-Presentation LUT Shape is not applied: MONOCHROME1 alone decides inversion.
+
+Display polarity: MONOCHROME1 is inverted; so is a MONOCHROME2 image whose
+Presentation LUT Shape is INVERSE (flagged `presentation_lut_inverse`). A
+MONOCHROME1 image with INVERSE, as the DX module prescribes (PS3.3
+C.8.11.7.1.1), is inverted once, not twice.
 """
 from __future__ import annotations
 
@@ -180,8 +184,11 @@ def _prepare(ds: pydicom.Dataset, input_size: int) -> PreparedImage:
     step = max(1, min(stored.shape) // 512)
     values = _modality(ds, stored)
     display, window_flags = _voi(ds, values, step)
-    if str(ds.PhotometricInterpretation) == "MONOCHROME1":
+    inverse_lut = _text(ds, "PresentationLUTShape") == "INVERSE"
+    if str(ds.PhotometricInterpretation).strip() == "MONOCHROME1" or inverse_lut:
         np.subtract(np.float32(1.0), display, out=display)
+        if str(ds.PhotometricInterpretation).strip() != "MONOCHROME1":
+            window_flags.append("presentation_lut_inverse")
     flags += window_flags + _quality(stored, display, step)
     model_input = prepare_array(display, input_size)
     display_u8 = np.empty(display.shape, np.uint8)

@@ -63,13 +63,18 @@ class Location:
 class Prediction:
     """What the model says about one image.
 
-    `heatmap` is Grad-CAM in [0, 1], float32, in the source geometry (rows, cols).
+    `heatmap` is the explanation map (HiResCAM on an encoder stage) in [0, 1], float32, in the source
+    geometry (rows, cols).
     `embedding` is a 1-D float32 vector (L2-normalised) for similar-case retrieval.
-    `review` is True when the case is uncertain or near the threshold.
     `threshold` is the operating threshold `positive` was decided at (the model
     card's), or None where the caller does not know it. `lung_rows` is the first
     and last source row of the lung field the model found (None: none found or
     not known); the report names the finding's zone from it.
+    `review` is True when `review_reasons` is not empty: `near_threshold`,
+    `uncertain`, `out_of_distribution`, or a quality flag that makes a read
+    unreliable (`ap_view`, `no_pixel_spacing`, `invalid_pixel_spacing`,
+    `secondary_capture`). `ood_score` is the Mahalanobis distance of the image's
+    encoder features to the training images' (None when the card has no density).
     """
 
     probability: float
@@ -82,3 +87,5 @@ class Prediction:
     model: ModelIdentity
     threshold: float | None = None
     lung_rows: tuple[float, float] | None = None
+    review_reasons: tuple[str, ...] = ()
+    ood_score: float | None = None

@@ -123,6 +123,8 @@ class Job(Base):
     location_radius: Mapped[float | None] = mapped_column(Float)
     embedding: Mapped[bytes | None] = mapped_column(LargeBinary)
     quality_flags: Mapped[str | None] = mapped_column(String(256))
+    review_reasons: Mapped[str | None] = mapped_column(String(256))  # comma-separated, Prediction.review_reasons
+    ood_score: Mapped[float | None] = mapped_column(Float)
     stage_seconds: Mapped[str | None] = mapped_column(Text)  # JSON {"stage": seconds}
     header_warnings: Mapped[str | None] = mapped_column(Text)  # JSON ["Keyword (gggg,eeee): problem"], never values
     results_dir: Mapped[str | None] = mapped_column(String(512))

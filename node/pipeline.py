@@ -144,6 +144,8 @@ class Processor:
                 location_radius=location.radius if location else None,
                 embedding=np.asarray(prediction.embedding, dtype=np.float32).tobytes(),
                 quality_flags=",".join(image.quality_flags) or None,
+                review_reasons=",".join(prediction.review_reasons) or None,
+                ood_score=prediction.ood_score,
                 stage_seconds=timer.json(),
                 header_warnings=json.dumps(header_warnings) if header_warnings else None,
             )
