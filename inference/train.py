@@ -10,6 +10,13 @@ samples (flipped and contrast-jittered anew each time) keeps the GPU busy
 while the workers generate. A hard wall-clock budget ends training, then a
 calibration split fits Platt scaling and the threshold, a test split is
 scored, and weights (float16 safetensors), card JSON and log are written.
+
+`--data FOLDER` trains on a labelled folder in the NODE21 layout
+(`inference.labelled_folder`: DICOM, PNG or MHA with `img_name,x,y,width,height,label`)
+instead of phantoms, drawn with replacement; `--init CARD` starts from a
+carded checkpoint (fine-tuning). Calibration and the test figures still come
+from the held-out phantom splits, so a card trained on a folder must be
+calibrated and evaluated on that site's data (`smartnodule eval --data`) before use.
 """
 from __future__ import annotations
 
@@ -26,13 +33,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 
 from inference import torch_setup
 from inference.evaluate import (HeldOutScores, fit_platt, json_safe, platt, pointing_hits, score_heldout, summarize,
                                 youden_threshold)
-from inference.model import HEATMAP, LUNG, RADIUS, TTA_DESCRIPTION, NoduleNet, architecture_of, image_score, save_weights
-from inference.model_card import Calibration, ModelCard, save_card, sha256_file
+from inference.labelled_folder import LabelledFolder
+from inference.model import (HEATMAP, LUNG, RADIUS, TTA_DESCRIPTION, NoduleNet, architecture_of, build_network, image_score,
+                             load_weights, save_weights)
+from inference.model_card import Calibration, ModelCard, load_card, save_card, sha256_file, verify_weights
 from inference.samples import HELD_OUT_GAIN, SPLITS, Curriculum, TrainStream, worker_init
 
 PREPROCESSING = (
@@ -159,6 +168,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default="smartnodule-nodule")
     p.add_argument("--version", default="1.0.0")
     p.add_argument("--log-every", type=float, default=15.0, help="seconds between progress lines")
+    p.add_argument("--data", type=Path, default=None, help="train on a labelled folder (NODE21 layout) instead of phantoms")
+    p.add_argument("--labels", type=Path, default=None, help="its CSV (default: the only .csv in --data)")
+    p.add_argument("--init", type=Path, default=None, help="model card whose weights training starts from")
 
 
 class Log:
@@ -180,12 +192,18 @@ def train(args: argparse.Namespace) -> ModelCard:
         raise ValueError(f"batch must be >= 2, got {args.batch!r}")
     torch_setup.limit_threads(args.threads)
     device = torch_setup.select_device(args.device)
-    replay = args.replay if args.replay is not None else (4 if device.type == "cuda" else 0)
+    replay = args.replay if args.replay is not None else (4 if device.type == "cuda" and args.data is None else 0)
     args.out.mkdir(parents=True, exist_ok=True)
     log = Log(args.out / "train.log")
     torch.manual_seed(0)
     gen = torch.Generator(device=device).manual_seed(0)
-    net = NoduleNet(args.backbone).to(device)
+    net = NoduleNet(args.backbone)
+    if args.init is not None:
+        init = load_card(args.init)
+        if init.architecture["backbone"] != args.backbone:
+            raise ValueError(f"init card {str(args.init)!r} is a {init.architecture['backbone']}, not --backbone {args.backbone}")
+        net = load_weights(build_network(init.architecture), str(verify_weights(init, args.init)))
+    net = net.to(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         net = net.to(memory_format=torch.channels_last)
@@ -193,10 +211,15 @@ def train(args: argparse.Namespace) -> ModelCard:
     curriculum = Curriculum()
     budget = args.minutes * 60
     t0 = time.time()
-    stream = TrainStream(args.input_size, t0, budget, curriculum)
     prefetch = _prefetch(args) if args.workers else None
+    if args.data is None:
+        stream, sampler = TrainStream(args.input_size, t0, budget, curriculum), None
+    else:
+        stream = LabelledFolder(args.data, args.input_size, args.labels)
+        sampler = RandomSampler(stream, replacement=True, num_samples=10**8, generator=torch.Generator().manual_seed(0))
+        log(f"training data: {len(stream)} labelled images from {args.data}")
     loader = DataLoader(stream, batch_size=args.batch, num_workers=args.workers, worker_init_fn=worker_init if args.workers else None,
-                        pin_memory=device.type == "cuda", prefetch_factor=prefetch, drop_last=True)
+                        pin_memory=device.type == "cuda", prefetch_factor=prefetch, drop_last=True, sampler=sampler)
     buffer = Replay(args.buffer) if replay else None
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     log(f"training {args.backbone} on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}), "
@@ -286,7 +309,10 @@ def train(args: argparse.Namespace) -> ModelCard:
         location_source=location_source,
         training={
             "generator": _generator_version(),
-            "train_seeds": f"{SPLITS['train']} + i, i < {fresh} (positives on even i, generated at {args.input_size} px)",
+            "train_seeds": f"{SPLITS['train']} + i, i < {fresh} (positives on even i, generated at {args.input_size} px)"
+            if args.data is None else None,
+            "data": None if args.data is None else f"labelled folder {args.data.name} ({len(stream)} images)",
+            "init": None if args.init is None else f"{init.name} {init.version} ({init.weights_sha256[:16]})",
             "calibration_seeds": [SPLITS["calibration"], SPLITS["calibration"] + args.calib_n - 1],
             "held_out_gain": HELD_OUT_GAIN,
             "curriculum": curriculum.describe(),

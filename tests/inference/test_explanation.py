@@ -1,0 +1,63 @@
+"""The explanation is evidence from the backbone, not a copy of the detection heatmap, and it depends on the
+learned weights (model-randomisation sanity test, Adebayo et al. 2018)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from inference.gradcam import explained_forward
+from inference.model import build_network, tta_views
+from inference.phantoms import generate_phantom, phantom_dataset
+from inference.predictor import Detector
+from inference.preprocess import prepare
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    def ranks(x: np.ndarray) -> np.ndarray:
+        order = np.argsort(x, kind="mergesort")
+        r = np.empty(len(x), float)
+        r[order] = np.arange(len(x), dtype=float)
+        _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+        sums = np.bincount(inverse, weights=r)
+        return (sums / counts)[inverse]
+    ra, rb = ranks(np.ravel(a)), ranks(np.ravel(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def test_spearman_on_known_orders() -> None:
+    x = np.arange(10.0)
+    assert spearman(x, x ** 3) == pytest.approx(1.0)
+    assert spearman(x, -x) == pytest.approx(-1.0)
+    assert spearman(np.array([1.0, 1.0, 2.0, 3.0]), np.array([1.0, 1.0, 2.0, 3.0])) == pytest.approx(1.0)
+
+
+@pytest.fixture(scope="module")
+def detector() -> Detector:
+    return Detector.load(device="cpu", threads=2)
+
+
+@pytest.fixture(scope="module")
+def image():
+    return prepare(phantom_dataset(generate_phantom(7_100_001, size=512, nodule=True, gain=2.0, diameter_mm=20.0)))
+
+
+def test_map_changes_when_the_weights_are_randomised(detector: Detector, image) -> None:
+    trained = detector.predict(image).heatmap
+    torch.manual_seed(1234)
+    random_net = build_network(detector.card.architecture).eval()
+    randomised = Detector(detector.card, random_net, detector.device, detector.review).predict(image).heatmap
+    assert trained.shape == randomised.shape
+    rho = spearman(trained[::4, ::4], randomised[::4, ::4])
+    assert rho < 0.5, f"rank correlation of the trained and the randomised map is {rho:.3f}"
+
+
+def test_explanation_is_not_the_detection_heatmap(detector: Detector, image) -> None:
+    x = tta_views(torch.from_numpy(image.model_input)[None, None])
+    _, _, _, detection = explained_forward(detector.net, x, 1, "head")  # the head's map equals the detection heatmap
+    explanation = detector.predict(image).heatmap
+    from inference.preprocess import model_map_to_source
+
+    head = np.clip(model_map_to_source(detection[0].numpy(), image.display.shape[:2], detector.input_size), 0, 1)
+    assert np.abs(head - explanation).max() > 0.2
