@@ -404,6 +404,9 @@ def case_dataset(case: EvalCase, *, body_part: str | None = None) -> pydicom.Dat
     ds.SeriesInstanceUID = generate_uid(entropy_srcs=["smartnodule-evalfamily-series", sop])
     ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "DX", body_part or case.body_part, "PA"
     ds.PatientName, ds.PatientID = "EVAL^FAMILY", f"EF{case.seed}"
+    ds.PatientBirthDate, ds.PatientSex, ds.ReferringPhysicianName, ds.AccessionNumber = "", "O", "", ""
+    ds.StudyDate, ds.StudyTime, ds.StudyID, ds.SeriesNumber, ds.InstanceNumber = "20240301", "101500", "1", 1, 1
+    ds.SpecificCharacterSet = "ISO_IR 100"
     ds.PresentationIntentType = "FOR PRESENTATION"
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, case.photometric
     ds.PresentationLUTShape = "INVERSE" if case.photometric == "MONOCHROME1" else "IDENTITY"
