@@ -57,6 +57,8 @@ def predict_file(detector, path: Path) -> dict:
         "uncertainty": round(pred.uncertainty, 6),
         "positive": pred.positive,
         "review": pred.review,
+        "review_reasons": list(pred.review_reasons),
+        "ood_score": None if pred.ood_score is None else round(pred.ood_score, 2),
         "location": None if loc is None else {"row": round(loc.row, 1), "col": round(loc.col, 1), "radius": round(loc.radius, 1)},
     }
 
@@ -75,7 +77,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(json.dumps(r), flush=True)
         elif r["outcome"] == "processed":
             where = "" if r["location"] is None else f" at row {r['location']['row']}, col {r['location']['col']}"
-            flag = " REVIEW" if r["review"] else ""
+            flag = f" REVIEW ({', '.join(r['review_reasons'])})" if r["review"] else ""
             print(f"{path}: p={r['probability']:.3f} ±{r['uncertainty']:.3f} "
                   f"{'POSITIVE' if r['positive'] else 'negative'}{flag}{where}", flush=True)
         else:

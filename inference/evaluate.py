@@ -286,20 +286,20 @@ def run(args: argparse.Namespace) -> int:
     figs["families"] = families
     print(f"== families side by side ({args.n} images each at {size} px; training = held-out test split of "
           f"inference/phantoms.py, independent = inference/eval_family.py)")
-    print(er.side_by_side(families))
+    print(er.side_by_side(families), flush=True)
     keys = ("auc", "pointing_detection", "pointing_gradcam", "mean_p_negative", "confident_fp", "review_share")
-    if args.robust_n:
-        robust = {name: er.figures(er.read_cases(det, (fn(c) for c in er.family_cases("independent", args.robust_n, size))))
-                  for name, fn in er.PERTURBATIONS.items()}
-        figs["robustness"] = robust
-        print(f"\n== robustness: independent family, {args.robust_n} images per perturbation")
-        print(er.transposed(robust, keys))
     if args.ood_n:
         ood = {name: er.figures(er.read_ood_set(det, name, args.ood_n, size)) for name in er.OOD_SETS}
         figs["out_of_distribution"] = ood
         print(f"\n== not what the model reads ({args.ood_n} images per set, all without a finding)")
         print(er.transposed(ood, ("review_or_skipped", "ood_share", "confident_fp", "confident_fp_without_ood_gate",
-                                  "mean_p_negative", "ood_score_median")))
+                                  "mean_p_negative", "ood_score_median")), flush=True)
+    if args.robust_n:
+        robust = {name: er.figures(er.read_cases(det, (fn(c) for c in er.family_cases("independent", args.robust_n, size))))
+                  for name, fn in er.PERTURBATIONS.items()}
+        figs["robustness"] = robust
+        print(f"\n== robustness: independent family, {args.robust_n} images per perturbation")
+        print(er.transposed(robust, keys), flush=True)
     figs["scoring_s"] = time.perf_counter() - t0
     if args.latency_images:
         cpu = det if det.device.type == "cpu" else Detector.load(args.card, device="cpu", threads=args.threads)

@@ -52,21 +52,31 @@ def explained_forward(net: NoduleNet, x: torch.Tensor, n_explain: int, target: s
                       ) -> tuple[ModelOutput, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward `x`, image scores and argmax indices of every image, Grad-CAM of the first `n_explain`.
 
-    With the head target the network runs without autograd and only the last
-    convolution is re-run with it, so Grad-CAM costs next to nothing.
+    The network runs once without autograd; only the part after the target map
+    is re-run with it, for the images explained: the last convolution for the
+    head target (Grad-CAM costs next to nothing), encoder stage 4, decoder and
+    head for the stride-8 encoder target (bench/inference.py measures it).
+    The decoder and deepest-encoder targets re-run the whole network.
     """
-    if target == "head":
+    if target in ("head", "encoder8"):
         with torch.no_grad():
             plain = net(x)
-        hidden = plain.head_features.detach().requires_grad_(True)
+        if target == "head":
+            hidden = plain.head_features[:n_explain].detach().requires_grad_(True)
+            with torch.enable_grad():
+                part = ModelOutput(net.head_output(hidden), hidden, plain.decoder_features[:n_explain],
+                                   plain.deep_features[:n_explain], plain.mid_features[:n_explain])
+        else:
+            f2, f4 = (f[:n_explain].detach() for f in plain.fine_features)
+            f8 = plain.mid_features[:n_explain].detach().requires_grad_(True)
+            with torch.enable_grad():
+                part = net.from_stride8(f2, f4, f8)
         with torch.enable_grad():
-            out = ModelOutput(net.head_output(hidden), hidden, plain.decoder_features, plain.deep_features,
-                              plain.mid_features)
-            scores, idx = image_score(out.maps)
-            cam = gradcam(out, scores[:n_explain], target, method)
-    else:
-        with torch.enable_grad():
-            out = net(x.detach().requires_grad_(True))
-            scores, idx = image_score(out.maps)
-            cam = gradcam(out, scores[:n_explain], target, method)
+            cam = gradcam(part, image_score(part.maps)[0], target, method)
+        scores, idx = image_score(plain.maps)
+        return plain, scores, idx, cam
+    with torch.enable_grad():
+        out = net(x.detach().requires_grad_(True))
+        scores, idx = image_score(out.maps)
+        cam = gradcam(out, scores[:n_explain], target, method)
     return out, scores.detach(), idx, cam[:n_explain]

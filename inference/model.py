@@ -32,6 +32,7 @@ class ModelOutput:
     decoder_features: torch.Tensor
     deep_features: torch.Tensor
     mid_features: torch.Tensor
+    fine_features: tuple[torch.Tensor, torch.Tensor] = ()  # the encoder's stride-2 and stride-4 maps
 
 
 def _conv_bn(cin: int, cout: int, k: int = 3) -> nn.Sequential:
@@ -64,6 +65,19 @@ class NoduleNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         f2, f4, f8, f16 = self.encoder(x)
+        return self.decode(f2, f4, f8, f16)
+
+    def from_stride8(self, f2: torch.Tensor, f4: torch.Tensor, f8: torch.Tensor) -> ModelOutput:
+        """The rest of the forward pass from the encoder's stride-8 features (for an explanation there)."""
+        names = list(self.encoder.keys())
+        stages = self.encoder.feature_info.module_name()
+        f16 = f8
+        for name in names[names.index(stages[2]) + 1:names.index(stages[3]) + 1]:
+            f16 = self.encoder[name](f16)
+        return self.decode(f2, f4, f8, f16)
+
+    def decode(self, f2: torch.Tensor, f4: torch.Tensor, f8: torch.Tensor, f16: torch.Tensor) -> ModelOutput:
+        """Decoder and head from the four encoder feature maps."""
         p = self.lat16(f16)
         p = self.lat8(f8) + F.interpolate(p, size=f8.shape[-2:], mode="nearest")
         p = self.lat4(f4) + F.interpolate(p, size=f4.shape[-2:], mode="nearest")
@@ -71,7 +85,7 @@ class NoduleNet(nn.Module):
         p = self.lat2(f2) + F.interpolate(p, size=f2.shape[-2:], mode="bilinear", align_corners=False)
         dec = self.smooth2(p)
         hidden = self.head[0](dec)
-        return ModelOutput(self.head_output(hidden), hidden, dec, f16, f8)
+        return ModelOutput(self.head_output(hidden), hidden, dec, f16, f8, (f2, f4))
 
     def head_output(self, hidden: torch.Tensor) -> torch.Tensor:
         """The output maps from the head's hidden features (the last, 1x1, convolution)."""

@@ -77,5 +77,6 @@ def test_predict_records_for_processed_skipped_and_rejected_files(detector: Dete
     pa, lateral, junk = (predict_file(detector, tmp_path / n) for n in ("pa.dcm", "lateral.dcm", "junk.dcm"))
     assert pa["outcome"] == "processed" and pa["sop_instance_uid"] and 0.0 <= pa["probability"] <= 1.0
     assert set(pa["location"]) == {"row", "col", "radius"} and pa["model"]["name"] == detector.identity.name
+    assert pa["review"] == bool(pa["review_reasons"]) and pa["ood_score"] > 0
     assert lateral["outcome"] == "skipped" and lateral["reason"].startswith("lateral_view")
     assert junk["outcome"] == "rejected" and junk["probability"] is None
