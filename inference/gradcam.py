@@ -1,14 +1,17 @@
-"""Owns Grad-CAM: where in the image the image score comes from.
+"""Owns Grad-CAM and HiResCAM: where in the image the image score comes from.
 
 The gradient of the image score (pre-sigmoid heatmap maximum inside the lung
-field) with respect to a feature map gives channel weights; the weighted sum,
+field) with respect to a feature map, times the map (channel-averaged gradient
+weights for Grad-CAM, element-wise for HiResCAM), summed over channels,
 ReLU'd, restricted to the predicted lung field and normalised to [0, 1], is
-the map. `explained_forward` is the cheap way in: with the head target only
-the last 1x1 convolution runs with autograd. `TARGETS` names the feature maps it can use. The default, the head's
-hidden map (stride 2, the last map before the output convolution), pointed
-best on 100 held-out calibration phantoms (50 positives): peak within the
-nodule radius + 3 mm for 0.82 of positives, against 0.50 for the decoder's
-last map and 0.08 (200 images, on the GPU) for the deepest encoder stage.
+the map. `TARGETS` names the feature maps it can use. The head's hidden map
+(the input of the last 1x1 convolution) only reproduces the detection heatmap
+(max difference 6e-8, issue #17), so the node explains on an encoder stage
+(`inference.predictor.EXPLAIN_TARGET`). Pointing (peak within the nodule
+radius + 3 mm), shipped model, calibration phantoms: Grad-CAM on the stride-8
+stage 1 of 40 positives (indices 500-579), on the stride-16 stage 5 of 30;
+HiResCAM on the stride-8 stage 25 of 30, on the stride-16 stage 20 of 30
+(positives of indices 500-559).
 """
 from __future__ import annotations
 
@@ -53,9 +56,10 @@ def explained_forward(net: NoduleNet, x: torch.Tensor, n_explain: int, target: s
     """Forward `x`, image scores and argmax indices of every image, Grad-CAM of the first `n_explain`.
 
     The network runs once without autograd; only the part after the target map
-    is re-run with it, for the images explained: the last convolution for the
-    head target (Grad-CAM costs next to nothing), encoder stage 4, decoder and
-    head for the stride-8 encoder target (bench/inference.py measures it).
+    is re-run with it, for the explained images only: the last convolution for
+    the head target (Grad-CAM costs next to nothing); for the stride-8 encoder
+    target the encoder stage that makes the stride-16 map, the decoder and the
+    head (most of the cost is the stride-2 decoder; bench/inference.py measures it).
     The decoder and deepest-encoder targets re-run the whole network.
     """
     if target in ("head", "encoder8"):

@@ -34,9 +34,8 @@ from inference.samples import model_coord
 from inference.types import Location, ModelIdentity, PreparedImage, Prediction
 
 DEFAULT_CARD = Path(__file__).resolve().parent / "models" / "card.json"
-# Explanation: HiResCAM of the image score on the encoder's stride-8 stage. On calibration phantoms (indices
-# 500-559, positives) classic Grad-CAM there pointed at the nodule (radius + 3 mm) for 1 of 40 and on the
-# stride-16 stage for 0.08 (card); HiResCAM on the stride-8 stage pointed for nearly all (#17 report).
+# Explanation: HiResCAM of the image score on the encoder's stride-8 stage, the target and method that
+# pointed best on calibration phantoms (figures in inference/gradcam.py).
 EXPLAIN_TARGET, EXPLAIN_METHOD = "encoder8", "hirescam"
 # Quality flags (inference.preprocess) that make a read unreliable: the image goes to review with the flag as reason.
 REVIEW_FLAGS = ("ap_view", "no_pixel_spacing", "invalid_pixel_spacing", "secondary_capture")

@@ -53,3 +53,12 @@ def test_card_round_trip_and_validation(tmp_path: Path) -> None:
     assert load_card(tmp_path / "c.json") == card
     with pytest.raises(ValueError, match="threshold"):
         dataclasses.replace(card, threshold=1.5)
+
+
+def test_card_names_the_current_generator_and_says_what_it_is_for() -> None:
+    from inference.train import _generator_version
+
+    card = load_card(DEFAULT_CARD)
+    assert card.training["generator"] == _generator_version(), "phantoms.py changed: check the card's generator note"
+    assert "not for diagnosis" in card.intended_use.lower() and "synthetic" in card.trained_on.lower()
+    assert card.known_failure_modes and card.ood["file"] and card.training["command"].startswith("smartnodule train")
