@@ -59,6 +59,18 @@ class Location:
     radius: float
 
 
+# Review reasons as coded SR items (code value <= 16 characters, scheme of the SR writer's local codes).
+REVIEW_REASON_CODES = {
+    "near_threshold": ("NEARTHRESHOLD", "Probability near the decision threshold"),
+    "uncertain": ("UNCERTAIN", "Model uncertainty high"),
+    "out_of_distribution": ("OUTOFDIST", "Image out of the model's training distribution"),
+    "ap_view": ("APVIEW", "Antero-posterior (portable) view"),
+    "no_pixel_spacing": ("NOSPACING", "Pixel spacing missing"),
+    "invalid_pixel_spacing": ("BADSPACING", "Pixel spacing invalid"),
+    "secondary_capture": ("SECCAPTURE", "Secondary capture"),
+}
+
+
 @dataclass(frozen=True)
 class Prediction:
     """What the model says about one image.

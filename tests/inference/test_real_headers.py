@@ -71,3 +71,11 @@ def test_a_clean_pa_is_not_sent_to_review_and_the_settings_name_the_same_flags(p
     assert tuple(load_settings(None).model.review_flags) == REVIEW_FLAGS
     assert ReviewPolicy(flags=()).reasons(0.01, 0.6, 0.0, False, ("ap_view",)) == ()
     assert ReviewPolicy().reasons(0.62, 0.6, 0.3, False, ()) == ("near_threshold", "uncertain")
+
+
+def test_every_review_reason_has_an_sr_code() -> None:
+    from inference.types import REVIEW_REASON_CODES
+
+    reasons = set(REVIEW_FLAGS) | {"near_threshold", "uncertain", "out_of_distribution"}
+    assert reasons <= set(REVIEW_REASON_CODES)
+    assert all(len(code) <= 16 and code.isupper() and meaning for code, meaning in REVIEW_REASON_CODES.values())
