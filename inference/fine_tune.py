@@ -200,6 +200,10 @@ def fine_tune(manifest: dict) -> dict:
         model_dir = work / registry.ARTIFACT_DIR
         model_dir.mkdir()
         os.replace(weights_tmp, model_dir / weights_name)
+        ood = dict(card.ood)
+        if ood:  # the parent's feature density travels along; it was fitted on the parent's features
+            shutil.copy(champion_card_path.parent / ood["file"], model_dir / ood["file"])
+            ood["fitted_on"] = f"features of the parent {card.version} (not refitted after fine-tuning)"
         new_card = dataclasses.replace(
             card, version=version, weights_file=weights_name, weights_sha256=sha256_file(model_dir / weights_name),
             calibration=calibration, threshold=threshold,
@@ -210,7 +214,7 @@ def fine_tune(manifest: dict) -> dict:
                       "batchnorm": "frozen", "training_time_s": round(train_s, 1), "mlflow_run_id": run_id,
                       "calibration": f"refit on {n_cal} calibration phantoms" if n_cal else "kept from parent",
                       "parent_training": card.training},
-            evaluation={})
+            evaluation={}, ood=ood)
         save_card(new_card, model_dir / "card.json")
         client.log_artifacts(run_id, str(model_dir), registry.ARTIFACT_DIR)
         client.set_model_version_tag(reg.model_name, registry_version, "card_version", version)
