@@ -260,6 +260,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=200, help="images per family, half with a finding (default 200)")
     p.add_argument("--size", type=int, default=None, help="long side of generated images (default: the model's input size)")
     p.add_argument("--robust-n", type=int, default=100, help="independent-family images per perturbation (0: skip)")
+    p.add_argument("--robust-family", default="independent", choices=("independent", "training"),
+                   help="the family the perturbations are applied to")
     p.add_argument("--ood-n", type=int, default=40, help="images per out-of-distribution set (0: skip)")
     p.add_argument("--data", type=Path, default=None, help="a labelled folder (NODE21 layout) to evaluate as well")
     p.add_argument("--labels", type=Path, default=None, help="its CSV (default: the only .csv in --data)")
@@ -295,10 +297,10 @@ def run(args: argparse.Namespace) -> int:
         print(er.transposed(ood, ("review_or_skipped", "ood_share", "confident_fp", "confident_fp_without_ood_gate",
                                   "mean_p_negative", "ood_score_median")), flush=True)
     if args.robust_n:
-        robust = {name: er.figures(er.read_cases(det, (fn(c) for c in er.family_cases("independent", args.robust_n, size))))
+        robust = {name: er.figures(er.read_cases(det, (fn(c) for c in er.family_cases(args.robust_family, args.robust_n, size))))
                   for name, fn in er.PERTURBATIONS.items()}
         figs["robustness"] = robust
-        print(f"\n== robustness: independent family, {args.robust_n} images per perturbation")
+        print(f"\n== robustness: {args.robust_family} family, {args.robust_n} images per perturbation")
         print(er.transposed(robust, keys), flush=True)
     figs["scoring_s"] = time.perf_counter() - t0
     if args.latency_images:
