@@ -1,7 +1,7 @@
 """jobs: why a read was sent to review, and its out-of-distribution score (#17)
 
 Revision ID: 0002_review_reasons
-Revises: 0002_header_warnings
+Revises: 0002_web_sessions
 Create Date: 2026-12-02 10:00:00
 """
 import sqlalchemy as sa
@@ -9,7 +9,7 @@ from alembic import op
 
 
 revision = '0002_review_reasons'
-down_revision = '0002_header_warnings'
+down_revision = '0002_web_sessions'
 branch_labels = None
 depends_on = None
 
