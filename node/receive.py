@@ -137,7 +137,8 @@ class BulkReadSocket(AssociationSocket):
     def _refuse_pdu(self, length: int) -> None:
         requestor = self.assoc.requestor
         log.warning("pdu_refused", reason="pdu_too_large", pdu_length=length, limit=self.max_pdu_length,
-                    calling_aet=requestor.ae_title or None, peer=requestor.address)
+                    calling_aet=requestor.ae_title or None,
+                    peer=requestor.address if requestor.address_info is not None else None)
         _send_quietly(self.socket, A_ABORT_INVALID_PDU)
         raise OSError(errno.EMSGSIZE, f"PDU length {length} exceeds {self.max_pdu_length}")
 
