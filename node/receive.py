@@ -240,6 +240,9 @@ class GatedAssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with a `ConnectionGate` in front of its associations."""
 
     gate: ConnectionGate
+    # socketserver's listen backlog is 5: a burst of connections (50 opened at once) overflows it while each
+    # accept starts a thread (about 5 ms here), and the kernel drops the SYNs of the rest (a 1 s retry each).
+    request_queue_size = 128
 
 
 class BulkReadRequestHandler(RequestHandler):

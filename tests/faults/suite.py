@@ -535,10 +535,12 @@ class AllowedSender:
 
 
 def under_attack(name: str, workdir: Path, scale: Scale, seed0: int,
-                 attack: Callable[[NodeProcess, Result, OrthancPeer], set[str]], **overrides) -> Result:
-    """Warm the node up with one processed study, run `attack` while measuring memory and probing with an
-    allowed C-ECHO, then send the remaining studies; count everything (plus the UIDs `attack` returns as
-    acknowledged instances of its own)."""
+                 attack: Callable[[NodeProcess, Result], set[str]],
+                 before: Callable[[NodeProcess, Result], None] | None = None,
+                 after: Callable[[NodeProcess, Result], None] | None = None, **overrides) -> Result:
+    """Warm the node up with one processed study (and `before`), run `attack` while measuring memory and probing
+    with an allowed C-ECHO, then `after` and the remaining studies; count everything, with the UIDs `attack`
+    returns as acknowledged instances of its own."""
     result = Result(name)
     files = phantoms(workdir / "in", scale.instances + 1, seed0)
     warm_up = dict([next(iter(files.items()))])
@@ -548,16 +550,20 @@ def under_attack(name: str, workdir: Path, scale: Scale, seed0: int,
         try:
             first = storescu(warm_up, node.port)
             wait(lambda: settled(sessions, first.acknowledged), 120, "the warm-up study")
+            if before is not None:
+                before(node, result)
             with MemoryWatch(node.process.pid) as memory, AllowedSender(node.port) as sender:
-                own = attack(node, result, peer)
+                own = attack(node, result)
             result.rss_growth_mb, result.served = memory.growth_mb, sender.served
             result.check(memory.growth_mb <= RSS_GROWTH_BOUND_MB,
                          f"resident memory grew {memory.growth_mb} MB during the attack")
             result.check(sender.served, f"allowed C-ECHO not answered within {SERVED_WITHIN_S:.0f} s: "
                                         f"{sender.answers.count(False)} of {len(sender.answers)}")
+            if after is not None:
+                after(node, result)
             rest = {u: p for u, p in files.items() if u not in warm_up}
-            after = storescu(rest, node.port)
-            tally(result, set(files) | own, first.acknowledged | after.acknowledged | own, sessions,
+            after_sent = storescu(rest, node.port)
+            tally(result, set(files) | own, first.acknowledged | after_sent.acknowledged | own, sessions,
                   node.data_dir, peer)
             result.check(node.process.poll() is None, "node exited")
         except TimeoutError as exc:
@@ -573,7 +579,7 @@ def refusals(node: NodeProcess, event: str, reason: str) -> int:
 
 def pdu_length_bomb_attack(workdir: Path, scale: Scale) -> Result:
     """A peer announces a 4 GiB A-ASSOCIATE-RQ and streams zeros (up to 256 MiB): aborted after the header."""
-    def attack(node: NodeProcess, result: Result, _peer) -> set[str]:
+    def attack(node: NodeProcess, result: Result) -> set[str]:
         taken = pdu_length_bomb(node.port, send_limit=256 << 20)
         result.check(taken < 32 << 20, f"the node took {taken >> 20} MiB of the PDU before ending the connection")
         result.check(eventually(lambda: refusals(node, "connection_refused", "pdu_too_large") == 1, 10),
@@ -586,7 +592,7 @@ def deflate_bomb(workdir: Path, scale: Scale) -> Result:
     """About 1 MB of Deflated Explicit VR LE that inflates to about 1 GiB (over node.max_instance_mb): 0xA700."""
     bomb = write_deflate_bomb(workdir / "deflate-bomb.dcm", 1 << 30)
 
-    def attack(node: NodeProcess, result: Result, _peer) -> set[str]:
+    def attack(node: NodeProcess, result: Result) -> set[str]:
         response = store_file(node.port, bomb, DeflatedExplicitVRLittleEndian)
         status = None if response is None else int(response.Status)
         result.check(status == OUT_OF_RESOURCES, f"deflate bomb answered {status}, expected 0xA700")
@@ -599,7 +605,7 @@ def deflate_bomb(workdir: Path, scale: Scale) -> Result:
 
 def pixel_bomb(workdir: Path, scale: Scale) -> Result:
     """An RLE Lossless image of 20000 x 20000 zeros (6 MB sent, 400 million pixels): refused from its header."""
-    def attack(node: NodeProcess, result: Result, _peer) -> set[str]:
+    def attack(node: NodeProcess, result: Result) -> set[str]:
         response = store(node.port, rle_pixel_bomb(20000))
         status = None if response is None else int(response.Status)
         result.check(status == OUT_OF_RESOURCES, f"pixel bomb answered {status}, expected 0xA700")
@@ -650,7 +656,7 @@ class SilentFlood:
 def silent_connection_flood(workdir: Path, scale: Scale) -> Result:
     """50 silent TCP connections from 50 addresses, reopened as the node closes them, for longer than the
     A-ASSOCIATE-RQ time limit, plus 20 from one address (over the per-address cap): allowed C-ECHOs served."""
-    def attack(node: NodeProcess, result: Result, _peer) -> set[str]:
+    def attack(node: NodeProcess, result: Result) -> set[str]:
         with SilentFlood(node.port, 50) as flood:
             crowd = [socket.create_connection(("127.0.0.1", node.port), source_address=("127.0.2.1", 0))
                      for _ in range(20)]
@@ -670,7 +676,7 @@ def uid_traversal(workdir: Path, scale: Scale) -> Result:
     anywhere, no job."""
     bad = ["..", ".", "1..2", "01.2", "1." + "2" * 63]
 
-    def attack(node: NodeProcess, result: Result, _peer) -> set[str]:
+    def attack(node: NodeProcess, result: Result) -> set[str]:
         jobs_before = len(all_jobs(node.open_database()))
         for index, uid in enumerate(bad):
             response = store(node.port, small_instance(9950 + index, StudyInstanceUID=uid))
@@ -688,28 +694,38 @@ def uid_traversal(workdir: Path, scale: Scale) -> Result:
 
 def repeat_with_changed_content(workdir: Path, scale: Scale) -> Result:
     """A study processed and delivered, then the same SOP Instance UID with another PatientName and other
-    pixels: the first file stays byte for byte, the new version is processed and delivered (its results
-    carry the same UIDs: no duplicate in the PACS), audited as instance_replaced."""
-    def attack(node: NodeProcess, result: Result, _peer) -> set[str]:
-        sessions = node.open_database()
-        first = small_instance(9970, 512)
+    pixels (the attack: its C-STORE): the first file stays byte for byte, the new version is processed and
+    delivered (its results carry the same UIDs: no duplicate in the PACS), audited as instance_replaced."""
+    first = small_instance(9970, 512)
+    uid = str(first.SOPInstanceUID)
+    changed = small_instance(9971, 512, SOPInstanceUID=uid, StudyInstanceUID=first.StudyInstanceUID,
+                             SeriesInstanceUID=first.SeriesInstanceUID, PatientName="CHANGED^NAME")
+    changed.file_meta.MediaStorageSOPInstanceUID = uid
+    kept: dict[str, object] = {}
+
+    def before(node: NodeProcess, result: Result) -> None:
         result.check(int(store(node.port, first).Status) == SUCCESS, "first version not acknowledged")
-        uid = str(first.SOPInstanceUID)
+        sessions = node.open_database()
         [job] = wait(lambda: settled(sessions, {uid}), 120, "the first version")
-        first_path, first_digest = Path(job.spool_path), sha256(Path(job.spool_path).read_bytes()).hexdigest()
-        changed = small_instance(9971, 512, SOPInstanceUID=uid, StudyInstanceUID=first.StudyInstanceUID,
-                                 SeriesInstanceUID=first.SeriesInstanceUID, PatientName="CHANGED^NAME")
-        changed.file_meta.MediaStorageSOPInstanceUID = uid
+        kept["path"] = Path(job.spool_path)
+        kept["digest"] = sha256(Path(job.spool_path).read_bytes()).hexdigest()
+
+    def attack(node: NodeProcess, result: Result) -> set[str]:
         result.check(int(store(node.port, changed).Status) == SUCCESS, "second version not acknowledged")
+        result.check(sha256(kept["path"].read_bytes()).hexdigest() == kept["digest"], "the first file changed")
+        return {uid}
+
+    def after(node: NodeProcess, result: Result) -> None:
+        sessions = node.open_database()
         [job] = wait(lambda: (jobs := settled(sessions, {uid})) and jobs[0].version == 2 and jobs, 120,
                      "the second version")
-        result.check(sha256(first_path.read_bytes()).hexdigest() == first_digest, "the first file changed")
+        result.check(sha256(kept["path"].read_bytes()).hexdigest() == kept["digest"], "the first file changed")
         result.check(job.state is JobState.SENT and Path(job.spool_path).name == f"{uid}.v2.dcm",
                      f"second version ended {job.state.value} at {Path(job.spool_path).name}")
         replaced = [e for e in audit(node.data_dir) if e.get("event") == "instance_replaced"]
         result.check([e.get("version") for e in replaced] == [2], "no instance_replaced in the audit log")
-        return {uid}
-    return under_attack("repeat_with_changed_content", workdir, scale, 9980, attack)
+
+    return under_attack("repeat_with_changed_content", workdir, scale, 9980, attack, before=before, after=after)
 
 
 SCENARIOS: dict[str, Callable[[Path, Scale], Result]] = {f.__name__: f for f in (
