@@ -83,34 +83,28 @@ def store_file(port: int, path: Path, transfer_syntax: str, calling_aet: str = "
     previous = _config.STORE_SEND_CHUNKED_DATASET
     _config.STORE_SEND_CHUNKED_DATASET = True
     try:
-        ae = AE(ae_title=calling_aet)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
         sop_class = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"]).SOPClassUID \
             if transfer_syntax != DeflatedExplicitVRLittleEndian else DigitalXRayImageStorageForPresentation
-        ae.add_requested_context(sop_class, transfer_syntax)
-        assoc = ae.associate("127.0.0.1", port, ae_title="SMARTNODULE")
-        if not assoc.is_established:
-            return None
-        try:
-            response = assoc.send_c_store(path)
-        finally:
-            if assoc.is_established:
-                assoc.release()
-        return response if "Status" in response else None
+        return _store(port, path, sop_class, transfer_syntax, calling_aet, timeout_s)
     finally:
         _config.STORE_SEND_CHUNKED_DATASET = previous
 
 
 def store(port: int, ds: Dataset, calling_aet: str = "STORESCU", timeout_s: float = 30.0) -> Dataset | None:
     """C-STORE `ds` in its own transfer syntax; the response (None when there was none)."""
+    return _store(port, ds, ds.SOPClassUID, ds.file_meta.TransferSyntaxUID, calling_aet, timeout_s)
+
+
+def _store(port: int, payload: Dataset | Path, sop_class: str, transfer_syntax: str, calling_aet: str,
+           timeout_s: float) -> Dataset | None:
     ae = AE(ae_title=calling_aet)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
-    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    ae.add_requested_context(sop_class, transfer_syntax)
     assoc = ae.associate("127.0.0.1", port, ae_title="SMARTNODULE")
     if not assoc.is_established:
         return None
     try:
-        response = assoc.send_c_store(ds)
+        response = assoc.send_c_store(payload)
     finally:
         if assoc.is_established:
             assoc.release()

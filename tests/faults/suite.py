@@ -479,55 +479,59 @@ RSS_GROWTH_BOUND_MB = 100.0
 SERVED_WITHIN_S = 5.0
 
 
-class MemoryWatch:
-    """Peak resident memory of a process above its level at the start, sampled every 10 ms (psutil)."""
+class Repeating:
+    """`step()` in a background thread every `interval_s` between `with` entry and exit (and once at exit)."""
 
-    def __init__(self, pid: int) -> None:
-        self._process = psutil.Process(pid)
+    def __init__(self, interval_s: float) -> None:
+        self._interval_s = interval_s
         self._stop = threading.Event()
-        self.baseline = self.peak = self._process.memory_info().rss
-        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self) -> None:
-        while not self._stop.wait(0.01):
-            self.peak = max(self.peak, self._process.memory_info().rss)
+    def step(self) -> None:
+        raise NotImplementedError
 
-    def __enter__(self) -> "MemoryWatch":
+    def _run(self) -> None:
+        while True:
+            self.step()
+            if self._stop.wait(self._interval_s):
+                return
+
+    def __enter__(self):
         self._thread.start()
         return self
 
     def __exit__(self, *_) -> None:
         self._stop.set()
         self._thread.join()
+
+
+class MemoryWatch(Repeating):
+    """Peak resident memory of a process above its level at the start, sampled every 10 ms (psutil)."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(0.01)
+        self._process = psutil.Process(pid)
+        self.baseline = self.peak = self._process.memory_info().rss
+
+    def step(self) -> None:
+        self.peak = max(self.peak, self._process.memory_info().rss)
 
     @property
     def growth_mb(self) -> float:
         return round((self.peak - self.baseline) / 2**20, 1)
 
 
-class AllowedSender:
+class AllowedSender(Repeating):
     """An allowed modality during an attack: a C-ECHO every half second, each to be answered within
     SERVED_WITHIN_S (its association, DIMSE and network timeouts)."""
 
     def __init__(self, port: int) -> None:
+        super().__init__(0.5)
         self._port = port
-        self._stop = threading.Event()
         self.answers: list[bool] = []
-        self._thread = threading.Thread(target=self._probe, daemon=True)
 
-    def _probe(self) -> None:
-        while True:
-            self.answers.append(echo(self._port, SERVED_WITHIN_S))
-            if self._stop.wait(0.5):
-                return
-
-    def __enter__(self) -> "AllowedSender":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_) -> None:
-        self._stop.set()
-        self._thread.join()
+    def step(self) -> None:
+        self.answers.append(echo(self._port, SERVED_WITHIN_S))
 
     @property
     def served(self) -> bool:
