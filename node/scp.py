@@ -74,6 +74,7 @@ ACCEPTED_TRANSFER_SYNTAXES = (
 
 # A-ASSOCIATE-RJ (result, source, reason) used by admission control (PS3.8 9.3.4).
 REJECT_CALLING_AE_NOT_RECOGNIZED = (0x01, 0x01, 0x03)
+REJECT_CALLED_AE_NOT_RECOGNIZED = (0x01, 0x01, 0x07)
 REJECT_LOCAL_LIMIT_EXCEEDED = (0x02, 0x03, 0x02)
 
 # Storage service statuses (PS3.4 Annex B.2.3) answered by the handler.
@@ -116,7 +117,6 @@ class StorageSCP:
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = node.network_timeout_s
         if not node.accept_any_calling_ae:
             ae.require_calling_aet = list(node.allowed_calling_aets)
-        ae.require_called_aet = node.require_called_ae_title  # else: A-ASSOCIATE-RJ, called AE not recognized
         ae.add_supported_context(Verification)
         for sop_class in ACCEPTED_SOP_CLASSES:
             ae.add_supported_context(sop_class, list(ACCEPTED_TRANSFER_SYNTAXES))
@@ -170,13 +170,16 @@ class StorageSCP:
             log.warning("incomplete_transfers_removed", files=removed)
 
     def _on_requested(self, event: evt.Event) -> None:
-        """Admission control before negotiation: the sender's host, and room in the spool."""
+        """Admission control before negotiation: the called AE title, the sender's host, and room in the spool."""
         self._sweep_incoming()
         requestor = event.assoc.requestor
         calling_aet = requestor.primitive.calling_ae_title
         source = self._settings.source(calling_aet)
+        node = self._settings.node
         reason = None
-        if source is not None and source.hosts and requestor.address not in source.hosts:
+        if node.require_called_ae_title and requestor.primitive.called_ae_title.strip() != node.ae_title.strip():
+            reason, rejection = "called_ae_not_recognized", REJECT_CALLED_AE_NOT_RECOGNIZED
+        elif source is not None and source.hosts and requestor.address not in source.hosts:
             reason, rejection = "host_not_allowed", REJECT_CALLING_AE_NOT_RECOGNIZED
         elif self._disk_free() < self._min_free_bytes:
             reason, rejection = "disk_nearly_full", REJECT_LOCAL_LIMIT_EXCEEDED

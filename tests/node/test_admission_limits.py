@@ -178,7 +178,7 @@ def test_a_called_ae_title_other_than_ours_is_rejected(receiver):
                            str(node.settings.node.port)], capture_output=True, text=True)
     assert done.returncode != 0
     assert "Called AE Title Not Recognized" in done.stdout + done.stderr
-    assert events(node, "association_rejected")
+    assert [e["reason"] for e in events(node, "association_refused")] == ["called_ae_not_recognized"]
 
 
 def test_any_called_ae_title_is_accepted_when_the_check_is_off(receiver):
