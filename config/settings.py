@@ -40,8 +40,12 @@ class NodeSettings(_Section):
     database_url: str = ""
     allowed_calling_aets: list[AETitle] = []
     accept_any_calling_ae: bool = False
+    require_called_ae_title: bool = True
     max_associations: int = Field(default=10, ge=1)
+    max_connections_per_address: int = Field(default=10, ge=1)
+    association_request_timeout_s: float = Field(default=5.0, gt=0, le=60)
     max_instance_mb: float = Field(default=256.0, gt=0)
+    max_pixels: int = Field(default=64_000_000, ge=1)
     max_pdu_bytes: int = Field(default=1 << 20, ge=4096, le=1 << 26)
     min_free_disk_mb: float = Field(default=1024.0, ge=0)
     network_timeout_s: float = Field(default=60.0, gt=0)
@@ -330,7 +334,7 @@ class Settings(BaseSettings):
         env_prefix="SMARTNODULE_", env_nested_delimiter="__", extra="forbid", frozen=True
     )
 
-    node: NodeSettings = NodeSettings(accept_any_calling_ae=True)
+    node: NodeSettings  # required: a file without [node] must not widen who may connect
     worker: WorkerSettings = WorkerSettings()
     model: ModelSettings = ModelSettings()
     delivery: DeliverySettings = DeliverySettings()
@@ -344,6 +348,22 @@ class Settings(BaseSettings):
     alerts: AlertSettings = AlertSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
     registry: RegistrySettings = RegistrySettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _node_section_required(cls, data: object) -> object:
+        if isinstance(data, dict) and "node" not in data:
+            raise ValueError("the [node] section is missing: node.allowed_calling_aets must list the AE titles "
+                             "that may send (or node.accept_any_calling_ae = true explicitly)")
+        return data
+
+    @model_validator(mode="after")
+    def _ca_bundle_for_outgoing_tls(self) -> "Settings":
+        if self.tls.ca_certificates is None and (any(d.tls for d in self.destinations)
+                                                 or any(s.tls for s in self.sources)):
+            raise ValueError("tls.ca_certificates is required to send over DICOM TLS (destinations or sources "
+                             "with tls = true): peers are verified against it, never the system trust store")
+        return self
 
     @model_validator(mode="after")
     def _unique_destination_names(self) -> "Settings":

@@ -96,6 +96,9 @@ class Job(Base):
     calling_host: Mapped[str | None] = mapped_column(String(64))
     spool_path: Mapped[str] = mapped_column(String(512))
     size_bytes: Mapped[int] = mapped_column(Integer)
+    # Version N of the instance: a repeat with other content is kept beside the first (node.scp).
+    version: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    content_sha256: Mapped[str | None] = mapped_column(String(64))  # of the spooled file; None: before 0002
     modality: Mapped[str | None] = mapped_column(String(16))
 
     state: Mapped[JobState] = mapped_column(Enum(JobState, native_enum=False, length=16), index=True)

@@ -22,6 +22,7 @@ from node.db import Delivery, DeliveryState, Job, JobState, utcnow
 log = structlog.get_logger(__name__)
 
 S = JobState
+# Besides these, a new version of the instance takes a job from any state back to RECEIVED (`replace_instance`).
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     S.RECEIVED: frozenset({S.RUNNING}),
     S.RUNNING: frozenset({S.RUNNING, S.RECEIVED, S.ENCODED, S.SKIPPED, S.REJECTED, S.FAILED}),
@@ -57,6 +58,22 @@ class ReceivedInstance:
     calling_host: str
     spool_path: str
     size_bytes: int
+    content_sha256: str | None = None  # of the spooled file
+    version: int = 1
+
+
+@dataclass(frozen=True)
+class KnownInstance:
+    """The job row of a SOP instance received before: its id, current version and that version's digest."""
+
+    job_id: int
+    version: int
+    content_sha256: str | None
+    spool_path: str
+
+
+class StaleVersion(RuntimeError):
+    """Another store made a newer version of the instance meanwhile."""
 
 
 @dataclass(frozen=True)
@@ -70,11 +87,20 @@ class Claim:
     lease_expires_at: datetime
 
 
+def known_instance(session_factory: sessionmaker, sop_instance_uid: str) -> KnownInstance | None:
+    """What the database knows of `sop_instance_uid`, or None for a new instance."""
+    with session_factory() as session:
+        row = session.execute(select(Job.id, Job.version, Job.content_sha256, Job.spool_path)
+                              .where(Job.sop_instance_uid == sop_instance_uid)).first()
+    return None if row is None else KnownInstance(*row)
+
+
 def admit(session_factory: sessionmaker, instance: ReceivedInstance) -> tuple[int, bool]:
     """Commit the job row for a spooled instance; returns (job id, created).
 
     A repeat of a known SOP instance updates nothing and creates no second job:
-    one source instance yields one set of results.
+    one source instance yields one set of results (a new version of it goes
+    through `replace_instance`).
     """
     with session_factory.begin() as session:
         existing = session.scalar(select(Job.id).where(Job.sop_instance_uid == instance.sop_instance_uid))
@@ -84,6 +110,33 @@ def admit(session_factory: sessionmaker, instance: ReceivedInstance) -> tuple[in
         session.add(job)
         session.flush()
         return job.id, True
+
+
+def replace_instance(session_factory: sessionmaker, known: KnownInstance, instance: ReceivedInstance) -> None:
+    """Make `instance` (version `known.version + 1`, already in the spool) the job's instance, and start over.
+
+    The job goes back to RECEIVED from whatever state it was in (the one move outside
+    `TRANSITIONS`), its
+    counters and lease cleared and its deliveries pending again, so the new version
+    is processed and its results, which carry the same deterministic UIDs, replace
+    the earlier ones. A worker still busy with the earlier version loses its lease
+    check. StaleVersion when another store changed the version meanwhile.
+    """
+    now = utcnow()
+    with session_factory.begin() as session:
+        replaced = session.execute(
+            update(Job).where(Job.id == known.job_id, Job.version == known.version)
+            .values(version=instance.version, content_sha256=instance.content_sha256,
+                    spool_path=instance.spool_path, size_bytes=instance.size_bytes,
+                    transfer_syntax_uid=instance.transfer_syntax_uid, modality=instance.modality,
+                    calling_aet=instance.calling_aet, calling_host=instance.calling_host,
+                    state=S.RECEIVED, reason=None, attempts=0, delivery_attempts=0, lease_owner=None,
+                    lease_expires_at=None, next_attempt_at=now, finished_at=None, updated_at=now)
+        ).rowcount
+        if not replaced:
+            raise StaleVersion(f"job {known.job_id} is no longer at version {known.version}")
+        session.execute(update(Delivery).where(Delivery.job_id == known.job_id)
+                        .values(state=DeliveryState.PENDING, attempts=0, last_status=None, last_error=None))
 
 
 def claim(

@@ -27,7 +27,7 @@ from inference.types import NotApplicable, Unreadable
 from node.db import DeliveryState, Job, JobState, utcnow
 from node.jobs import Claim, TransitionError, ensure_deliveries, transition
 from node.scu import AssociationFailed, send_files
-from node.spool import checked_uid, write_atomic
+from node.spool import checked_uid, under, write_atomic
 from node.tls import client_context
 from retrieval.cases import similar_cases
 from retrieval.index import CaseIndex
@@ -75,7 +75,7 @@ class Processor:
     def run(self, claim: Claim) -> JobState:
         with self._sessions() as session:
             job = session.get(Job, claim.job_id)
-            spool_path, sop_uid = Path(job.spool_path), job.sop_instance_uid
+            spool_path, sop_uid, version = Path(job.spool_path), job.sop_instance_uid, job.version
             queued_s = (utcnow() - job.received_at).total_seconds()
         bound = log.bind(job_id=claim.job_id, sop_instance_uid=sop_uid, attempt=claim.attempt)
         timer = StageTimer()
@@ -97,8 +97,7 @@ class Processor:
                     bound.warning("source_header_repaired", warnings=list(header.warnings))
                 results = encode_results(header.dataset, image, prediction, review=prediction.review,
                                          similar_cases=similar, uid_root=self._settings.results.uid_root)
-                # One folder per attempt: a worker whose lease expired never touches the winner's files.
-                folder = self._settings.results_dir / checked_uid(sop_uid, "SOP Instance UID") / f"attempt-{claim.attempt}"
+                folder = results_folder(self._settings.results_dir, sop_uid, version, claim.attempt)
                 for name, dataset in results.named().items():
                     write_atomic(folder / f"{name}.dcm", _encode_file(dataset))
                 write_atomic(folder / EXPLANATION_FILE, explanation_png(prediction.heatmap))  # for the review page
@@ -157,6 +156,16 @@ class Processor:
             transition(session, claim.job_id, claim, state, reason=reason, stage_seconds=timer.json(), **terminal, **values)
         bound.info(f"job_{state.value.lower()}", reason=reason)
         return state
+
+
+def results_folder(results_dir: Path, sop_uid: str, version: int, attempt: int) -> Path:
+    """`<results>/<sop>/attempt-N` (`v<V>-attempt-N` for a later version of the instance), under the results root.
+
+    One folder per attempt and version: a worker whose lease expired, or that was busy
+    with an earlier version, never touches the files of the one that holds the job.
+    """
+    name = f"attempt-{attempt}" if version == 1 else f"v{version}-attempt-{attempt}"
+    return under(results_dir, results_dir / checked_uid(sop_uid, "SOP Instance UID") / name)
 
 
 def delivery_names(settings: Settings) -> list[str]:

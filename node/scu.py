@@ -16,6 +16,8 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.presentation import build_context
 
+from node.tls import tls_args
+
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 # Storage warning statuses (PS3.4 B.2.3): the peer kept the instance.
 WARNING_STATUSES = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
@@ -53,7 +55,10 @@ def send_files(
     timeout_s: float = 30.0,
     tls: ssl.SSLContext | None = None,
 ) -> list[StoreResult]:
-    """C-STORE every file in `paths` over one association; raises AssociationFailed when none is made."""
+    """C-STORE every file in `paths` over one association; raises AssociationFailed when none is made.
+
+    With `tls` (`node.tls.client_context`) the peer's certificate must name `host`.
+    """
     datasets = [(Path(p), dcmread(p)) for p in paths]
     syntaxes: dict[str, set[str]] = defaultdict(set)
     for _, ds in datasets:
@@ -65,7 +70,7 @@ def send_files(
         build_context(sop_class, sorted(own) + [ts for ts in UNCOMPRESSED if ts not in own])
         for sop_class, own in syntaxes.items()
     ]
-    assoc = ae.associate(host, port, ae_title=called_aet, tls_args=(tls, None) if tls is not None else None)
+    assoc = ae.associate(host, port, ae_title=called_aet, tls_args=tls_args(tls, host))
     if not assoc.is_established:
         reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no connection"
         raise AssociationFailed(f"association with {called_aet}@{host}:{port} {reason}")

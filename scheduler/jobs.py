@@ -174,7 +174,7 @@ def echo(settings: Settings, sessions: sessionmaker, **_) -> tuple[Outcome, dict
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
-    from node.tls import client_context
+    from node.tls import client_context, tls_args
 
     results = {}
     for dest in settings.destinations:
@@ -182,7 +182,7 @@ def echo(settings: Settings, sessions: sessionmaker, **_) -> tuple[Outcome, dict
         ae.add_requested_context(Verification)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = settings.delivery.timeout_s
         started = time.perf_counter()
-        tls = (client_context(settings.tls), None) if dest.tls else None
+        tls = tls_args(client_context(settings.tls), dest.host) if dest.tls else None
         try:
             assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls)
             if not assoc.is_established:

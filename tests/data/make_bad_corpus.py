@@ -153,12 +153,12 @@ def build_corpus(folder: Path | str = DEFAULT_FOLDER, *, round_: int = 0, huge_m
         lambda ds, p: setattr(ds, "PixelData", ds.PixelData[:len(ds.PixelData) // 2]) or ds,
         state="REJECTED", reason="pixel_data_truncated")
     add("rows_zero", "Rows 0", setting(Rows=0), state="REJECTED", reason="too_small")
-    add("rows_cols_65535", "Rows and Columns 65535 over 256x256 pixels", setting(Rows=65535, Columns=65535),
-        state="REJECTED", reason="pixel_data_truncated")
+    add("rows_cols_65535", "Rows and Columns 65535 over 256x256 pixels (over node.max_pixels)",
+        setting(Rows=65535, Columns=65535), status=OUT_OF_RESOURCES)
     add("one_pixel", "a 1x1 image", setting(Rows=1, Columns=1, PixelData=b"\x00\x08"),
         state="REJECTED", reason="too_small")
-    add("declared_30000", "30000x30000 declared over 256x256 pixels", setting(Rows=30000, Columns=30000),
-        state="REJECTED", reason="pixel_data_truncated")
+    add("declared_30000", "30000x30000 declared over 256x256 pixels (over node.max_pixels)",
+        setting(Rows=30000, Columns=30000), status=OUT_OF_RESOURCES)
     add("ct_image", "CT Image Storage (CT SOP class is not accepted)",
         lambda ds, p: _as_ct(ds), sender="storescu", status=None)
     add("rgb", "RGB, 3 samples per pixel", lambda ds, p: _colour(ds, "RGB"),

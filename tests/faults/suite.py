@@ -2,9 +2,17 @@
 
 `python -m tests.faults.suite [--short] [--only NAME ...]` runs each scenario,
 prints a table (scenario, sent, acknowledged, processed, delivered, duplicates,
-lost, checks) and, as its last line, one JSON object of the totals. It exits
-non-zero when an acknowledged instance is lost, a result is duplicated, or a
-scenario's own check fails. --short: fewest instances, shortest outages.
+lost; for attacks also the node's peak resident memory growth during the attack
+and whether an allowed sender's C-ECHO was always answered within 5 s; checks)
+and, as its last line, one JSON object of the totals (with `attacks` and
+`rss_growth_mb_max`). It exits non-zero when an acknowledged instance is lost, a
+result is duplicated, or a scenario's own check fails (an attack's: memory growth
+over RSS_GROWTH_BOUND_MB, or the allowed sender not served). --short: fewest
+instances, shortest outages.
+
+Attacks (hostile peers from tests/hostile.py) run against a node warmed up by
+one processed study; afterwards the scenario's studies are sent and counted like
+every other scenario's.
 """
 from __future__ import annotations
 
@@ -12,6 +20,7 @@ import argparse
 import json
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -25,18 +34,21 @@ from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
 
+import psutil
 from pydicom import dcmread
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import AE
-from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, Verification
+from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 from sqlalchemy import create_engine, text
 from sqlalchemy.orm import sessionmaker
 
 from inference.phantoms import generate_phantom, phantom_dataset, write_phantom_series
 from node.db import TERMINAL, Job, JobState, open_database
 from node.orthanc_peer import OrthancPeer, free_port, stop_process
-from node.scp import OUT_OF_RESOURCES, SUCCESS
+from node.scp import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS
 from tests.conftest import POSTGRES_ADMIN_URL, STORESCU, all_jobs, poll
 from tests.data.make_messy_corpus import PATIENT_VALUES, build_corpus
+from tests.hostile import echo, pdu_length_bomb, rle_pixel_bomb, small_instance, store, store_file, write_deflate_bomb
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -59,6 +71,8 @@ class Result:
     delivered: int = 0
     duplicates: int = 0
     lost: int = 0
+    rss_growth_mb: float | None = None  # attacks: the node's peak resident memory growth during the attack
+    served: bool | None = None  # attacks: every allowed C-ECHO during the attack answered within SERVED_WITHIN_S
     failures: list[str] = field(default_factory=list)
 
     def check(self, ok: bool, what: str) -> None:
@@ -108,18 +122,6 @@ def storescu(files: dict[str, Path], port: int) -> Sent:
 
 def statuses(sent: Sent) -> list[str]:
     return sorted("none" if s is None else f"0x{s:04X}" for s in sent.statuses.values())
-
-
-def echo(port: int, timeout_s: float = 2.0) -> bool:
-    ae = AE(ae_title="STORESCU")
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.network_timeout = timeout_s
-    assoc = ae.associate("127.0.0.1", port, ae_title="SMARTNODULE")
-    if not assoc.is_established:
-        return False
-    status = assoc.send_c_echo()
-    assoc.release()
-    return bool(status) and status.Status == SUCCESS
 
 
 def wait(predicate: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.2):
@@ -215,8 +217,8 @@ def tally(result: Result, sent: set[str], acknowledged: set[str], sessions, data
     encoded = Counter(e.get("job_id") for e in audit(data_dir) if e.get("event") == "job_encoded")
     by_uid = {j.sop_instance_uid: j for j in finished}
     result.processed = sum(1 for j in finished if encoded[j.id] >= 1)
-    result.check(all(encoded[j.id] <= 1 for j in finished),
-                 f"processed more than once: {[j.id for j in finished if encoded[j.id] > 1]}")
+    result.check(all(encoded[j.id] <= j.version for j in finished),  # each version of an instance once
+                 f"processed more than once: {[j.id for j in finished if encoded[j.id] > j.version]}")
     srs = sr_counts(orthanc, {uid: by_uid[uid] for uid in acknowledged if uid in by_uid})
     result.delivered = sum(1 for n in srs.values() if n >= 1)
     result.duplicates = sum(n - 1 for n in srs.values() if n > 1)
@@ -471,9 +473,273 @@ def messy_headers(workdir: Path, _scale: Scale) -> Result:
     return result
 
 
+# --- attacks (#16): hostile peers against a warmed-up node -----------------------------------------
+
+RSS_GROWTH_BOUND_MB = 100.0
+SERVED_WITHIN_S = 5.0
+
+
+class Repeating:
+    """`step()` in a background thread every `interval_s` between `with` entry and exit (and once at exit)."""
+
+    def __init__(self, interval_s: float) -> None:
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while True:
+            self.step()
+            if self._stop.wait(self._interval_s):
+                return
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class MemoryWatch(Repeating):
+    """Peak resident memory of a process above its level at the start, sampled every 10 ms (psutil)."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(0.01)
+        self._process = psutil.Process(pid)
+        self.baseline = self.peak = self._process.memory_info().rss
+
+    def step(self) -> None:
+        self.peak = max(self.peak, self._process.memory_info().rss)
+
+    @property
+    def growth_mb(self) -> float:
+        return round((self.peak - self.baseline) / 2**20, 1)
+
+
+class AllowedSender(Repeating):
+    """An allowed modality during an attack: a C-ECHO every half second, each to be answered within
+    SERVED_WITHIN_S (its association, DIMSE and network timeouts)."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(0.5)
+        self._port = port
+        self.answers: list[bool] = []
+
+    def step(self) -> None:
+        self.answers.append(echo(self._port, SERVED_WITHIN_S))
+
+    @property
+    def served(self) -> bool:
+        return bool(self.answers) and all(self.answers)
+
+
+def under_attack(name: str, workdir: Path, scale: Scale, seed0: int,
+                 attack: Callable[[NodeProcess, Result], set[str]],
+                 before: Callable[[NodeProcess, Result], None] | None = None,
+                 after: Callable[[NodeProcess, Result], None] | None = None, **overrides) -> Result:
+    """Warm the node up with one processed study (and `before`), run `attack` while measuring memory and probing
+    with an allowed C-ECHO, then `after` and the remaining studies; count everything, with the UIDs `attack`
+    returns as acknowledged instances of its own."""
+    result = Result(name)
+    files = phantoms(workdir / "in", scale.instances + 1, seed0)
+    warm_up = dict([next(iter(files.items()))])
+    with OrthancPeer(workdir / "orthanc") as peer:
+        node = NodeProcess(workdir, destinations=[peer.destination()], **overrides).start()
+        sessions = node.open_database()
+        try:
+            first = storescu(warm_up, node.port)
+            wait(lambda: settled(sessions, first.acknowledged), 120, "the warm-up study")
+            if before is not None:
+                before(node, result)
+            with MemoryWatch(node.process.pid) as memory, AllowedSender(node.port) as sender:
+                own = attack(node, result)
+            result.rss_growth_mb, result.served = memory.growth_mb, sender.served
+            result.check(memory.growth_mb <= RSS_GROWTH_BOUND_MB,
+                         f"resident memory grew {memory.growth_mb} MB during the attack")
+            result.check(sender.served, f"allowed C-ECHO not answered within {SERVED_WITHIN_S:.0f} s: "
+                                        f"{sender.answers.count(False)} of {len(sender.answers)}")
+            if after is not None:
+                after(node, result)
+            rest = {u: p for u, p in files.items() if u not in warm_up}
+            after_sent = storescu(rest, node.port)
+            tally(result, set(files) | own, first.acknowledged | after_sent.acknowledged | own, sessions,
+                  node.data_dir, peer)
+            result.check(node.process.poll() is None, "node exited")
+        except TimeoutError as exc:
+            result.failures.append(str(exc))
+        finally:
+            node.stop()
+    return result
+
+
+def refusals(node: NodeProcess, event: str, reason: str) -> int:
+    return sum(1 for e in audit(node.data_dir) if e.get("event") == event and e.get("reason") == reason)
+
+
+def pdu_length_bomb_attack(workdir: Path, scale: Scale) -> Result:
+    """A peer announces a 4 GiB A-ASSOCIATE-RQ and streams zeros (up to 256 MiB): aborted after the header."""
+    def attack(node: NodeProcess, result: Result) -> set[str]:
+        taken = pdu_length_bomb(node.port, send_limit=256 << 20)
+        result.check(taken < 32 << 20, f"the node took {taken >> 20} MiB of the PDU before ending the connection")
+        result.check(eventually(lambda: refusals(node, "connection_refused", "pdu_too_large") == 1, 10),
+                     "no connection_refused (pdu_too_large) in the audit log")
+        return set()
+    return under_attack("pdu_length_bomb", workdir, scale, 9910, attack)
+
+
+def deflate_bomb(workdir: Path, scale: Scale) -> Result:
+    """About 1 MB of Deflated Explicit VR LE that inflates to about 1 GiB (over node.max_instance_mb): 0xA700."""
+    bomb = write_deflate_bomb(workdir / "deflate-bomb.dcm", 1 << 30)
+
+    def attack(node: NodeProcess, result: Result) -> set[str]:
+        response = store_file(node.port, bomb, DeflatedExplicitVRLittleEndian)
+        status = None if response is None else int(response.Status)
+        result.check(status == OUT_OF_RESOURCES, f"deflate bomb answered {status}, expected 0xA700")
+        result.check(refusals(node, "instance_refused", "inflated_too_large") == 1, "no inflated_too_large refusal")
+        spooled = sum(p.stat().st_size for p in (node.data_dir / "spool").rglob("*") if p.is_file())
+        result.check(spooled < 64 << 20, f"{spooled >> 20} MiB in the spool")
+        return set()
+    return under_attack("deflate_bomb", workdir, scale, 9920, attack)
+
+
+def pixel_bomb(workdir: Path, scale: Scale) -> Result:
+    """An RLE Lossless image of 20000 x 20000 zeros (6 MB sent, 400 million pixels): refused from its header."""
+    def attack(node: NodeProcess, result: Result) -> set[str]:
+        response = store(node.port, rle_pixel_bomb(20000))
+        status = None if response is None else int(response.Status)
+        result.check(status == OUT_OF_RESOURCES, f"pixel bomb answered {status}, expected 0xA700")
+        result.check(refusals(node, "instance_refused", "too_many_pixels") == 1, "no too_many_pixels refusal")
+        return set()
+    return under_attack("pixel_bomb", workdir, scale, 9930, attack)
+
+
+class SilentFlood:
+    """`count` TCP connections, each from its own loopback address, that never send a byte; one the node
+    closes is opened again at once, so `count` stay open for the flood's whole length."""
+
+    def __init__(self, port: int, count: int) -> None:
+        self._port, self._stop = port, threading.Event()
+        self._sockets = {f"127.0.1.{i + 1}": None for i in range(count)}
+        self.closed_by_node = 0
+        self._thread = threading.Thread(target=self._hold, daemon=True)
+
+    def _open(self, source: str) -> socket.socket:
+        sock = socket.socket()
+        sock.bind((source, 0))
+        sock.connect(("127.0.0.1", self._port))
+        return sock
+
+    def _hold(self) -> None:
+        for source in self._sockets:
+            self._sockets[source] = self._open(source)
+        while not self._stop.is_set():
+            readable, _, _ = select.select(list(self._sockets.values()), [], [], 0.1)
+            for sock in readable:  # the node closed it (a silent peer never gets data)
+                source = sock.getsockname()[0]
+                sock.close()
+                self.closed_by_node += 1
+                self._sockets[source] = self._open(source)
+
+    def __enter__(self) -> "SilentFlood":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._stop.set()
+        self._thread.join()
+        for sock in self._sockets.values():
+            if sock is not None:
+                sock.close()
+
+
+def silent_connection_flood(workdir: Path, scale: Scale) -> Result:
+    """50 silent TCP connections from 50 addresses, reopened as the node closes them, for longer than the
+    A-ASSOCIATE-RQ time limit, plus 20 from one address (over the per-address cap): allowed C-ECHOs served."""
+    def attack(node: NodeProcess, result: Result) -> set[str]:
+        with SilentFlood(node.port, 50) as flood:
+            crowd = [socket.create_connection(("127.0.0.1", node.port), source_address=("127.0.2.1", 0))
+                     for _ in range(20)]
+            time.sleep(max(scale.outage_s, 8.0))
+            for sock in crowd:
+                sock.close()
+        result.check(flood.closed_by_node >= 50, f"the node closed {flood.closed_by_node} silent connections, "
+                                                 "expected each of the 50 after the time limit")
+        result.check(refusals(node, "connection_refused", "too_many_connections_from_address") >= 10,
+                     "connections over the per-address cap were not refused")
+        return set()
+    return under_attack("silent_connection_flood", workdir, scale, 9940, attack)
+
+
+def uid_traversal(workdir: Path, scale: Scale) -> Result:
+    """Instances whose Study Instance UID is a path (`..`, `.`) or breaks the UID grammar: 0xC000, no file
+    anywhere, no job."""
+    bad = ["..", ".", "1..2", "01.2", "1." + "2" * 63]
+
+    def attack(node: NodeProcess, result: Result) -> set[str]:
+        jobs_before = len(all_jobs(node.open_database()))
+        for index, uid in enumerate(bad):
+            response = store(node.port, small_instance(9950 + index, StudyInstanceUID=uid))
+            status = None if response is None else int(response.Status)
+            result.check(status == CANNOT_UNDERSTAND, f"Study Instance UID {uid!r} answered {status}, expected 0xC000")
+        spool, results = node.data_dir / "spool", node.data_dir / "results"
+        stray = [p.name for p in [*node.data_dir.rglob("*.dcm"), *node.workdir.glob("*.dcm")]
+                 if not p.is_relative_to(spool) and not p.is_relative_to(results)]
+        result.check(not stray, f"files outside the spool: {stray}")
+        result.check(len(all_jobs(node.open_database())) == jobs_before, "job rows for refused instances")
+        result.check(refusals(node, "instance_refused", "invalid_uid") == len(bad), "invalid_uid refusals missing")
+        return set()
+    return under_attack("uid_traversal", workdir, scale, 9960, attack)
+
+
+def repeat_with_changed_content(workdir: Path, scale: Scale) -> Result:
+    """A study processed and delivered, then the same SOP Instance UID with another PatientName and other
+    pixels (the attack: its C-STORE): the first file stays byte for byte, the new version is processed and
+    delivered (its results carry the same UIDs: no duplicate in the PACS), audited as instance_replaced."""
+    first = small_instance(9970, 512)
+    uid = str(first.SOPInstanceUID)
+    changed = small_instance(9971, 512, SOPInstanceUID=uid, StudyInstanceUID=first.StudyInstanceUID,
+                             SeriesInstanceUID=first.SeriesInstanceUID, PatientName="CHANGED^NAME")
+    changed.file_meta.MediaStorageSOPInstanceUID = uid
+    kept: dict[str, object] = {}
+
+    def before(node: NodeProcess, result: Result) -> None:
+        result.check(int(store(node.port, first).Status) == SUCCESS, "first version not acknowledged")
+        sessions = node.open_database()
+        [job] = wait(lambda: settled(sessions, {uid}), 120, "the first version")
+        kept["path"] = Path(job.spool_path)
+        kept["digest"] = sha256(Path(job.spool_path).read_bytes()).hexdigest()
+
+    def attack(node: NodeProcess, result: Result) -> set[str]:
+        result.check(int(store(node.port, changed).Status) == SUCCESS, "second version not acknowledged")
+        result.check(sha256(kept["path"].read_bytes()).hexdigest() == kept["digest"], "the first file changed")
+        return {uid}
+
+    def after(node: NodeProcess, result: Result) -> None:
+        sessions = node.open_database()
+        [job] = wait(lambda: (jobs := settled(sessions, {uid})) and jobs[0].version == 2 and jobs, 120,
+                     "the second version")
+        result.check(sha256(kept["path"].read_bytes()).hexdigest() == kept["digest"], "the first file changed")
+        result.check(job.state is JobState.SENT and Path(job.spool_path).name == f"{uid}.v2.dcm",
+                     f"second version ended {job.state.value} at {Path(job.spool_path).name}")
+        replaced = [e for e in audit(node.data_dir) if e.get("event") == "instance_replaced"]
+        result.check([e.get("version") for e in replaced] == [2], "no instance_replaced in the audit log")
+
+    return under_attack("repeat_with_changed_content", workdir, scale, 9980, attack, before=before, after=after)
+
+
 SCENARIOS: dict[str, Callable[[Path, Scale], Result]] = {f.__name__: f for f in (
     sigkill_during_burst, destination_down, database_unavailable, disk_full, sender_drops_connection, worker_hangs,
     messy_headers)}
+ATTACKS: dict[str, Callable[[Path, Scale], Result]] = {
+    "pdu_length_bomb": pdu_length_bomb_attack, "deflate_bomb": deflate_bomb, "pixel_bomb": pixel_bomb,
+    "silent_connection_flood": silent_connection_flood, "uid_traversal": uid_traversal,
+    "repeat_with_changed_content": repeat_with_changed_content}
+SCENARIOS.update(ATTACKS)
 COLUMNS = ("sent", "acknowledged", "processed", "delivered", "duplicates", "lost")
 
 
@@ -495,12 +761,18 @@ def run(names: list[str], scale: Scale) -> list[Result]:
 
 
 def report(results: list[Result]) -> dict:
-    header = f"{'scenario':26}" + "".join(f"{c:>13}" for c in COLUMNS) + "  checks"
+    header = f"{'scenario':28}" + "".join(f"{c:>13}" for c in COLUMNS) + f"{'rss_growth_mb':>15}{'served_5s':>11}  checks"
     print(header)
     for r in results:
-        print(f"{r.scenario:26}" + "".join(f"{getattr(r, c):>13}" for c in COLUMNS) +
+        attack = (f"{r.rss_growth_mb:>15}{'yes' if r.served else 'NO':>11}" if r.served is not None
+                  else f"{'-':>15}{'-':>11}")
+        print(f"{r.scenario:28}" + "".join(f"{getattr(r, c):>13}" for c in COLUMNS) + attack +
               f"  {'ok' if not r.failures else '; '.join(r.failures)}")
+    attacks = [r for r in results if r.served is not None]
     totals = {"scenarios": len(results), **{c: sum(getattr(r, c) for r in results) for c in COLUMNS},
+              "attacks": len(attacks),
+              "rss_growth_mb_max": max((r.rss_growth_mb for r in attacks), default=None),
+              "attacks_served": sum(1 for r in attacks if r.served),
               "failed_checks": sum(len(r.failures) for r in results)}
     print(json.dumps(totals))
     return totals

@@ -52,10 +52,11 @@ def pki(tmp_path_factory):
 
     run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=SmartNodule test CA",
         "-keyout", "ca.key", "-out", "ca.pem")
-    for name in ("server", "client"):
+    for name in ("server", "client", "loopback"):
         run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key", "-out", f"{name}.csr")
+        (folder / f"{name}.ext").write_text("subjectAltName = IP:127.0.0.1\n" if name == "loopback" else "")
         run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-days", "2", "-out", f"{name}.pem")
+            "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem")
     return folder
 
 
@@ -91,7 +92,68 @@ def test_results_return_to_the_calling_ae_at_its_source_port(make_settings, runn
         assert job.state is JobState.SENT, job.reason
         assert job.calling_host == "127.0.0.1"
         modalities = sorted(dcmread(p, stop_before_pixels=True).Modality for p in received.iterdir())
-        assert modalities == ["DOC", "OT", "SR"]
+        assert modalities == (["DOC", "OT", "PR", "SR"] if job.positive else ["DOC", "OT", "SR"])  # GSPS: positives
     finally:
         modality.terminate()
         modality.wait()
+
+
+@pytest.fixture
+def tls_storescp(pki, tmp_path):
+    """DCMTK's storescp speaking DICOM TLS with a certificate of our test CA; yields a starter by certificate name."""
+    processes = []
+
+    def start(certificate: str) -> int:
+        port = free_port()
+        folder = tmp_path / certificate
+        folder.mkdir()
+        processes.append(subprocess.Popen(
+            [require_binary(STORESCP), "+tls", str(pki / f"{certificate}.key"), str(pki / f"{certificate}.pem"),
+             "+cf", str(pki / "ca.pem"), "-od", str(folder), str(port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        wait_for(lambda: _listening(port), 30, message="storescp to listen")
+        return port
+
+    yield start
+    for process in processes:
+        process.terminate()
+        process.wait()
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_outgoing_tls_checks_the_peer_host_name_against_our_ca(make_settings, pki, tls_storescp, phantom_files):
+    from node.scu import AssociationFailed, send_files
+    from node.tls import client_context
+
+    settings = make_settings(tls={"ca_certificates": str(pki / "ca.pem"), "certificate": str(pki / "client.pem"),
+                                  "private_key": str(pki / "client.key")})
+    context = client_context(settings.tls)
+    named = tls_storescp("loopback")  # subjectAltName IP:127.0.0.1
+    [result] = send_files([phantom_files[0]], host="127.0.0.1", port=named, called_aet="STORESCP", tls=context)
+    assert result.stored
+    unnamed = tls_storescp("server")  # CN=server only: not the host we connect to
+    with pytest.raises(AssociationFailed):
+        send_files([phantom_files[0]], host="127.0.0.1", port=unnamed, called_aet="STORESCP", tls=context)
+
+
+def test_outgoing_tls_needs_a_ca_bundle(make_settings):
+    from config.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="tls.ca_certificates is required"):
+        make_settings(destinations=[{"name": "pacs", "ae_title": "PACS", "host": "pacs.example", "port": 2762,
+                                     "tls": True}])
+
+
+def test_a_settings_file_without_a_node_section_fails_closed(tmp_path):
+    from config.settings import SettingsError, load_settings
+
+    config = tmp_path / "node.toml"
+    config.write_text("[worker]\ncount = 1\n")
+    with pytest.raises(SettingsError, match="node.allowed_calling_aets"):
+        load_settings(config)

@@ -137,7 +137,8 @@ def test_sigkill_after_acknowledgement_loses_nothing_and_duplicates_nothing(orth
 
     def start_node():
         process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: subprocess.run(["/usr/bin/echoscu", "-aet", "STORESCU", "127.0.0.1", str(settings.node.port)],
+        wait_for(lambda: subprocess.run(["/usr/bin/echoscu", "-aet", "STORESCU", "-aec", "SMARTNODULE", "127.0.0.1",
+                                         str(settings.node.port)],
                                         capture_output=True).returncode == 0, 90, 0.3, "the node to listen")
         return process
 

@@ -94,3 +94,70 @@ def test_bulk_read_socket_does_not_trust_a_pdu_length_it_has_not_received():
     sock = BulkReadSocket(Association(AE(), "acceptor"), client_socket=ours)
     assert sock.recv(1 << 40) == bytearray(b"x" * 100)  # a 1 TiB claim: no 1 TiB buffer
     ours.close()
+
+
+# --- UIDs by the grammar, paths under their root (node.spool) ---------------------------------
+
+from node.receive import A_ABORT_INVALID_PDU, inflated_size_exceeds  # noqa: E402
+from node.spool import OutsideRoot, Spool, UnsafeUID, checked_uid, under  # noqa: E402
+
+
+@pytest.mark.parametrize("uid", ["..", ".", "1..2", "01.2", "1.02", "1." + "2" * 63, ".1", "1.", "", "1.2.a", "1/2",
+                                 "1.2\x00", " 1.2"])
+def test_uids_outside_the_dicom_grammar_are_refused(uid):
+    with pytest.raises(UnsafeUID) as refused:
+        checked_uid(uid, "Study Instance UID")
+    assert "Study Instance UID" in str(refused.value) and (not uid or uid not in str(refused.value))
+
+
+@pytest.mark.parametrize("uid", ["0", "1.2.840.10008.1.2.1", "1.0.3", "2.25.0", "1." + "2" * 62])
+def test_uids_of_the_dicom_grammar_pass(uid):
+    assert checked_uid(uid, "SOP Instance UID") == uid
+
+
+def test_a_path_that_resolves_outside_its_root_is_refused(tmp_path):
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "link").symlink_to(tmp_path)
+    with pytest.raises(OutsideRoot):
+        under(tmp_path / "root", tmp_path / "root" / "link" / "elsewhere.dcm")
+    with pytest.raises(OutsideRoot):
+        under(tmp_path / "root", tmp_path / "root" / ".." / "x.dcm")
+    assert under(tmp_path / "root", tmp_path / "root" / "1.2" / "3.dcm") == (tmp_path / "root" / "1.2" / "3.dcm")
+
+
+def test_spool_never_places_a_file_over_an_existing_one(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    first, second = spool.incoming / "a.dcm", spool.incoming / "b.dcm"
+    first.write_bytes(b"first")
+    second.write_bytes(b"second")
+    placed = spool.place(first, "1.2", "1.2.3")
+    with pytest.raises(FileExistsError):
+        spool.place(second, "1.2", "1.2.3")
+    assert placed.read_bytes() == b"first" and second.exists()
+    assert spool.place(second, "1.2", "1.2.3", version=2).name == "1.2.3.v2.dcm"
+
+
+# --- limits before cost (node.receive) ----------------------------------------------------------
+
+def test_bulk_read_socket_aborts_a_pdu_longer_than_the_limit_before_reading_it():
+    ours, peer = socket.socketpair()
+    sock = BulkReadSocket(Association(AE(), "acceptor"), client_socket=ours)
+    sock.max_pdu_length = 1000 + 6
+    peer.sendall(b"\x04\x00" + (1 << 32 - 1).to_bytes(4, "big") + b"\0" * 4096)
+    assert len(sock.recv(6)) == 6
+    with pytest.raises(OSError, match="exceeds"):
+        sock.recv(1 << 32 - 1)
+    peer.settimeout(5)
+    assert peer.recv(100) == A_ABORT_INVALID_PDU
+    ours.close()
+    peer.close()
+
+
+def test_a_deflate_bomb_is_measured_in_bounded_steps(tmp_path):
+    from tests.hostile import write_deflate_bomb
+
+    bomb = write_deflate_bomb(tmp_path / "bomb.dcm", 40 << 20)
+    assert bomb.stat().st_size < 100 << 10
+    offset = 144 + int.from_bytes(bomb.read_bytes()[140:144], "little")
+    assert inflated_size_exceeds(bomb, offset, 32 << 20)
+    assert not inflated_size_exceeds(bomb, offset, 48 << 20)

@@ -38,7 +38,7 @@ def test_two_receivers_three_workers_process_each_instance_once(postgres_url, tm
                 processes.append(subprocess.Popen([sys.executable, "-m", "node.cli", "worker"], stderr=subprocess.DEVNULL,
                                                   env=base_env))
             for port in scp_ports:
-                wait_for(lambda: subprocess.run(["/usr/bin/echoscu", "-aet", "STORESCU", "127.0.0.1", str(port)],
+                wait_for(lambda: subprocess.run(["/usr/bin/echoscu", "-aet", "STORESCU", "-aec", "SMARTNODULE", "127.0.0.1", str(port)],
                                                 capture_output=True).returncode == 0, 60, 0.3, "the receivers")
             halves = [phantom_files[0::2], phantom_files[1::2]]
             senders = [subprocess.Popen([require_binary(STORESCU), "-aet", "STORESCU", "-aec", "SMARTNODULE",
