@@ -1,7 +1,7 @@
 """instance versions: a repeat with other content is a new version of the job
 
 Revision ID: 0002_instance_versions
-Revises: 0002_web_sessions
+Revises: 0002_review_reasons
 Create Date: 2026-12-02 10:00:00
 """
 import sqlalchemy as sa
@@ -9,7 +9,7 @@ from alembic import op
 
 
 revision = '0002_instance_versions'
-down_revision = '0002_web_sessions'
+down_revision = '0002_review_reasons'
 branch_labels = None
 depends_on = None
 
