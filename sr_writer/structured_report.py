@@ -31,7 +31,7 @@ import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from inference.types import Location, Prediction
+from inference.types import REVIEW_REASON_CODES, Location, Prediction
 from sr_writer.uids import DEFAULT_UID_ROOT, OutputUids, derive_uid, device_uid
 
 MANUFACTURER = "SmartNodule"
@@ -53,6 +53,7 @@ PROBABILITY = codes.DCM.Probability  # DCM 122157
 PERCENT = Code("%", "UCUM", "percent")
 UNCERTAINTY = Code("UNCERTAINTY", LOCAL_SCHEME, "Model uncertainty")
 EXPERT_REVIEW = Code("EXPERTREVIEW", LOCAL_SCHEME, "Sent for expert review")
+REVIEW_REASON = Code("REVIEWREASON", LOCAL_SCHEME, "Reason for expert review")
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")  # TID 1500 report level
 CIRCLE_ROI_TRACKING_PREFIX = "Cornerstone3DTools@^0.1.0:CircleROI"  # cornerstone's CircleROI tool
 ROI_TRACKING_ID = f"{CIRCLE_ROI_TRACKING_PREFIX}:SmartNodule nodule 1"
@@ -106,7 +107,8 @@ def percent(value: float) -> float:
 
 
 def _image_result(prediction: Prediction, *, review: bool) -> hd.sr.ContainerContentItem:
-    """TID 1500 "Qualitative Evaluations": nodule present/absent with probability and uncertainty, review."""
+    """TID 1500 "Qualitative Evaluations": nodule present/absent with probability and uncertainty, review and
+    each reason for it (out of distribution, portable AP view, ...)."""
     container = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS,
                                            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
     finding = hd.sr.CodeContentItem(name=NODULE, value=PRESENT if prediction.positive else ABSENT,
@@ -120,6 +122,9 @@ def _image_result(prediction: Prediction, *, review: bool) -> hd.sr.ContainerCon
         finding,
         hd.sr.CodeContentItem(name=EXPERT_REVIEW, value=YES if review else NO,
                               relationship_type=hd.sr.RelationshipTypeValues.CONTAINS),
+        *(hd.sr.CodeContentItem(name=REVIEW_REASON, value=_reason_code(reason),
+                                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+          for reason in prediction.review_reasons),
     ])
     return container
 
@@ -149,6 +154,12 @@ def _nodule_group(source: pydicom.Dataset, prediction: Prediction, *, review: bo
         ],
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
     )
+
+
+def _reason_code(reason: str) -> Code:
+    """The local code of a review reason (inference.types.REVIEW_REASON_CODES)."""
+    value, meaning = REVIEW_REASON_CODES[reason]
+    return Code(value, LOCAL_SCHEME, meaning)
 
 
 def tracking_uid(source: pydicom.Dataset, prediction: Prediction, identifier: str, *,

@@ -10,6 +10,7 @@ network settings of config/node.toml.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import re
 import tomllib
@@ -22,6 +23,7 @@ from pynetdicom import DEFAULT_TRANSFER_SYNTAXES
 import node.scp as scp
 from config.settings import DeliverySettings, NodeSettings, TLSSettings
 from node.scu import UNCOMPRESSED, WARNING_STATUSES
+from inference.types import REVIEW_REASON_CODES
 from sr_writer.encode import encode_results
 from sr_writer.source_header import clean_header
 from tests.sr_writer.test_sr_writer_encode import make_inputs, make_source
@@ -55,6 +57,8 @@ def _encoded(source, *, positive: bool):
     """The result objects of `source` as the worker makes them: from the cleaned header."""
     header = clean_header(source).dataset
     image, prediction = make_inputs(header, positive=positive)
+    if not positive:  # the negative goes to review for every reason, so that each reason's code is written
+        prediction = dataclasses.replace(prediction, review_reasons=tuple(REVIEW_REASON_CODES))
     return [ds for ds in encode_results(header, image, prediction, review=not positive).all() if ds is not None]
 
 
