@@ -54,7 +54,7 @@ faults: system-packages postgres $(STAMP)
 	$(PY) -m tests.faults.suite
 
 gpu-check: $(STAMP)
-	$(PY) -m inference.gpu_check
+	$(PY) -m inference.training.gpu_check
 
 clean:
 	rm -rf $(VENV) var test-output $(OHIF)/node_modules

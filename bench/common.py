@@ -39,7 +39,7 @@ def wait_listening(port: int, timeout_s: float = 120, process: subprocess.Popen 
 
 def phantoms(count: int, size: int = 2048, seed0: int = SEED0, cache: Path = CACHE) -> list[Path]:
     """`count` single-image phantom studies (seeds seed0...) at `size` px, generated only where missing."""
-    from inference.phantoms import write_phantom_series
+    from inference.training.phantoms import write_phantom_series
 
     folder = cache / f"phantoms-{size}"
     paths = []
@@ -64,7 +64,7 @@ def model_card(cache: Path = CACHE) -> tuple[Path, str]:
 
         from inference.model import TTA_DESCRIPTION, architecture_of, build_network, save_weights
         from inference.model_card import Calibration, ModelCard, save_card, sha256_file
-        from inference.train import PREPROCESSING
+        from inference.training.train import PREPROCESSING
 
         torch.manual_seed(0)
         net = build_network({"backbone": "resnet10t", "width": 64, "fine_width": 32}).eval()

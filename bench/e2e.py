@@ -22,7 +22,7 @@ from sqlalchemy import select
 
 from bench.common import free_port, load1, model_card, node_env, phantoms, print_table, rss_mb, send, start_node, \
     stop_process, wait_listening
-from node.db import Job, open_database
+from node.store.db import Job, open_database
 from node.orthanc_peer import OrthancPeer
 
 

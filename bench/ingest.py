@@ -31,7 +31,7 @@ from sqlalchemy import func, select
 
 from bench.common import (DCMTK_ENV, cpu_seconds, free_port, load1, node_env, phantoms, print_table, send,
                           start_node, stop_process, wait_listening)
-from node.db import Job, open_database
+from node.store.db import Job, open_database
 
 RECEIVERS = ("node", "dcmtk", "pynetdicom")
 SIZES = (2048, 512)

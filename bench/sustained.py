@@ -34,7 +34,7 @@ from sqlalchemy import create_engine, func, select, text
 
 from bench.common import free_port, load1, model_card, node_env, phantoms, print_table, rss_mb, send, start_node, stop_process, \
     wait_listening
-from node.db import TERMINAL, Job, JobState, open_database
+from node.store.db import TERMINAL, Job, JobState, open_database
 from node.orthanc_peer import OrthancPeer
 
 OUT = Path(__file__).resolve().parent.parent / "test-output" / "bench"

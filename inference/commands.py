@@ -9,11 +9,11 @@ import argparse
 import json
 from pathlib import Path
 
+from inference.training import options
+
 
 def register(subparsers) -> None:
-    """Add `predict`, `train` and `eval` to an argparse subparsers object."""
-    from inference import evaluate, train
-
+    """Add `predict`, `train` and `eval` to an argparse subparsers object (without importing torch)."""
     p = subparsers.add_parser("predict", help="run the model on DICOM files (no network, no database)")
     p.add_argument("files", nargs="+", type=Path, metavar="FILE")
     p.add_argument("--json", action="store_true", help="one JSON object per file")
@@ -21,12 +21,12 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_predict)
 
     p = subparsers.add_parser("train", help="train the nodule model on synthetic phantoms")
-    train.add_arguments(p)
-    p.set_defaults(func=train.run)
+    options.train(p)
+    p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser("eval", help="evaluate a model card on held-out phantoms")
-    evaluate.add_arguments(p)
-    p.set_defaults(func=evaluate.run)
+    options.evaluate(p)
+    p.set_defaults(func=cmd_eval)
 
 
 def predict_file(detector, path: Path) -> dict:
@@ -83,3 +83,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
         else:
             print(f"{path}: {r['outcome']}: {r['reason']}", flush=True)
     return status
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from inference.training import train
+
+    return train.run(args)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from inference.training import evaluate
+
+    return evaluate.run(args)

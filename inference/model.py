@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from inference import torch_setup  # noqa: F401  (must precede timm)
 
+import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,17 @@ from torch import nn
 HEATMAP, LUNG, RADIUS = 0, 1, 2
 OUT_CHANNELS = 3
 HEAD_STRIDE = 2
+
+
+def heatmap_coord(model_px: float) -> float:
+    """Model-input pixel coordinate -> output-map pixel coordinate (pixel centres)."""
+    return (model_px - (HEAD_STRIDE - 1) / 2) / HEAD_STRIDE
+
+
+def model_coord(heatmap_px: float | np.ndarray) -> float | np.ndarray:
+    return heatmap_px * HEAD_STRIDE + (HEAD_STRIDE - 1) / 2
+
+
 LUNG_DILATION_PX = 9  # heatmap px the predicted lung field is grown by before scoring
 
 

@@ -9,13 +9,11 @@ so about (100 - percentile) % of familiar images go to review for this reason
 and an image the encoder has never seen the like of scores far above it.
 
 The density is a small `.npz` beside the checkpoint, named with its sha256 in
-the card's `ood` entry and verified on load like the weights. `main` fits it.
+the card's `ood` entry and verified on load like the weights.
+`python -m inference.training.ood_fit` fits it.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,51 +86,3 @@ def load_density(card_path: str | Path, entry: dict) -> FeatureDensity:
         raise ValueError(f"OOD density file {str(path)!r} has sha256 {digest}, card expects {entry['sha256']}")
     with np.load(path) as z:
         return FeatureDensity(z["mean"], z["precision"], float(entry["threshold"]))
-
-
-def _features(net, split: str, n: int, start: int, input_size: int) -> np.ndarray:
-    from inference.samples import HeldOut, phantom_sample, seed_of
-    from inference.phantoms import generate_phantom
-
-    rows = []
-    for i in range(start, start + n):
-        if split == "train":  # training images as the network saw them: positives on even seeds
-            sample = phantom_sample(generate_phantom(seed_of("train", i), size=input_size, nodule=i % 2 == 0), input_size)
-        else:
-            sample = HeldOut(split, 2, input_size, i)[0]
-        with torch.inference_mode():
-            rows.append(pooled_features(net(sample["image"][None]).deep_features)[0])
-    return np.stack(rows)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Fit the density on training phantoms, threshold it on calibration phantoms, write it and print the card entry."""
-    from inference.predictor import Detector
-
-    p = argparse.ArgumentParser(prog="python -m inference.ood", description=main.__doc__)
-    p.add_argument("--card", type=Path, default=None)
-    p.add_argument("--fit-n", type=int, default=400, help="training-split phantoms the density is fitted on")
-    p.add_argument("--threshold-n", type=int, default=200, help="calibration-split phantoms the threshold comes from")
-    p.add_argument("--percentile", type=float, default=99.0)
-    p.add_argument("--out", type=Path, required=True, help="the .npz to write (beside the card)")
-    p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args(argv)
-    det = Detector.load(args.card, device="cpu", threads=args.threads)
-    fit = _features(det.net, "train", args.fit_n, 0, det.input_size)
-    held = _features(det.net, "calibration", args.threshold_n, 0, det.input_size)
-    probe = FeatureDensity.fit(fit, 1.0)
-    threshold = float(np.percentile(probe.score(held), args.percentile))
-    FeatureDensity(probe.mean, probe.precision, threshold).save(args.out)
-    entry = {"file": args.out.name, "sha256": sha256_file(args.out), "threshold": threshold,
-             "percentile": args.percentile, "feature": "GAP of the stride-16 encoder features, original view",
-             "fit": f"train split indices [0, {args.fit_n}) at {det.input_size} px (positives on even)",
-             "threshold_from": f"calibration split indices [0, {args.threshold_n})",
-             "fit_scores_median": float(np.median(probe.score(fit))),
-             "calibration_scores_median": float(np.median(probe.score(held))),
-             "command": "python -m inference.ood " + " ".join(argv if argv is not None else sys.argv[1:])}
-    print(json.dumps(entry, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -25,12 +25,11 @@ import torch
 from config.settings import ModelSettings
 from inference import torch_setup
 from inference.gradcam import explained_forward
-from inference.model import LUNG, RADIUS, build_network, embed, image_score, load_weights, tta_views
+from inference.model import LUNG, RADIUS, build_network, embed, image_score, load_weights, model_coord, tta_views
 from inference.model_card import ModelCard, load_card, verify_weights
 from inference.ood import REASON as OOD_REASON
 from inference.ood import FeatureDensity, load_density, pooled_features
 from inference.preprocess import letterbox, model_map_to_source, model_to_source
-from inference.samples import model_coord
 from inference.types import Location, ModelIdentity, PreparedImage, Prediction
 
 DEFAULT_CARD = Path(__file__).resolve().parent / "models" / "card.json"

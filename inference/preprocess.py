@@ -42,7 +42,6 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import (JPEG2000, HTJ2K, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless,
                          UID)
 
-from inference.phantoms import Phantom, default_window
 from inference.types import NotApplicable, PreparedImage, Unreadable
 
 MODEL_INPUT_SIZE = 512
@@ -150,14 +149,11 @@ def prepare_array(display_float: np.ndarray, input_size: int) -> np.ndarray:
     return out
 
 
-def phantom_model_input(phantom: Phantom, input_size: int) -> tuple[np.ndarray, float]:
-    """What `prepare(phantom_dataset(phantom))` gives the model, without the DICOM round trip.
-
-    Returns (model_input, scale); model coords = (phantom coords + 0.5) * scale - 0.5.
-    """
-    centre, width = default_window(phantom.pixels)
-    display = _window_linear(phantom.pixels.astype(np.float32), centre, width)
-    return prepare_array(display, input_size), input_size / phantom.pixels.shape[0]
+def default_window(pixels: np.ndarray) -> tuple[float, float]:
+    """Window (centre, width) a vendor would store: the 0.5-99.5 percentile range of the image."""
+    lo, hi = np.percentile(pixels[::4, ::4], [0.5, 99.5])
+    lo, width = math.floor(lo), max(math.ceil(hi) - math.floor(lo), 2)  # exact in a DS string
+    return lo + width / 2.0, float(width)
 
 
 def prepare(ds: pydicom.Dataset, *, input_size: int = MODEL_INPUT_SIZE) -> PreparedImage:

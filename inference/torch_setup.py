@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-DEVICES = ("auto", "cpu", "cuda")
+from inference.types import DEVICES
 _LIBS: list[torch.library.Library] = []  # keeps the schema library alive for the process
 
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+DEVICES = ("auto", "cpu", "cuda")  # where a model may run (`inference.torch_setup.resolve_device`)
+
 
 class NotApplicable(Exception):
     """The instance is not an image this model reads (job ends SKIPPED with `reason`)."""

@@ -75,8 +75,8 @@ def cmd_resend(args: argparse.Namespace) -> int:
     import getpass
 
     from node.audit import configure_logging
-    from node.db import open_database
-    from node.jobs import TransitionError, requeue_delivery
+    from node.store.db import open_database
+    from node.store.jobs import TransitionError, requeue_delivery
 
     settings = load_settings(args.config)
     configure_logging(settings.log_dir, audit_settings=settings.audit)
@@ -93,7 +93,7 @@ def cmd_resend(args: argparse.Namespace) -> int:
 def cmd_jobs(args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
-    from node.db import Job, open_database
+    from node.store.db import Job, open_database
 
     settings = load_settings(args.config)
     with open_database(settings.database_url)() as session:

@@ -16,9 +16,9 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from config.settings import load_settings
-from inference.phantoms import write_phantom_series
+from inference.training.phantoms import write_phantom_series
 from node.audit import configure_logging
-from node.db import TERMINAL, Job, JobState
+from node.store.db import TERMINAL, Job, JobState
 from node.orthanc_peer import OrthancPeer, free_port, orthanc_available
 from node.scu import send_files
 from node.service import Node

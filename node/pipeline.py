@@ -24,12 +24,12 @@ from config.settings import RESULT_OBJECTS, Destination, Settings
 from inference.predictor import Detector
 from inference.preprocess import prepare, read_dataset
 from inference.types import NotApplicable, Unreadable
-from node.db import DeliveryState, Job, JobState, utcnow
-from node.jobs import Claim, TransitionError, ensure_deliveries, transition
+from node.store.db import DeliveryState, Job, JobState, utcnow
+from node.store.jobs import Claim, TransitionError, ensure_deliveries, transition
 from node.scu import AssociationFailed, send_files
-from node.spool import checked_uid, under, write_atomic
+from node.store.spool import checked_uid, under, write_atomic
 from node.tls import client_context
-from retrieval.cases import similar_cases
+from node.cases import similar_cases
 from retrieval.index import CaseIndex
 from sr_writer.encode import encode_results
 from sr_writer.heatmap import EXPLANATION_FILE, explanation_png

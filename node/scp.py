@@ -43,10 +43,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
 from config.settings import Settings
-from node.jobs import ReceivedInstance, StaleVersion, admit, known_instance, replace_instance
+from node.store.jobs import ReceivedInstance, StaleVersion, admit, known_instance, replace_instance
 from node.receive import (DISK_FULL, TOO_LARGE, WRITE_FAILED, ConnectionLimits, GatedAssociationServer, IncomingFiles,
                           inflated_size_exceeds, serve, stream_into)
-from node.spool import Spool, UnsafeUID, checked_uid, file_sha256
+from node.store.spool import Spool, UnsafeUID, checked_uid, file_sha256
 from node.tls import server_context
 
 log = structlog.get_logger(__name__)

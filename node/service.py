@@ -15,16 +15,16 @@ from sqlalchemy.orm import sessionmaker
 
 from config.settings import Settings
 from inference.predictor import Detector
-from inference.registry import ChampionWatcher
-from node.db import open_database
-from node.jobs import DELIVER, PROCESS, Claim, TransitionError, claim, lease_owner, release_dead_leases
+from node.alerts import Alerter
+from node.cases import rebuild_index
 from node.pipeline import Deliverer, Processor, delivery_names
 from node.scp import StorageSCP
-from node.spool import Spool
+from node.store.db import open_database
+from node.store.jobs import DELIVER, PROCESS, Claim, TransitionError, claim, lease_owner, release_dead_leases
+from node.store.spool import Spool
 from retrieval.index import CaseIndex
-
-from review_web.alerts import Alerter
 from review_web.server import WebServer
+from scheduler.registry import ChampionWatcher
 from scheduler.service import Scheduler
 
 log = structlog.get_logger(__name__)
@@ -57,14 +57,15 @@ class Node:
     """The node's parts in one process."""
 
     def __init__(self, settings: Settings, *, scp: bool = True, workers: int | None = None, scheduler: bool = True,
-                 deliver: bool = True, web: bool = True, alerts: bool = True, detector_provider: Callable[[], Callable[[], Detector]] | None = None) -> None:
+                 deliver: bool = True, web: bool = True, alerts: bool = True,
+                 detector_provider: Callable[[], Callable[[], Detector]] | None = None) -> None:
         self.settings = settings
         for folder in (settings.node.data_dir, settings.spool_dir, settings.results_dir):
             folder.mkdir(mode=0o750, parents=True, exist_ok=True)
         self.sessions = open_database(settings.database_url)
         self.index = CaseIndex.from_settings(settings)
         if len(self.index) == 0:
-            self.index.rebuild(self.sessions)
+            rebuild_index(self.sessions, self.index)
         self.spool = Spool(settings.spool_dir)
         self.scp = StorageSCP(settings, self.sessions, self.spool) if scp else None
         self._workers = settings.worker.count if workers is None else workers
@@ -75,7 +76,7 @@ class Node:
         self.web: WebServer | None = None
         self.alerter: Alerter | None = None
         self._web, self._alerts = web and settings.web.enabled, alerts
-        self._scheduler = Scheduler(settings, self.sessions) if scheduler and settings.scheduler.enabled else None
+        self._scheduler = Scheduler(settings, self.sessions, self.index) if scheduler and settings.scheduler.enabled else None
 
     def _model_in_service(self) -> Callable[[], Detector]:
         """One worker's model: the registry's champion when the learning loop is on, else the configured card."""

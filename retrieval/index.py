@@ -7,10 +7,16 @@ Inner product of unit vectors is the cosine similarity.
 
 The index lives in `<data_dir>/retrieval/cases.faiss`, written after every
 change to a temporary file that replaces it atomically. It is a cache of the
-database: `rebuild(sessions)` recreates it from the jobs' embeddings of the
+database: `node.cases.rebuild_index` recreates it from the jobs' embeddings of the
 model version in service, since embeddings of another model live in another
 space. Every public method holds one lock, so the worker, the web app and the
-scheduler may share an instance.
+scheduler may share an instance; the composition root (`node/service.py`, the
+`smartnodule web` command) creates that one instance and passes it on.
+
+The file is the truth between processes (scale-out roles): every public method
+first re-reads it when its generation (inode, size, mtime) differs from the one
+this instance last read or wrote, so a worker's `add` after another process's
+rebuild adds to the rebuilt cases, and the web role sees cases a worker added.
 """
 from __future__ import annotations
 
@@ -23,11 +29,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 import structlog
-from sqlalchemy import select
-from sqlalchemy.orm import sessionmaker
 
 from config.settings import RetrievalSettings, Settings
-from node.db import Job
 
 log = structlog.get_logger(__name__)
 
@@ -53,10 +56,9 @@ class CaseIndex:
         self._settings = settings
         self._lock = threading.Lock()
         self._index: faiss.Index | None = None
-        path = self._folder / INDEX_FILE
-        if path.is_file():
-            self._index = faiss.read_index(str(path))
-            self._set_nprobe(self._index)
+        self._generation: tuple[int, int, int] | None = None
+        with self._lock:
+            self._reload_if_changed()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "CaseIndex":
@@ -64,17 +66,20 @@ class CaseIndex:
 
     def __len__(self) -> int:
         with self._lock:
+            self._reload_if_changed()
             return 0 if self._index is None else self._index.ntotal
 
     @property
     def is_ivf(self) -> bool:
         with self._lock:
+            self._reload_if_changed()
             return isinstance(self._index, faiss.IndexIVF)
 
     def add(self, job_id: int, embedding: np.ndarray | bytes) -> None:
         """Add (or replace) the embedding of `job_id` and persist the index."""
         vector = _as_matrix(embedding, "embedding")
         with self._lock:
+            self._reload_if_changed()
             if self._index is None:
                 self._index = self._flat(vector.shape[1])
             elif vector.shape[1] != self._index.d:
@@ -87,33 +92,13 @@ class CaseIndex:
                 log.info("retrieval_index_switched_to_ivf", cases=self._index.ntotal)
             self._save()
 
-    def rebuild(self, sessions: sessionmaker, model_version: str | None = None) -> int:
-        """Recreate the index from the database; returns the number of cases indexed.
-
-        Only jobs of `model_version` (default: that of the most recently encoded
-        job) are taken: another model's embeddings are not comparable.
-        """
-        with sessions() as session:
-            if model_version is None:
-                model_version = session.scalar(
-                    select(Job.model_version).where(Job.embedding.is_not(None))
-                    .order_by(Job.encoded_at.desc(), Job.id.desc()).limit(1))
-            rows = [] if model_version is None else session.execute(
-                select(Job.id, Job.embedding)
-                .where(Job.embedding.is_not(None), Job.model_version == model_version)
-                .order_by(Job.id)).all()
-        ids = np.array([row.id for row in rows], dtype=np.int64)
-        vectors = np.stack([np.frombuffer(row.embedding, dtype=np.float32) for row in rows]) if rows else None
-        self.rebuild_from(ids, vectors)
-        log.info("retrieval_index_rebuilt", cases=len(rows), model_version=model_version)
-        return len(rows)
-
     def rebuild_from(self, ids: np.ndarray, vectors: np.ndarray | None) -> None:
         """Replace the whole index with `vectors` (rows, unit length) under job `ids`, and persist it."""
         with self._lock:
             if vectors is None or len(vectors) == 0:
                 self._index = None
                 (self._folder / INDEX_FILE).unlink(missing_ok=True)
+                self._generation = None
                 return
             ids = np.asarray(ids, dtype=np.int64)
             vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -131,6 +116,7 @@ class CaseIndex:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         query = _as_matrix(embedding, "embedding")
         with self._lock:
+            self._reload_if_changed()
             if self._index is None or self._index.ntotal == 0:
                 return []
             if query.shape[1] != self._index.d:
@@ -140,6 +126,19 @@ class CaseIndex:
         found = [Neighbour(int(i), float(s)) for s, i in zip(similarities[0], ids[0])
                  if i != -1 and i != exclude_job_id]
         return found[:k]
+
+    def _reload_if_changed(self) -> None:
+        """Re-read the file when another instance (or process) replaced or removed it since we last saw it."""
+        generation = _generation(self._folder / INDEX_FILE)
+        if generation == self._generation:
+            return
+        if generation is None:
+            self._index = None
+        else:
+            self._index = faiss.read_index(str(self._folder / INDEX_FILE))
+            self._set_nprobe(self._index)
+            log.info("retrieval_index_reloaded", cases=self._index.ntotal)
+        self._generation = generation
 
     def _flat(self, dimension: int) -> faiss.Index:
         return faiss.IndexIDMap2(faiss.IndexFlatIP(dimension))
@@ -166,9 +165,19 @@ class CaseIndex:
             with open(temp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(temp, self._folder / INDEX_FILE)
+            self._generation = _generation(self._folder / INDEX_FILE)
         except BaseException:
             Path(temp).unlink(missing_ok=True)
             raise
+
+
+def _generation(path: Path) -> tuple[int, int, int] | None:
+    """(inode, size, mtime ns) of the index file, None when there is none: each save writes a new inode."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _as_matrix(embedding: np.ndarray | bytes, name: str) -> np.ndarray:

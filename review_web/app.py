@@ -28,13 +28,13 @@ from starlette.middleware.sessions import SessionMiddleware
 
 from config.settings import Settings
 from inference.types import ModelIdentity
-from node.db import Job
-from node.jobs import TransitionError, requeue_delivery
-from retrieval.cases import similar_jobs
+from node.store.db import Job
+from node.store.jobs import TransitionError, requeue_delivery
+from node.cases import similar_jobs
 from retrieval.index import CaseIndex
 from review_web import images
-from review_web.health import CachedHealth, Health, HealthCollector
-from review_web.models import PROCESSED, READING_ROLES, Role, User, current_reads, decide, final_verdict, record_verdict, review_queue
+from node.health import CachedHealth, Health, HealthCollector
+from node.store.review import PROCESSED, READING_ROLES, Role, User, current_reads, decide, final_verdict, record_verdict, review_queue
 from review_web.security import (MAX_PASSWORD_LENGTH, MAX_USERNAME_LENGTH, MIN_SECRET_KEY_LENGTH, BodyLimit,
                                  HashGate, HashingBusy, LoginLimiter, SecurityHeaders, check_password, client_address,
                                  csrf_token, csrf_valid, end_session, open_session, session_user, user_by_token)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import structlog
 
-from review_web.models import Role
+from node.store.review import Role
 
 log = structlog.get_logger(__name__)
 
@@ -53,10 +53,10 @@ def _user_action(actions, name: str, help_text: str, func) -> argparse.ArgumentP
 
 
 def _open(config: Path | None):
-    """Settings, logging and the database (with the review tables: review_web.models is imported above)."""
+    """Settings, logging and the database (with the review tables: node.store.review is imported above)."""
     from config.settings import load_settings
     from node.audit import configure_logging
-    from node.db import open_database
+    from node.store.db import open_database
 
     settings = load_settings(config)
     settings.node.data_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
@@ -69,15 +69,16 @@ def cmd_web(args: argparse.Namespace) -> int:
     them)."""
     import uvicorn
 
+    from node.alerts import Alerter
+    from node.cases import rebuild_index
     from retrieval.index import CaseIndex
-    from review_web.alerts import Alerter
     from review_web.app import create_app
     from review_web.server import UVICORN_OPTIONS
 
     settings, sessions = _open(args.config)
     index = CaseIndex.from_settings(settings)
     if len(index) == 0:
-        index.rebuild(sessions)
+        rebuild_index(sessions, index)
     try:
         app = create_app(settings, sessions, index)
     except ValueError as exc:
@@ -129,7 +130,7 @@ def cmd_user_add(args: argparse.Namespace) -> int:
 def cmd_user_list(args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
-    from review_web.models import User
+    from node.store.review import User
 
     _, sessions = _open(args.config)
     with sessions() as session:
@@ -143,7 +144,7 @@ def _change_user(args: argparse.Namespace, change, event: str, end_sessions: boo
     """Apply `change(user)` to the named user (its return value is printed), end their sessions if asked, audit."""
     from sqlalchemy import select
 
-    from review_web.models import User
+    from node.store.review import User
     from review_web.security import end_all_sessions
 
     _, sessions = _open(args.config)

@@ -18,7 +18,7 @@ import pydicom
 
 from inference.preprocess import prepare
 from inference.types import Location
-from node.db import Job
+from node.store.db import Job
 from sr_writer.heatmap import EXPLANATION_FILE, explanation_layer, read_explanation_png
 
 MAX_SIDE = 1024  # longest side of the PNGs sent to the browser

@@ -29,8 +29,8 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from node.db import utcnow
-from review_web.models import Role, User, WebSession
+from node.store.db import utcnow
+from node.store.review import Role, User, WebSession
 
 MIN_PASSWORD_LENGTH = 12
 MAX_USERNAME_LENGTH = 64

@@ -44,7 +44,7 @@ def _open(config: Path | None):
     """Settings, logging (so that promote and rollback reach the audit file) and the database."""
     from config.settings import load_settings
     from node.audit import configure_logging
-    from node.db import open_database
+    from node.store.db import open_database
 
     settings = load_settings(config)
     settings.node.data_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
@@ -69,7 +69,7 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
 
 
 def cmd_job(args: argparse.Namespace) -> int:
-    from scheduler.models import Outcome
+    from node.store.runs import Outcome
     from scheduler.service import run_job
 
     settings, sessions = _open(args.config)
@@ -81,7 +81,7 @@ def cmd_job(args: argparse.Namespace) -> int:
 
 
 def cmd_model_list(args: argparse.Namespace) -> int:
-    from inference import registry
+    from scheduler import registry
 
     settings, _ = _open(args.config)
     champion = registry.champion_version(registry.client(settings), settings)
@@ -94,7 +94,7 @@ def cmd_model_list(args: argparse.Namespace) -> int:
 
 
 def cmd_model_promote(args: argparse.Namespace) -> int:
-    from inference import registry
+    from scheduler import registry
 
     settings, _ = _open(args.config)
     try:
@@ -107,7 +107,7 @@ def cmd_model_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_model_rollback(args: argparse.Namespace) -> int:
-    from inference import registry
+    from scheduler import registry
 
     settings, _ = _open(args.config)
     try:

@@ -29,7 +29,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from config.settings import Settings
-from node.db import Job, utcnow
+from node.store.db import Job, utcnow
+from node.store.review import outcomes
 
 log = structlog.get_logger(__name__)
 
@@ -102,10 +103,10 @@ def image_stats(ds, prepared) -> dict:
 def build_reference(card_path: Path | None, out: Path, n: int = 120, size: int = 512, index0: int = REFERENCE_INDEX0,
                     detector=None) -> Path:
     """Run the Detector on `n` held-out phantoms (DICOM path) and write the reference NPZ to `out`."""
-    from inference.phantoms import phantom_dataset
+    from inference.training.phantoms import phantom_dataset
     from inference.predictor import Detector
     from inference.preprocess import prepare
-    from inference.samples import HELD_OUT_GAIN, heldout_phantom
+    from inference.training.samples import HELD_OUT_GAIN, heldout_phantom
 
     detector = detector or Detector.load(card_path, device="cpu")
     rows: list[dict] = []
@@ -136,7 +137,7 @@ def load_reference(path: Path) -> dict:
 
 def reference_path(settings: Settings, card_path: Path | None = None) -> Path:
     """The reference beside the card in service (shipped card by default)."""
-    from inference.registry import shipped_card
+    from scheduler.registry import shipped_card
 
     return Path(card_path or shipped_card(settings)).parent / REFERENCE_FILE
 
@@ -148,7 +149,6 @@ def recent_window(settings: Settings, sessions: sessionmaker) -> list[dict]:
     from pydicom import dcmread
 
     from inference.preprocess import prepare
-    from review_web.models import outcomes
 
     cfg = settings.scheduler
     since = utcnow() - timedelta(days=cfg.drift_window_days)
@@ -217,7 +217,7 @@ def compare(settings: Settings, reference: dict, cases: list[dict]) -> dict:
             report["breaches"].append(f"embedding: mean shift {shift} reference spreads > {cfg.drift_embedding_max}")
     judged = [c for c in cases if c.get("verdict") is not None]
     if len(judged) >= cfg.drift_min_verdicts:
-        from inference.evaluate import ece
+        from inference.training.evaluate import ece
 
         truth = np.array([c["verdict"] == "present" for c in judged])
         pred = np.array([bool(c["positive"]) for c in judged])
@@ -245,19 +245,6 @@ def check(settings: Settings, sessions: sessionmaker, reference_file: Path | Non
         return {"status": f"no reference at {path}: build one with python -m scheduler.drift", "breaches": []}
     return compare(settings, load_reference(path), recent_window(settings, sessions))
 
-
-def latest_drift(sessions: sessionmaker) -> dict | None:
-    """The newest finished drift run for the health page: outcome, when, summary (None: never ran)."""
-    from scheduler.models import Outcome, SchedulerRun
-
-    with sessions() as session:
-        run = session.scalars(select(SchedulerRun).where(SchedulerRun.job == "drift",
-                                                         SchedulerRun.outcome != Outcome.RUNNING)
-                              .order_by(SchedulerRun.id.desc()).limit(1)).first()
-        if run is None:
-            return None
-        return {"outcome": run.outcome.value, "finished_at": run.finished_at,
-                "summary": json.loads(run.summary or "{}")}
 
 
 def main(argv: list[str] | None = None) -> int:

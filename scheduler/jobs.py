@@ -25,16 +25,21 @@ from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from config.settings import Settings
-from node.db import Job, JobState, utcnow
-from scheduler.models import Outcome
+from node.alerts import Alert, Alerter
+from node.cases import rebuild_index
+from node.store.db import Job, JobState, utcnow
+from node.store.review import PROCESSED, Status, Verdict, current_reads, decide
+from node.store.runs import Outcome
+from node.tls import client_context, tls_args
+from retrieval.index import CaseIndex
+from scheduler import registry
+from scheduler.drift import check
 
 log = structlog.get_logger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def drift(settings: Settings, sessions: sessionmaker, **_) -> tuple[Outcome, dict]:
-    from scheduler.drift import check
-
     report = check(settings, sessions)
     if report.get("breaches"):
         _alert(settings, sessions, "drift", f"model drift: {len(report['breaches'])} breach(es)",
@@ -47,8 +52,6 @@ def _alert(settings: Settings, sessions: sessionmaker, key: str, summary: str, d
     alerts = settings.alerts
     if not (alerts.webhook_url or alerts.mail_to):
         return
-    from review_web.alerts import Alert, Alerter
-
     Alerter(settings, sessions).send(Alert(key, summary, detail))
 
 
@@ -56,8 +59,6 @@ def _alert(settings: Settings, sessions: sessionmaker, key: str, summary: str, d
 
 def adjudicated_cases(settings: Settings, sessions: sessionmaker) -> list[dict]:
     """Processed jobs with a final verdict and their spool file: label, click location, held-out flag, watermark."""
-    from review_web.models import PROCESSED, Status, Verdict, current_reads, decide
-
     read = select(Verdict.job_id).where(Verdict.superseded_by.is_(None))
     with sessions() as session:
         jobs = {j.id: j for j in session.scalars(select(Job).where(Job.state.in_(PROCESSED), Job.id.in_(read)))}
@@ -80,16 +81,12 @@ def adjudicated_cases(settings: Settings, sessions: sessionmaker) -> list[dict]:
 
 def verdict_watermark(settings: Settings) -> int:
     """The newest verdict id any registered candidate was trained with (0: none yet)."""
-    from inference import registry
-
     return max([int(v["tags"].get("verdict_watermark", 0)) for v in registry.versions(settings)] + [0])
 
 
 def retrain(settings: Settings, sessions: sessionmaker, *, force: bool = False, overrides: dict | None = None,
             **_) -> tuple[Outcome, dict]:
     """Fine-tune on the adjudicated cases in a child process when enough are new (or `force`)."""
-    from inference import registry
-
     champion = registry.ensure_registered(settings)
     cases = adjudicated_cases(settings, sessions)
     watermark = verdict_watermark(settings)
@@ -111,7 +108,7 @@ def retrain(settings: Settings, sessions: sessionmaker, *, force: bool = False, 
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     started = time.monotonic()
     try:
-        proc = subprocess.run([sys.executable, "-m", "inference.fine_tune", f.name], cwd=REPO_ROOT, env=env,
+        proc = subprocess.run([sys.executable, "-m", "scheduler.fine_tune", f.name], cwd=REPO_ROOT, env=env,
                               capture_output=True, text=True, timeout=settings.registry.fine_tune_timeout_s)
     finally:
         Path(f.name).unlink(missing_ok=True)
@@ -131,10 +128,9 @@ def retrain(settings: Settings, sessions: sessionmaker, *, force: bool = False, 
 
 # --- housekeeping -------------------------------------------------------------------------------------------
 
-def reindex(settings: Settings, sessions: sessionmaker, **_) -> tuple[Outcome, dict]:
-    from retrieval.index import CaseIndex
-
-    return Outcome.OK, {"cases": CaseIndex.from_settings(settings).rebuild(sessions)}
+def reindex(settings: Settings, sessions: sessionmaker, index: CaseIndex | None = None, **_) -> tuple[Outcome, dict]:
+    """Rebuild the case index through its owner's instance (`index`, from the composition root) when there is one."""
+    return Outcome.OK, {"cases": rebuild_index(sessions, CaseIndex.from_settings(settings) if index is None else index)}
 
 
 def retention(settings: Settings, sessions: sessionmaker, **_) -> tuple[Outcome, dict]:
@@ -173,8 +169,6 @@ def echo(settings: Settings, sessions: sessionmaker, **_) -> tuple[Outcome, dict
     """C-ECHO every destination; failed when any does not answer success."""
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
-
-    from node.tls import client_context, tls_args
 
     results = {}
     for dest in settings.destinations:

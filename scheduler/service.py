@@ -1,6 +1,6 @@
 """The node's background scheduler: APScheduler 3 BackgroundScheduler, job store in the node's database.
 
-`Scheduler(settings, sessions)` adds each job of `scheduler.jobs.JOBS` whose
+`Scheduler(settings, sessions, index)` adds each job of `scheduler.jobs.JOBS` whose
 schedule in `[scheduler]` is not empty (crontab or "every N[smhd]"), replacing
 the stored definition, so the settings file stays the one home of every
 schedule. Every run is a row of `scheduler_runs` (outcome ok / failed /
@@ -18,8 +18,10 @@ import structlog
 from sqlalchemy.orm import sessionmaker
 
 from config.settings import Settings
-from node.db import utcnow
-from scheduler.models import Outcome, SchedulerRun
+from node.store.db import utcnow
+from node.store.runs import Outcome, SchedulerRun
+from retrieval.index import CaseIndex
+from scheduler.jobs import JOBS
 
 log = structlog.get_logger(__name__)
 
@@ -43,8 +45,6 @@ def trigger_of(schedule: str, timezone: str):
 
 def run_job(settings: Settings, sessions: sessionmaker, name: str, trigger: str = "schedule", **kwargs) -> SchedulerRun:
     """Run job `name` now, recorded in `scheduler_runs`; never raises for the job's own errors."""
-    from scheduler.jobs import JOBS
-
     if name not in JOBS:
         raise ValueError(f"job must be one of {', '.join(JOBS)}, got {name!r}")
     with sessions.begin() as session:
@@ -74,19 +74,17 @@ def _run_stored(name: str) -> None:
     if active is None:
         log.error("scheduled_job_failed", job=name, error="no scheduler is running in this process")
         return
-    run_job(active.settings, active.sessions, name)
+    run_job(active.settings, active.sessions, name, index=active.index)
 
 
 class Scheduler:
     """Start/stop the background jobs of one node (or of `smartnodule scheduler` alone)."""
 
-    def __init__(self, settings: Settings, sessions: sessionmaker) -> None:
+    def __init__(self, settings: Settings, sessions: sessionmaker, index: CaseIndex | None = None) -> None:
         from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
         from apscheduler.schedulers.background import BackgroundScheduler
 
-        from scheduler.jobs import JOBS
-
-        self.settings, self.sessions = settings, sessions
+        self.settings, self.sessions, self.index = settings, sessions, index
         cfg = settings.scheduler
         self.triggers = {name: trigger_of(getattr(cfg, name), cfg.timezone) for name in JOBS}
         self._scheduler = BackgroundScheduler(
@@ -101,8 +99,6 @@ class Scheduler:
         with self._lock:
             _ACTIVE = self
             self._scheduler.start(paused=True)
-            from scheduler.jobs import JOBS
-
             for name in JOBS:
                 trigger = self.triggers[name]
                 if trigger is None:

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import select
 
 from config.settings import load_settings
-from node.db import TERMINAL, Job, JobState
+from node.store.db import TERMINAL, Job, JobState
 from node.orthanc_peer import free_port
 
 os.environ.setdefault("TCP_NODELAY", "1")  # DCMTK tools and Orthanc: no Nagle stall
@@ -45,7 +45,7 @@ def make_settings(tmp_path):
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory) -> Path:
     """Six small phantom studies (512 px), three with a nodule, written once per session."""
-    from inference.phantoms import write_phantom_series
+    from inference.training.phantoms import write_phantom_series
 
     folder = tmp_path_factory.mktemp("phantoms")
     write_phantom_series(folder, 6, seed0=9100, size=512)

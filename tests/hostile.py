@@ -17,7 +17,7 @@ from pynetdicom import AE, _config
 from pynetdicom.dsutils import create_file_meta
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, Verification
 
-from inference.phantoms import generate_phantom, phantom_dataset
+from inference.training.phantoms import generate_phantom, phantom_dataset
 
 SUCCESS = 0x0000
 

@@ -14,10 +14,10 @@ import pytest
 import requests
 from pydicom import dcmread
 
-from node.db import JobState
+from node.store.db import JobState
 from node.orthanc_peer import OrthancPeer, free_port, orthanc_available
 from sr_writer.heatmap import EXPLANATION_FILE, EXPLANATION_MAX_SIDE, read_explanation_png
-from tests.conftest import all_jobs, finished_jobs, wait_for
+from tests.conftest import finished_jobs, wait_for
 from tests.test_conformance_statement import README, table
 
 pytestmark = pytest.mark.integration

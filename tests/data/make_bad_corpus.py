@@ -24,7 +24,7 @@ from pydicom.uid import (CTImageStorage, DeflatedExplicitVRLittleEndian, Implici
 
 from pynetdicom.dsutils import split_dataset
 
-from inference.phantoms import Phantom, generate_phantom, phantom_dataset
+from inference.training.phantoms import Phantom, generate_phantom, phantom_dataset
 from node.scp import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS
 
 DEFAULT_FOLDER = Path(__file__).resolve().parent / "bad"

@@ -23,7 +23,7 @@ from pydicom.tag import Tag
 
 from pydicom.uid import generate_uid
 
-from inference.phantoms import phantom_dataset
+from inference.training.phantoms import phantom_dataset
 from tests.data.make_bad_corpus import _phantom
 
 DEFAULT_FOLDER = Path(__file__).resolve().parent / "messy"

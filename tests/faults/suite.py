@@ -42,8 +42,8 @@ from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 from sqlalchemy import create_engine, text
 from sqlalchemy.orm import sessionmaker
 
-from inference.phantoms import generate_phantom, phantom_dataset, write_phantom_series
-from node.db import TERMINAL, Job, JobState, open_database
+from inference.training.phantoms import generate_phantom, phantom_dataset, write_phantom_series
+from node.store.db import TERMINAL, Job, JobState, open_database
 from node.orthanc_peer import OrthancPeer, free_port, stop_process
 from node.scp import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS
 from tests.conftest import POSTGRES_ADMIN_URL, STORESCU, all_jobs, poll

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from inference import eval_family as ef
+from inference.training import eval_family as ef
 from inference.preprocess import prepare
 
 

@@ -8,7 +8,7 @@ import torch
 
 from inference.gradcam import explained_forward
 from inference.model import build_network, tta_views
-from inference.phantoms import generate_phantom, phantom_dataset
+from inference.training.phantoms import generate_phantom, phantom_dataset
 from inference.predictor import Detector
 from inference.preprocess import prepare
 

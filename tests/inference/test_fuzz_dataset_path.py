@@ -33,7 +33,7 @@ from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import (JPEG2000, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
                          ImplicitVRLittleEndian, JPEGBaseline8Bit, JPEGLSLossless, RLELossless)
 
-from inference.phantoms import generate_phantom, phantom_dataset
+from inference.training.phantoms import generate_phantom, phantom_dataset
 from inference.predictor import Detector
 from inference.preprocess import prepare, read_dataset
 from inference.types import NotApplicable, Unreadable

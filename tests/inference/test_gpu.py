@@ -1,10 +1,10 @@
-"""CUDA and CPU give the same predictions for the shipped model (inference.gpu_check's tolerances)."""
+"""CUDA and CPU give the same predictions for the shipped model (inference.training.gpu_check's tolerances)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from inference.gpu_check import check
+from inference.training.gpu_check import check
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

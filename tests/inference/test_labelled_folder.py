@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from inference import evaluate
-from inference.labelled_folder import LabelledFolder, labelled_sample, load_prepared, read_labels, read_mha
-from inference.model import HEAD_STRIDE, NoduleNet
-from inference.phantoms import generate_phantom, phantom_dataset
+from inference.training import evaluate
+from inference.training.labelled_folder import LabelledFolder, labelled_sample, load_prepared, read_labels, read_mha
+from inference.model import HEAD_STRIDE, NoduleNet, heatmap_coord
+from inference.training.phantoms import generate_phantom, phantom_dataset
 from inference.preprocess import source_to_model
-from inference.samples import heatmap_coord
-from inference.train import losses
+from inference.training.train import losses
 
 SIZE = 256
 
@@ -115,7 +114,7 @@ def test_eval_reads_the_folder_beside_both_families(folder: Path, capsys) -> Non
 
 
 def test_train_takes_the_folder_and_starts_from_a_card(folder: Path, tmp_path: Path) -> None:
-    from inference import train
+    from inference.training import train
     from inference.model_card import load_card
     from inference.predictor import DEFAULT_CARD
 

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from inference.evaluate import auc, ece, fit_platt, platt, youden_threshold
+from inference.training.evaluate import auc, ece, fit_platt, platt, youden_threshold
 from inference.model import NoduleNet, build_network, embed, image_score, lung_region, tta_views
-from inference.phantoms import generate_phantom
+from inference.training.phantoms import generate_phantom
 from inference.predictor import Detector
-from inference.preprocess import phantom_model_input
-from inference.samples import seed_of
+from inference.training.phantoms import phantom_model_input
+from inference.training.samples import seed_of
 
 torch.set_num_threads(2)
 

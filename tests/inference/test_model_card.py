@@ -56,7 +56,7 @@ def test_card_round_trip_and_validation(tmp_path: Path) -> None:
 
 
 def test_card_names_the_current_generator_and_says_what_it_is_for() -> None:
-    from inference.train import _generator_version
+    from inference.training.train import _generator_version
 
     card = load_card(DEFAULT_CARD)
     assert card.training["generator"] == _generator_version(), "phantoms.py changed: check the card's generator note"

@@ -8,8 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from inference import eval_family as ef
-from inference.eval_report import rotate, training_case
+from inference.training import eval_family as ef
+from inference.training.eval_report import rotate, training_case
 from inference.model_card import load_card
 from inference.ood import FeatureDensity, ledoit_wolf, load_density
 from inference.predictor import DEFAULT_CARD, Detector

@@ -8,7 +8,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from inference.phantoms import (CR_IMAGE_STORAGE, DX_FOR_PRESENTATION, generate_phantom, phantom_dataset,
+from inference.training.phantoms import (CR_IMAGE_STORAGE, DX_FOR_PRESENTATION, generate_phantom, phantom_dataset,
                                 write_phantom_series)
 
 SIZE = 256  # small and fast; geometry scales with size

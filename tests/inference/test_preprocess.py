@@ -10,8 +10,9 @@ import pydicom
 import pytest
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
-from inference.phantoms import Phantom, generate_phantom, phantom_dataset
-from inference.preprocess import (letterbox, model_map_to_source, model_to_source, phantom_model_input, prepare,
+from inference.training.phantoms import Phantom, generate_phantom, phantom_dataset
+from inference.training.phantoms import phantom_model_input
+from inference.preprocess import (letterbox, model_map_to_source, model_to_source, prepare,
                                   prepare_array, source_to_model)
 from inference.types import NotApplicable, Unreadable
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from config.settings import load_settings
-from inference.phantoms import generate_phantom, phantom_dataset
+from inference.training.phantoms import generate_phantom, phantom_dataset
 from inference.predictor import REVIEW_FLAGS, ReviewPolicy
 from inference.preprocess import prepare
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pydicom
 
-from inference import eval_family as ef
-from inference.phantoms import generate_phantom, phantom_dataset
-from node.db import JobState
+from inference.training import eval_family as ef
+from inference.training.phantoms import generate_phantom, phantom_dataset
+from node.store.db import JobState
 from node.scu import send_files
 from tests.conftest import finished_jobs, wait_for
 

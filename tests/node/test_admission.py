@@ -7,7 +7,7 @@ import subprocess
 import pytest
 from pydicom import dcmread
 
-from node.db import JobState
+from node.store.db import JobState
 from node.orthanc_peer import free_port
 from tests.conftest import ECHOSCU, STORESCU, audit_events, finished_jobs, require_binary, wait_for
 
@@ -26,7 +26,7 @@ def refused(settings) -> list[str]:
 
 def test_sender_from_a_host_not_listed_for_its_ae_title_is_rejected(make_settings, running_node, phantom_files):
     settings = make_settings(sources=[{"ae_title": "STORESCU", "hosts": ["192.0.2.10"]}])
-    node = running_node(settings, workers=0, deliver=False)
+    running_node(settings, workers=0, deliver=False)
     done = storescu(settings.node.port, phantom_files[0])
     assert done.returncode != 0 and "Association Rejected" in done.stdout + done.stderr
     assert refused(settings) == ["host_not_allowed"]
@@ -34,7 +34,7 @@ def test_sender_from_a_host_not_listed_for_its_ae_title_is_rejected(make_setting
 
 def test_associations_are_refused_while_the_spool_disk_is_nearly_full(make_settings, running_node, phantom_files):
     settings = make_settings(node={"min_free_disk_mb": 1e12})  # more than any disk has free
-    node = running_node(settings, workers=0, deliver=False)
+    running_node(settings, workers=0, deliver=False)
     done = storescu(settings.node.port, phantom_files[0])
     assert done.returncode != 0 and "Association Rejected" in done.stdout + done.stderr
     assert "Local Limit Exceeded" in done.stdout + done.stderr

@@ -10,7 +10,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from node.db import JobState
+from node.store.db import JobState
 from tests.conftest import ECHOSCU, all_jobs, audit_events, finished_jobs, require_binary, wait_for
 from tests.hostile import (closed_by_peer, echo, pdu_length_bomb, rle_pixel_bomb, silent_connections, small_instance,
                            store, store_file, write_deflate_bomb)

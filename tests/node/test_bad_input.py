@@ -19,8 +19,8 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 
-from node.db import Job, JobState
-from tests.conftest import FINISHED, STORESCU, audit_events, finished_jobs, require_binary, wait_for
+from node.store.db import Job, JobState
+from tests.conftest import STORESCU, audit_events, finished_jobs, require_binary, wait_for
 from tests.data.make_bad_corpus import BadCase, build_corpus
 
 pytestmark = pytest.mark.integration

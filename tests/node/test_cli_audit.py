@@ -8,7 +8,7 @@ import pytest
 from config.settings import load_settings
 from node.audit import AUDIT_FILE, configure_logging, node_key, verify_chain
 from node.cli import main
-from node.db import Job, JobState, open_database
+from node.store.db import Job, JobState, open_database
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ def test_resend_from_the_cli_is_audited(config):
 
 
 def test_model_promote_and_rollback_from_the_cli_are_audited(config):
-    from inference import registry
+    from scheduler import registry
 
     settings = load_settings(config)
     client = registry.client(settings)

@@ -9,7 +9,7 @@ import sys
 import pytest
 from pydicom import dcmread
 
-from node.db import DeliveryState, JobState
+from node.store.db import DeliveryState, JobState
 from node.orthanc_peer import OrthancPeer, orthanc_available
 from tests.conftest import STORESCU, all_jobs, audit_events, finished_jobs, require_binary, wait_for
 

@@ -5,7 +5,7 @@ import collections
 
 import pytest
 
-from node.db import DeliveryState, JobState
+from node.store.db import DeliveryState, JobState
 from node.orthanc_peer import OrthancPeer, orthanc_available
 from tests.conftest import finished_jobs, wait_for
 from tests.node.test_delivery import push

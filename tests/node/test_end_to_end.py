@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
-from node.db import JobState, open_database
+from node.store.db import JobState, open_database
 from node.orthanc_peer import OrthancPeer, free_port, orthanc_available
 from tests.conftest import STORESCU, TEST_OUTPUT, all_jobs, audit_events, finished_jobs, require_binary, wait_for
 

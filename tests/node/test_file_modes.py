@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from config.settings import load_settings
-from node.db import open_database
+from node.store.db import open_database
 
 
 def mode(path) -> int:

@@ -8,9 +8,9 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select, update
 
-from node.db import Job, JobState, open_database, utcnow
-from node.jobs import DELIVER, PROCESS, ReceivedInstance, TransitionError, admit, claim, requeue_delivery, transition
-from node.jobs import release_dead_leases
+from node.store.db import Job, JobState, open_database, utcnow
+from node.store.jobs import DELIVER, PROCESS, ReceivedInstance, TransitionError, admit, claim, requeue_delivery, transition
+from node.store.jobs import release_dead_leases
 
 
 def instance(n: int) -> ReceivedInstance:
@@ -93,7 +93,7 @@ def test_resend_moves_failed_delivery_back_to_encoded(sessions):
 
 
 def test_leases_of_dead_processes_on_this_host_are_released(sessions):
-    from node.jobs import HOST
+    from node.store.jobs import HOST
 
     admit(sessions, instance(1))
     admit(sessions, instance(2))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from node.db import TERMINAL, JobState
+from node.store.db import TERMINAL, JobState
 from node.pipeline import chosen_files
 from tests.conftest import audit_events, finished_jobs, wait_for
 from tests.data.make_messy_corpus import build_corpus
@@ -19,8 +19,8 @@ from tests.sr_writer.test_source_header import dciodvfy_errors
 pytestmark = pytest.mark.integration
 
 
-def test_messy_headers_come_back_as_sr_heatmap_and_pdf_that_pass_dciodvfy(  # noqa: F811  (fixture imported above)
-        orthanc, make_settings, running_node, tmp_path):
+def test_messy_headers_come_back_as_sr_heatmap_and_pdf_that_pass_dciodvfy(
+        orthanc, make_settings, running_node, tmp_path):  # noqa: F811  (fixture imported above)
     settings = make_settings(node={"port": orthanc.node_port}, destinations=[orthanc.destination()])
     node = running_node(settings)
     cases = build_corpus(tmp_path / "messy")

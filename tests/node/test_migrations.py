@@ -7,7 +7,7 @@ from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from node.db import MIGRATIONS, Base, open_database
+from node.store.db import MIGRATIONS, Base, open_database
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -20,9 +20,9 @@ from pydicom.datadict import dictionary_VR
 from sqlalchemy import inspect, text
 
 from config.settings import AuditSettings
-from inference.phantoms import generate_phantom, phantom_dataset
+from inference.training.phantoms import generate_phantom, phantom_dataset
 from node.audit import key_path, read_key, verify_chain
-from node.db import TERMINAL, JobState
+from node.store.db import TERMINAL, JobState
 from tests.conftest import STORESCU, require_binary, wait_for
 from tests.data.make_messy_corpus import put_raw
 from tests.faults.suite import NodeProcess, settled
@@ -106,8 +106,8 @@ def written_files(node: NodeProcess) -> dict[Path, str]:
             if path.is_file() and not any(store in path.parents for store in stores)}
 
 
-def test_no_patient_data_in_logs_console_database_or_audit(  # noqa: F811  (fixtures imported above)
-        orthanc, tmp_path, chunked_sender):
+def test_no_patient_data_in_logs_console_database_or_audit(
+        orthanc, tmp_path, chunked_sender):  # noqa: F811  (fixtures imported above)
     files, secrets = marked_files(tmp_path / "in")
     workdir = tmp_path / "run"
     workdir.mkdir()

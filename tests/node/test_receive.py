@@ -99,7 +99,7 @@ def test_bulk_read_socket_does_not_trust_a_pdu_length_it_has_not_received():
 # --- UIDs by the grammar, paths under their root (node.spool) ---------------------------------
 
 from node.receive import A_ABORT_INVALID_PDU, inflated_size_exceeds  # noqa: E402
-from node.spool import OutsideRoot, Spool, UnsafeUID, checked_uid, under  # noqa: E402
+from node.store.spool import OutsideRoot, Spool, UnsafeUID, checked_uid, under  # noqa: E402
 
 
 @pytest.mark.parametrize("uid", ["..", ".", "1..2", "01.2", "1.02", "1." + "2" * 63, ".1", "1.", "", "1.2.a", "1/2",

@@ -10,7 +10,7 @@ import sys
 import pytest
 from sqlalchemy import select
 
-from node.db import Job, JobState, open_database
+from node.store.db import Job, JobState, open_database
 from node.orthanc_peer import OrthancPeer, free_port, orthanc_available
 from tests.conftest import STORESCU, finished_jobs, require_binary, wait_for
 

@@ -8,7 +8,7 @@ from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 
-from node.db import Job, JobState
+from node.store.db import Job, JobState
 from tests.conftest import ECHOSCU, STORESCU, all_jobs, audit_events, require_binary
 
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from config.settings import RetrievalSettings
-from node.db import Job, JobState, open_database
-from retrieval.cases import similar_cases
+from node.store.db import Job, JobState, open_database
+from node.cases import rebuild_index, similar_cases
 from retrieval.index import INDEX_FILE, CaseIndex
-from review_web.models import Role, User, record_verdict
+from node.store.review import Role, User, record_verdict
 
 DIM = 64
 COUNT = 3000
@@ -60,7 +60,7 @@ def test_adding_a_job_again_replaces_its_embedding(tmp_path, embeddings):
 
 
 def test_index_persists_and_is_reloaded(tmp_path, embeddings):
-    index = filled(tmp_path, embeddings[:50])
+    filled(tmp_path, embeddings[:50])
     assert (tmp_path / INDEX_FILE).is_file() and not list(tmp_path.glob(".cases-*"))
     again = CaseIndex(tmp_path, RetrievalSettings())
     assert len(again) == 50
@@ -98,9 +98,61 @@ def test_rebuild_from_database_and_similar_cases_with_verdicts(tmp_path, embeddi
             record_verdict(session, 11, User(username=name, role=Role.REVIEWER), nodule_present=True,
                            location=None, comment=None)
     index = CaseIndex(tmp_path / "retrieval", RetrievalSettings(ivf_threshold=1000, nlist=32, nprobe=4))
-    assert index.rebuild(sessions) == count + 1
+    assert rebuild_index(sessions, index) == count + 1
     assert index.is_ivf is ivf
     cases = similar_cases(sessions, index, embeddings[10], k=3, exclude_job_id=count + 1)  # job 11's embedding
     assert len(cases) == 3
     assert cases[0].verdict == "present" and cases[0].similarity > 0.9
     assert cases[1].verdict is None
+
+
+# --- one index, one file: the case index seen by several instances (roles, processes) ----------------------
+
+def _database_with_cases(tmp_path, embeddings, count):
+    sessions = open_database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    with sessions.begin() as session:
+        session.add_all(_job(i, embeddings[i]) for i in range(1, count + 1))
+    return sessions
+
+
+def test_worker_add_after_a_reindex_elsewhere_keeps_the_rebuilt_cases(tmp_path, embeddings):
+    sessions = _database_with_cases(tmp_path, embeddings, 40)
+    folder = tmp_path / "retrieval"
+    worker = filled(folder, embeddings[1:4])  # the worker's copy: jobs 1-3 (ids from 1), before the reindex
+    assert len(worker) == 3
+    nightly = CaseIndex(folder, RetrievalSettings())  # the scheduler's reindex in another process
+    assert rebuild_index(sessions, nightly) == 40
+    worker.add(41, embeddings[41])  # the worker's next case
+    assert len(worker) == 41
+    reread = CaseIndex(folder, RetrievalSettings())
+    assert len(reread) == 41  # the file kept the rebuilt cases, not the worker's stale three
+    assert reread.search(embeddings[30], 1)[0].job_id == 30
+
+
+def test_web_role_sees_a_case_added_by_a_worker(tmp_path, embeddings):
+    folder = tmp_path / "retrieval"
+    web = CaseIndex(folder, RetrievalSettings())  # loaded once at the web role's start, empty then
+    assert len(web) == 0 and web.search(embeddings[5], 1) == []
+    worker = CaseIndex(folder, RetrievalSettings())
+    worker.add(5, embeddings[5])
+    assert web.search(embeddings[5], 1)[0].job_id == 5
+    worker.add(6, embeddings[6])
+    assert len(web) == 2
+
+
+def test_scheduler_reindex_rebuilds_the_instance_the_root_passed(tmp_path, embeddings, make_settings):
+    from scheduler.jobs import reindex
+    from scheduler.service import Scheduler, _run_stored
+
+    settings = make_settings()
+    sessions = _database_with_cases(tmp_path, embeddings, 25)
+    root = CaseIndex.from_settings(settings)  # the composition root's one instance
+    root.add(99, embeddings[99])
+    scheduler = Scheduler(settings, sessions, root)
+    scheduler.start()
+    try:
+        _run_stored("reindex")  # what the stored APScheduler job runs
+    finally:
+        scheduler.stop()
+    assert len(root) == 25 and root.search(embeddings[99], 1)[0].job_id != 99
+    assert reindex(settings, sessions, index=root)[1] == {"cases": 25}

@@ -11,13 +11,14 @@ import pydicom
 import pytest
 
 from config.settings import load_settings
-from inference.phantoms import write_phantom_series
+from inference.training.phantoms import write_phantom_series
 from inference.preprocess import prepare
 from inference.types import Location, ModelIdentity, Prediction
-from node.db import Delivery, DeliveryState, Job, JobState, open_database, utcnow
+from node.store.db import Delivery, DeliveryState, Job, JobState, open_database, utcnow
 from node.orthanc_peer import free_port
+from node.cases import rebuild_index
 from retrieval.index import CaseIndex
-from review_web.models import Role
+from node.store.review import Role
 from review_web.security import create_user
 from sr_writer.encode import encode_results
 from sr_writer.heatmap import EXPLANATION_FILE, explanation_png
@@ -117,7 +118,7 @@ def node(tmp_path, case_files) -> Node:
         tokens = {role.value: create_user(session, role.value, role, PASSWORD) for role in Role}
         tokens["reviewer2"] = create_user(session, "reviewer2", Role.REVIEWER, PASSWORD)
     index = CaseIndex.from_settings(settings)
-    index.rebuild(sessions)
+    rebuild_index(sessions, index)
     return Node(settings, sessions, index, job_ids, tokens)
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
-from node.db import Job
+from node.store.db import Job
 from review_web.app import create_app
 from tests.review_web.test_review_web_app import login
 

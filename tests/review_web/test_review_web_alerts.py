@@ -10,7 +10,7 @@ from aiosmtpd.controller import Controller
 
 from config.settings import AlertSettings
 from node.orthanc_peer import free_port
-from review_web.alerts import Alerter
+from node.alerts import Alerter
 
 
 @pytest.fixture

@@ -7,9 +7,9 @@ import pytest
 from fastapi.testclient import TestClient
 from structlog.testing import capture_logs
 
-from node.db import Job, JobState
+from node.store.db import Job, JobState
 from review_web.app import create_app
-from review_web.models import Role, Verdict, decide
+from node.store.review import Role, Verdict, decide
 from tests.review_web.conftest import PASSWORD, csrf_of
 
 
@@ -198,7 +198,7 @@ def test_app_refuses_a_short_secret_key(node):
 
 
 def test_healthz_and_metrics_share_one_collection_within_the_cache_time(client, node, monkeypatch):
-    import review_web.health as health_module
+    import node.health as health_module
 
     collections = []
     real = health_module.collect_health

@@ -15,10 +15,10 @@ from sqlalchemy import select
 
 from config.settings import load_settings
 from node.audit import AUDIT_FILE, CHECKPOINT_SUFFIX, configure_logging
-from node.db import open_database
+from node.store.db import open_database
 from node.orthanc_peer import free_port
 from review_web import commands
-from review_web.models import Role, User
+from node.store.review import Role, User
 from review_web.security import check_password, open_session, session_user, user_by_token
 from tests.conftest import wait_for
 

@@ -9,9 +9,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 from structlog.testing import capture_logs
 
-from node.db import Job, utcnow
+from node.store.db import Job, utcnow
 from review_web.app import create_app
-from review_web.models import NotAReader, Role, User, Verdict, WebSession, final_verdict, record_verdict
+from node.store.review import NotAReader, Role, User, Verdict, WebSession, final_verdict, record_verdict
 from review_web.security import end_all_sessions, hash_password
 from tests.review_web.conftest import csrf_of
 from tests.review_web.test_review_web_app import login

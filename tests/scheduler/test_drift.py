@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
-from node.db import Job, JobState, utcnow
-from node.db import open_database as _open_database
+from node.store.db import Job, JobState, utcnow
+from node.store.db import open_database as _open_database
+from node.store.runs import latest_drift
 from scheduler import drift
 
 
@@ -32,7 +32,7 @@ def test_statistics_separate_same_from_shifted():
 
 def _window(settings, sessions, detector, seeds, **shift):
     """Jobs as the pipeline leaves them (probability, uncertainty, embedding, spool file) for phantoms."""
-    from inference.phantoms import generate_phantom, phantom_dataset
+    from inference.training.phantoms import generate_phantom, phantom_dataset
     from inference.preprocess import prepare
 
     size = shift.pop("size", 256)
@@ -86,13 +86,12 @@ def test_shifted_window_breaches_and_unshifted_passes(make_settings, tmp_path):
 
     run = run_job(other, shifted_sessions, "drift")
     assert run.outcome.value in ("breach", "failed")  # the shipped reference is at 512 px: breach either way
-    latest = drift.latest_drift(shifted_sessions)
+    latest = latest_drift(shifted_sessions)
     assert latest["outcome"] == run.outcome.value
 
 
 def test_too_few_cases_are_not_judged(make_settings, tmp_path):
     settings = make_settings()
-    sessions = open_database(settings.database_url)
     ref = {"meta": {}, "embeddings": np.zeros((3, 4))}
     report = drift.compare(settings, ref, [])
     assert report["status"].startswith("too few") and report["breaches"] == []

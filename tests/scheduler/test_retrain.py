@@ -14,7 +14,7 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
-from node.db import Job, JobState
+from node.store.db import Job, JobState
 from tests.conftest import finished_jobs, wait_for
 
 PROCESSED = {JobState.ENCODED, JobState.SENT}
@@ -53,10 +53,10 @@ def _job_for(sessions, sop_uid: str) -> Job:
 
 
 def test_retrain_gate_promote_and_rollback(make_settings, running_node, phantom_files, tmp_path):
-    from inference import registry
-    from inference.phantoms import write_phantom_series
-    from inference.registry import ChampionWatcher
-    from review_web.models import Role, User, record_verdict
+    from scheduler import registry
+    from inference.training.phantoms import write_phantom_series
+    from scheduler.registry import ChampionWatcher
+    from node.store.review import Role, User, record_verdict
     from scheduler.service import run_job
 
     settings = make_settings(registry={"min_new_verdicts": 4, "heldout_percent": 34, "eval_phantoms": 4,

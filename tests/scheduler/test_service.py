@@ -5,16 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import sqlite3
-import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
-from node.db import Job, JobState, utcnow
-from node.db import open_database as _open_database
-from scheduler.models import Outcome, SchedulerRun
+from node.store.db import Job, JobState, utcnow
+from node.store.db import open_database as _open_database
+from node.store.runs import Outcome, SchedulerRun
 from tests.conftest import wait_for
 
 
@@ -109,7 +108,7 @@ def test_retention_deletes_only_old_finished_cases(make_settings):
 
 
 def test_echo_records_round_trip_and_failure(make_settings):
-    from pynetdicom import AE, evt
+    from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
     from node.orthanc_peer import free_port

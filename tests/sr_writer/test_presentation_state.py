@@ -15,7 +15,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from inference.phantoms import generate_phantom, phantom_dataset
+from inference.training.phantoms import generate_phantom, phantom_dataset
 from inference.preprocess import prepare
 from inference.types import Location
 from sr_writer.encode import encode_results

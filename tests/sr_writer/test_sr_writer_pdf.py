@@ -94,7 +94,7 @@ def test_produced_at_names_the_zone_and_offset():
 
 def test_detector_reports_the_lung_field_rows_the_zone_is_taken_from():
     """The shipped model's lung field on a phantom spans the phantom's own lung mask rows (within 5 %)."""
-    from inference.phantoms import generate_phantom, phantom_dataset
+    from inference.training.phantoms import generate_phantom, phantom_dataset
     from inference.predictor import Detector
     from inference.preprocess import prepare
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from pydicom.sr.codedict import codes
 
-from inference.phantoms import generate_phantom, phantom_dataset
+from inference.training.phantoms import generate_phantom, phantom_dataset
 from inference.preprocess import prepare
 from inference.types import Location, ModelIdentity, Prediction
 from sr_writer.encode import encode_results

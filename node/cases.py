@@ -7,13 +7,16 @@ date the node received the past case (no patient data leaves the database).
 from __future__ import annotations
 
 import numpy as np
+import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from node.db import Job
+from node.store.db import Job
 from retrieval.index import CaseIndex
-from review_web.models import outcomes
+from node.store.review import outcomes
 from sr_writer.encode import SimilarCase
+
+log = structlog.get_logger(__name__)
 
 
 def similar_jobs(sessions: sessionmaker, index: CaseIndex, job_id: int, k: int
@@ -48,3 +51,25 @@ def similar_cases(sessions: sessionmaker, index: CaseIndex, embedding: np.ndarra
                   exclude_job_id: int | None = None) -> list[SimilarCase]:
     """The `k` past cases nearest to `embedding` with their final verdicts (for the PDF report)."""
     return [case for _, case in nearest_cases(sessions, index, embedding, k, exclude_job_id)]
+
+
+def rebuild_index(sessions: sessionmaker, index: CaseIndex, model_version: str | None = None) -> int:
+    """Recreate `index` from the database; returns the number of cases indexed.
+
+    Only jobs of `model_version` (default: that of the most recently encoded
+    job) are taken: another model's embeddings are not comparable.
+    """
+    with sessions() as session:
+        if model_version is None:
+            model_version = session.scalar(
+                select(Job.model_version).where(Job.embedding.is_not(None))
+                .order_by(Job.encoded_at.desc(), Job.id.desc()).limit(1))
+        rows = [] if model_version is None else session.execute(
+            select(Job.id, Job.embedding)
+            .where(Job.embedding.is_not(None), Job.model_version == model_version)
+            .order_by(Job.id)).all()
+    ids = np.array([row.id for row in rows], dtype=np.int64)
+    vectors = np.stack([np.frombuffer(row.embedding, dtype=np.float32) for row in rows]) if rows else None
+    index.rebuild_from(ids, vectors)
+    log.info("retrieval_index_rebuilt", cases=len(rows), model_version=model_version)
+    return len(rows)

@@ -1,4 +1,4 @@
-"""Owns fine-tuning the model in service on adjudicated cases: `python -m inference.fine_tune MANIFEST`.
+"""Owns fine-tuning the model in service on adjudicated cases: `python -m scheduler.fine_tune MANIFEST`.
 
 Runs as a separate process with one torch thread so the node keeps serving.
 The manifest (JSON, written by `scheduler.jobs.retrain`) carries the settings,
@@ -15,7 +15,7 @@ location) split into training and held-out, and the phantom seeds. Steps:
    (sha256 over sorted SOP UIDs + verdicts + phantom seeds), card and
    safetensors weights as artifacts, registered as a new version of the
    registered model whose card version is `<base>+ft.<registry version>`;
-4. the promotion gate (`inference.registry.evaluate_gate`) against the
+4. the promotion gate (`scheduler.registry.evaluate_gate`) against the
    champion; figures go to the run's metrics and the version's tags.
 
 The last stdout line is a JSON summary.
@@ -51,10 +51,10 @@ def case_model_input(spool_path: str | Path, input_size: int) -> np.ndarray:
 
 def case_sample(case: dict, input_size: int, flip: bool = False) -> dict:
     """Training sample of one adjudicated case: image label, heatmap target at the click when given
-    (built as a labelled folder's, `inference.labelled_folder.labelled_sample`)."""
+    (built as a labelled folder's, `inference.training.labelled_folder.labelled_sample`)."""
     from pydicom import dcmread
 
-    from inference.labelled_folder import labelled_sample
+    from inference.training.labelled_folder import labelled_sample
     from inference.preprocess import prepare
 
     prepared = prepare(dcmread(case["spool_path"]), input_size=input_size)
@@ -67,7 +67,7 @@ def phantom_samples(seed_indices: list[int], input_size: int, flip: bool = False
     """Fresh training phantoms (train split, physical gain, positives on even indices) with dense targets."""
     import torch
 
-    from inference.samples import heldout_phantom, phantom_sample
+    from inference.training.samples import heldout_phantom, phantom_sample
 
     samples = []
     for i in seed_indices:
@@ -97,11 +97,11 @@ def fine_tune(manifest: dict) -> dict:
     import torch
 
     from config.settings import Settings
-    from inference import registry
-    from inference.evaluate import fit_platt
+    from scheduler import registry
+    from inference.training.evaluate import fit_platt
     from inference.model import build_network, load_weights, save_weights
     from inference.model_card import Calibration, load_card, save_card, sha256_file, verify_weights
-    from inference.train import LOSS_WEIGHTS, augment, losses, optimise_step
+    from inference.training.train import LOSS_WEIGHTS, augment, losses, optimise_step
 
     t_start = time.time()
     torch.set_num_threads(int(manifest.get("threads", 1)))
@@ -183,7 +183,7 @@ def fine_tune(manifest: dict) -> dict:
         calibration, threshold = card.calibration, card.threshold
         n_cal = int(manifest.get("calibration_phantoms", reg.calibration_phantoms))
         if n_cal:
-            from inference.evaluate import platt, youden_threshold
+            from inference.training.evaluate import platt, youden_threshold
 
             scores, labels = _calibration_scores(net, n_cal, size)
             a, b = fit_platt(scores, labels)
@@ -240,7 +240,7 @@ def fine_tune(manifest: dict) -> dict:
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    from inference.evaluate import json_safe
+    from inference.training.evaluate import json_safe
 
     summary = {"run_id": run_id, "registry_version": registry_version, "card_version": version, "gate_passed": passed,
                "gate_reasons": reasons, "candidate": json_safe(dataclasses.asdict(cand)),
@@ -255,8 +255,8 @@ def _calibration_scores(net, n: int, size: int) -> tuple[np.ndarray, np.ndarray]
     import torch
 
     from inference.model import image_score, tta_views
-    from inference.preprocess import phantom_model_input
-    from inference.samples import heldout_phantom
+    from inference.training.phantoms import phantom_model_input
+    from inference.training.samples import heldout_phantom
 
     scores, labels = [], []
     for i in range(n):
@@ -276,7 +276,7 @@ def _param(key: str, value):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m inference.fine_tune", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m scheduler.fine_tune", description=__doc__.splitlines()[0])
     parser.add_argument("manifest", type=Path)
     args = parser.parse_args(argv)
     summary = fine_tune(json.loads(args.manifest.read_text()))

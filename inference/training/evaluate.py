@@ -16,15 +16,15 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from inference.gradcam import explained_forward
-from inference.model import HEAD_STRIDE, RADIUS, NoduleNet, tta_views
-from inference.samples import HeldOut, model_coord, worker_init
+from inference.training import options
+from inference.model import HEAD_STRIDE, RADIUS, NoduleNet, model_coord, tta_views
+from inference.training.samples import HeldOut, worker_init
 
 SIZE_BINS_MM = ((5.0, 8.0), (8.0, 12.0), (12.0, 18.0), (18.0, 30.0))
 POINTING_MARGIN_MM = 3.0
@@ -219,7 +219,7 @@ def json_safe(obj):
 
 
 def _phantom_dicom(seed: int, size: int):
-    from inference.phantoms import generate_phantom, phantom_dataset
+    from inference.training.phantoms import generate_phantom, phantom_dataset
 
     return phantom_dataset(generate_phantom(seed, size=size, nodule=True))
 
@@ -256,25 +256,10 @@ def latency(detector, n: int, size: int) -> dict:
     }
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--n", type=int, default=200, help="images per family, half with a finding (default 200)")
-    p.add_argument("--size", type=int, default=None, help="long side of generated images (default: the model's input size)")
-    p.add_argument("--robust-n", type=int, default=100, help="independent-family images per perturbation (0: skip)")
-    p.add_argument("--robust-family", default="independent", choices=("independent", "training"),
-                   help="the family the perturbations are applied to")
-    p.add_argument("--ood-n", type=int, default=40, help="images per out-of-distribution set (0: skip)")
-    p.add_argument("--data", type=Path, default=None, help="a labelled folder (NODE21 layout) to evaluate as well")
-    p.add_argument("--labels", type=Path, default=None, help="its CSV (default: the only .csv in --data)")
-    p.add_argument("--card", type=Path, default=None, help="model card (default: the shipped one)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--latency-images", type=int, default=3, help="2048 px DICOM phantoms timed on CPU (0: skip)")
-    p.add_argument("--latency-size", type=int, default=2048)
-
 
 def run(args: argparse.Namespace) -> int:
     """Print the families side by side, the robustness and OOD tables, latency, and a last JSON line."""
-    from inference import eval_report as er
+    from inference.training import eval_report as er
     from inference.predictor import Detector
 
     det = Detector.load(args.card, device=args.device, threads=args.threads)
@@ -287,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
         families["folder"] = er.figures(er.read_folder(det, args.data, args.labels))
     figs["families"] = families
     print(f"== families side by side ({args.n} images each at {size} px; training = held-out test split of "
-          f"inference/phantoms.py, independent = inference/eval_family.py)")
+          f"inference/training/phantoms.py, independent = inference/training/eval_family.py)")
     print(er.side_by_side(families), flush=True)
     keys = ("auc", "pointing_detection", "pointing_gradcam", "mean_p_negative", "confident_fp", "review_share")
     if args.ood_n:
@@ -316,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="smartnodule eval", description=__doc__)
-    add_arguments(p)
+    options.evaluate(p)
     return run(p.parse_args(argv))
 
 

@@ -8,12 +8,13 @@ it and autogenerate sees it as part of the schema.
 from __future__ import annotations
 
 import enum
+import json
 from datetime import datetime
 
-from sqlalchemy import Column, Enum, Float, Integer, LargeBinary, String, Table, Text, Unicode
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import Column, Enum, Float, Integer, LargeBinary, String, Table, Text, Unicode, select
+from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
 
-from node.db import Base, utcnow
+from node.store.db import Base, utcnow
 
 
 class Outcome(str, enum.Enum):
@@ -44,3 +45,15 @@ apscheduler_jobs = Table(
     Column("next_run_time", Float(25), index=True),
     Column("job_state", LargeBinary, nullable=False),
 )
+
+
+def latest_drift(sessions: sessionmaker) -> dict | None:
+    """The newest finished drift run for the health page: outcome, when, summary (None: never ran)."""
+    with sessions() as session:
+        run = session.scalars(select(SchedulerRun).where(SchedulerRun.job == "drift",
+                                                         SchedulerRun.outcome != Outcome.RUNNING)
+                              .order_by(SchedulerRun.id.desc()).limit(1)).first()
+        if run is None:
+            return None
+        return {"outcome": run.outcome.value, "finished_at": run.finished_at,
+                "summary": json.loads(run.summary or "{}")}

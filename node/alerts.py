@@ -20,7 +20,7 @@ import structlog
 from sqlalchemy.orm import sessionmaker
 
 from config.settings import Settings
-from review_web.health import Health, collect_health
+from node.health import Health, collect_health
 
 log = structlog.get_logger(__name__)
 

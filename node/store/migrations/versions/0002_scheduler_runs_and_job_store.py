@@ -7,8 +7,8 @@ Create Date: 2026-11-28 03:16:51.162972
 import sqlalchemy as sa
 from alembic import op
 
-import node.db
-import scheduler.models  # noqa: F401  (registers these tables on node.db.Base, as env.py does for review_web)
+import node.store.db
+import node.store.runs  # noqa: F401  (registers these tables on node.store.db.Base, as env.py does)
 
 
 revision = '0002'
@@ -30,8 +30,8 @@ def upgrade() -> None:
     op.create_table('scheduler_runs',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('job', sa.String(length=32), nullable=False),
-    sa.Column('started_at', node.db.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('finished_at', node.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('started_at', node.store.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('finished_at', node.store.db.UTCDateTime(timezone=True), nullable=True),
     sa.Column('outcome', sa.Enum('RUNNING', 'OK', 'FAILED', 'BREACH', name='outcome', native_enum=False, length=16), nullable=False),
     sa.Column('trigger', sa.String(length=16), nullable=False),
     sa.Column('summary', sa.Text(), nullable=True),

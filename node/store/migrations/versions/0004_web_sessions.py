@@ -7,7 +7,7 @@ Create Date: 2026-12-02 09:50:00
 import sqlalchemy as sa
 from alembic import op
 
-import node.db
+import node.store.db
 
 revision = '0002_web_sessions'
 down_revision = '0002_header_warnings'
@@ -21,8 +21,8 @@ def upgrade() -> None:
     op.create_table('web_sessions',
     sa.Column('id_hash', sa.String(length=64), nullable=False),
     sa.Column('user_id', sa.Integer(), nullable=False),
-    sa.Column('created_at', node.db.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('last_seen_at', node.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', node.store.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('last_seen_at', node.store.db.UTCDateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['user_id'], ['users.id'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id_hash')
     )

@@ -28,7 +28,7 @@ from datetime import datetime
 from sqlalchemy import Boolean, Enum, Float, ForeignKey, Integer, String, Text, false, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from node.db import Base, Job, JobState, utcnow
+from node.store.db import Base, Job, JobState, utcnow
 
 # Jobs whose results exist: the ones a reviewer can read.
 PROCESSED = (JobState.ENCODED, JobState.DELIVERING, JobState.SENT, JobState.FAILED_DELIVERY)

@@ -17,7 +17,7 @@ import structlog
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.db import Delivery, DeliveryState, Job, JobState, utcnow
+from node.store.db import Delivery, DeliveryState, Job, JobState, utcnow
 
 log = structlog.get_logger(__name__)
 

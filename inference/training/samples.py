@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from inference.model import HEAD_STRIDE
+from inference.model import HEAD_STRIDE, heatmap_coord
 
 SPLITS = {"calibration": 1_000_000, "test": 2_000_000, "train": 10_000_000}
 SPLIT_SIZE = 1_000_000  # calibration and test seeds: base .. base + SPLIT_SIZE - 1
@@ -28,15 +28,6 @@ def seed_of(split: str, index: int) -> int:
     if index < 0 or (split != "train" and index >= SPLIT_SIZE):
         raise ValueError(f"index {index!r} is outside split {split!r}")
     return SPLITS[split] + index
-
-
-def heatmap_coord(model_px: float) -> float:
-    """Model-input pixel coordinate -> output-map pixel coordinate (pixel centres)."""
-    return (model_px - (HEAD_STRIDE - 1) / 2) / HEAD_STRIDE
-
-
-def model_coord(heatmap_px: float | np.ndarray) -> float | np.ndarray:
-    return heatmap_px * HEAD_STRIDE + (HEAD_STRIDE - 1) / 2
 
 
 @dataclass(frozen=True)
@@ -64,7 +55,8 @@ class Curriculum:
 
 def phantom_sample(phantom, input_size: int) -> dict[str, torch.Tensor]:
     """Model input and dense targets of one phantom (the dict a DataLoader batches)."""
-    from inference.preprocess import letterbox, phantom_model_input, source_to_model
+    from inference.preprocess import letterbox, source_to_model
+    from inference.training.phantoms import phantom_model_input
 
     image, scale = phantom_model_input(phantom, input_size)
     out = input_size // HEAD_STRIDE
@@ -98,7 +90,7 @@ def phantom_sample(phantom, input_size: int) -> dict[str, torch.Tensor]:
 
 def heldout_phantom(split: str, index: int, size: int):
     """Phantom `index` of `split` at the physical gain (HELD_OUT_GAIN), a nodule on even indices."""
-    from inference.phantoms import generate_phantom
+    from inference.training.phantoms import generate_phantom
 
     return generate_phantom(seed_of(split, index), size=size, nodule=index % 2 == 0, gain=HELD_OUT_GAIN)
 
@@ -129,7 +121,7 @@ class TrainStream(Dataset):
         return self.length
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        from inference.phantoms import generate_phantom
+        from inference.training.phantoms import generate_phantom
 
         frac = min(1.0, (time.time() - self.t0) / self.budget_s)
         gain, dmin = self.curriculum.at(frac)

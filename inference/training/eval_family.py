@@ -1,7 +1,7 @@
 """Owns the evaluation family: chest radiograph phantoms from a second, independently written model.
 
 Used only to measure a model, never to train it, pick thresholds or stop
-training. It shares no code with `inference/phantoms.py` (the training
+training. It shares no code with `inference/training/phantoms.py` (the training
 family) and models the anatomy another way, so a figure on it says whether
 the detector learned nodules or the training generator:
 

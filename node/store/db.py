@@ -68,7 +68,7 @@ class UTCDateTime(TypeDecorator):
 
     def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
         if value is not None and value.tzinfo is None:
-            raise ValueError(f"naive datetime {value!r}: use node.db.utcnow()")
+            raise ValueError(f"naive datetime {value!r}: use node.store.db.utcnow()")
         return None if value is None else value.astimezone(timezone.utc)
 
     def process_result_value(self, value: datetime | None, dialect) -> datetime | None:

@@ -227,7 +227,7 @@ class GateFigures:
 
 
 def figures(probs: np.ndarray, labels: np.ndarray, threshold: float, n_phantoms: int) -> GateFigures:
-    from inference.evaluate import auc, ece
+    from inference.training.evaluate import auc, ece
 
     probs, labels = np.asarray(probs, float), np.asarray(labels).astype(bool)
     pred = probs >= threshold
@@ -239,9 +239,9 @@ def figures(probs: np.ndarray, labels: np.ndarray, threshold: float, n_phantoms:
 
 def gate_inputs(settings: Settings, input_size: int, verdict_cases: list[dict]) -> tuple[list[np.ndarray], np.ndarray, int]:
     """The fixed evaluation set: `eval_phantoms` test-split phantoms from `eval_start`, then the held-out verdict cases."""
-    from inference.fine_tune import case_model_input
-    from inference.preprocess import phantom_model_input
-    from inference.samples import heldout_phantom
+    from scheduler.fine_tune import case_model_input
+    from inference.training.phantoms import phantom_model_input
+    from inference.training.samples import heldout_phantom
 
     reg = settings.registry
     images, labels = [], []
@@ -299,7 +299,7 @@ def _swap(scored: tuple[np.ndarray, float], labels: np.ndarray) -> tuple[np.ndar
 
 def record_gate(settings: Settings, version: str, passed: bool, reasons: list[str], cand: GateFigures,
                 champ: GateFigures, mlflow_client=None) -> None:
-    from inference.evaluate import json_safe
+    from inference.training.evaluate import json_safe
 
     mlflow_client = mlflow_client or client(settings)
     name = settings.registry.model_name

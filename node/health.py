@@ -24,9 +24,9 @@ from sqlalchemy.orm import sessionmaker
 
 from config.settings import Settings
 from inference.types import ModelIdentity
-from node.db import Delivery, DeliveryState, Job, JobState, utcnow
-from review_web.models import open_reviews
-from scheduler.drift import latest_drift
+from node.store.db import Delivery, DeliveryState, Job, JobState, utcnow
+from node.store.review import open_reviews
+from node.store.runs import latest_drift
 
 DISK_LOW_FRACTION = 0.05
 LATENCY_WINDOW = timedelta(hours=1)

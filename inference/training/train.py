@@ -12,7 +12,7 @@ calibration split fits Platt scaling and the threshold, a test split is
 scored, and weights (float16 safetensors), card JSON and log are written.
 
 `--data FOLDER` trains on a labelled folder in the NODE21 layout
-(`inference.labelled_folder`: DICOM, PNG or MHA with `img_name,x,y,width,height,label`)
+(`inference.training.labelled_folder`: DICOM, PNG or MHA with `img_name,x,y,width,height,label`)
 instead of phantoms, drawn with replacement; `--init CARD` starts from a
 carded checkpoint (fine-tuning). Calibration and the test figures still come
 from the held-out phantom splits, so a card trained on a folder must be
@@ -36,13 +36,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, RandomSampler
 
 from inference import torch_setup
-from inference.evaluate import (HeldOutScores, fit_platt, json_safe, platt, pointing_hits, score_heldout, summarize,
+from inference.training import options
+from inference.training.evaluate import (HeldOutScores, fit_platt, json_safe, platt, pointing_hits, score_heldout, summarize,
                                 youden_threshold)
-from inference.labelled_folder import LabelledFolder
+from inference.training.labelled_folder import LabelledFolder
 from inference.model import (HEATMAP, LUNG, RADIUS, TTA_DESCRIPTION, NoduleNet, architecture_of, build_network, image_score,
                              load_weights, save_weights)
 from inference.model_card import Calibration, ModelCard, load_card, save_card, sha256_file, verify_weights
-from inference.samples import HELD_OUT_GAIN, SPLITS, Curriculum, TrainStream, worker_init
+from inference.training.samples import HELD_OUT_GAIN, SPLITS, Curriculum, TrainStream, worker_init
 
 PREPROCESSING = (
     "inference.preprocess.prepare: modality LUT, VOI LUT/window, MONOCHROME1 inverted, "
@@ -145,32 +146,9 @@ class Replay:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="smartnodule train", description="Train the nodule model on synthetic phantoms.")
-    add_arguments(p)
+    options.train(p)
     return p.parse_args(argv)
 
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, required=True, help="folder for weights, card and log")
-    p.add_argument("--device", default="auto", choices=torch_setup.DEVICES)
-    p.add_argument("--minutes", type=float, default=25.0, help="wall-clock budget of the training loop")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
-    p.add_argument("--workers", type=int, default=1, help="DataLoader workers generating phantoms")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads in the main process")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--input-size", type=int, default=512)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--replay", type=int, default=None, help="replay steps per fresh batch (default 4 on cuda, 0 on cpu)")
-    p.add_argument("--buffer", type=int, default=2048, help="replay buffer capacity (samples)")
-    p.add_argument("--calib-n", type=int, default=1000)
-    p.add_argument("--test-n", type=int, default=1000)
-    p.add_argument("--backbone", default="resnet10t")
-    p.add_argument("--name", default="smartnodule-nodule")
-    p.add_argument("--version", default="1.0.0")
-    p.add_argument("--log-every", type=float, default=15.0, help="seconds between progress lines")
-    p.add_argument("--data", type=Path, default=None, help="train on a labelled folder (NODE21 layout) instead of phantoms")
-    p.add_argument("--labels", type=Path, default=None, help="its CSV (default: the only .csv in --data)")
-    p.add_argument("--init", type=Path, default=None, help="model card whose weights training starts from")
 
 
 class Log:
@@ -222,7 +200,8 @@ def train(args: argparse.Namespace) -> ModelCard:
                         pin_memory=device.type == "cuda", prefetch_factor=prefetch, drop_last=True, sampler=sampler)
     buffer = Replay(args.buffer) if replay else None
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    log(f"training {args.backbone} on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}), "
+    processor = torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'
+    log(f"training {args.backbone} on {device} ({processor}), "
         f"budget {args.minutes} min, batch {args.batch}, workers {args.workers} (prefetch {prefetch}), replay {replay}")
     step = fresh = 0
     sums: dict[str, float] = {}
@@ -348,9 +327,9 @@ def _prefetch(args: argparse.Namespace) -> int:
 
 def _generator_version() -> str:
     """The generator's identity: its module file's sha256 (it has no version constant)."""
-    from inference import phantoms
+    from inference.training import phantoms
 
-    return f"inference/phantoms.py sha256 {sha256_file(phantoms.__file__)[:16]}"
+    return f"inference/training/phantoms.py sha256 {sha256_file(phantoms.__file__)[:16]}"
 
 
 def _mlflow_hook(args: argparse.Namespace, card: ModelCard) -> None:

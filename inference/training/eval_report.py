@@ -6,10 +6,10 @@ the serving path: letterbox, MONOCHROME1 and Presentation LUT handling, the
 review reasons and the out-of-distribution gate. Sources:
 
 - `training`: held-out test phantoms of the generator the model was trained on
-  (`inference.phantoms`, seeds of the test split, half positive);
-- `independent`: the evaluation family (`inference.eval_family`), written apart
+  (`inference.training.phantoms`, seeds of the test split, half positive);
+- `independent`: the evaluation family (`inference.training.eval_family`), written apart
   from the training generator and used for nothing but these figures;
-- `folder`: a labelled folder in the NODE21 layout (`inference.labelled_folder`);
+- `folder`: a labelled folder in the NODE21 layout (`inference.training.labelled_folder`);
 - perturbations of the independent family (robustness) and images that are not
   what the model reads (out-of-distribution table).
 
@@ -28,8 +28,8 @@ from dataclasses import dataclass, replace
 import cv2
 import numpy as np
 
-from inference import eval_family as ef
-from inference.evaluate import POINTING_MARGIN_MM, auc, ece
+from inference.training import eval_family as ef
+from inference.training.evaluate import POINTING_MARGIN_MM, auc, ece
 from inference.ood import REASON as OOD_REASON
 from inference.preprocess import prepare
 from inference.types import NotApplicable, PreparedImage, Unreadable
@@ -97,8 +97,8 @@ def case_truth(case: ef.EvalCase) -> Truth:
 
 def training_case(index: int, size: int) -> ef.EvalCase:
     """Held-out test phantom `index` of the training family, as an EvalCase (for the same perturbations)."""
-    from inference.phantoms import phantom_dataset
-    from inference.samples import heldout_phantom
+    from inference.training.phantoms import phantom_dataset
+    from inference.training.samples import heldout_phantom
 
     ph = heldout_phantom("test", index, size)
     ds = phantom_dataset(ph)
@@ -250,7 +250,7 @@ def read_ood_set(detector, name: str, n: int, size: int) -> list[Read]:
 
 def read_folder(detector, folder, csv_path=None) -> list[Read]:
     """Reads of a labelled folder (NODE21 layout)."""
-    from inference.labelled_folder import load_prepared, read_labels, spots_of
+    from inference.training.labelled_folder import load_prepared, read_labels, spots_of
 
     reads = []
     for item in read_labels(folder, csv_path):

@@ -7,7 +7,7 @@ Create Date: 2026-11-28 03:10:36.302576
 import sqlalchemy as sa
 from alembic import op
 
-import node.db
+import node.store.db
 
 
 revision = '0001'
@@ -34,12 +34,12 @@ def upgrade() -> None:
     sa.Column('attempts', sa.Integer(), nullable=False),
     sa.Column('delivery_attempts', sa.Integer(), nullable=False),
     sa.Column('lease_owner', sa.String(length=128), nullable=True),
-    sa.Column('lease_expires_at', node.db.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('next_attempt_at', node.db.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('received_at', node.db.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('updated_at', node.db.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('encoded_at', node.db.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('finished_at', node.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('lease_expires_at', node.store.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('next_attempt_at', node.store.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('received_at', node.store.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('updated_at', node.store.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('encoded_at', node.store.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('finished_at', node.store.db.UTCDateTime(timezone=True), nullable=True),
     sa.Column('model_name', sa.String(length=64), nullable=True),
     sa.Column('model_version', sa.String(length=64), nullable=True),
     sa.Column('model_sha256', sa.String(length=64), nullable=True),
@@ -69,7 +69,7 @@ def upgrade() -> None:
     sa.Column('role', sa.Enum('REVIEWER', 'ADJUDICATOR', 'ADMIN', name='role', native_enum=False, length=16), nullable=False),
     sa.Column('password_hash', sa.String(length=256), nullable=False),
     sa.Column('api_token_hash', sa.String(length=64), nullable=True),
-    sa.Column('created_at', node.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', node.store.db.UTCDateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('api_token_hash'),
     sa.UniqueConstraint('username')
@@ -82,7 +82,7 @@ def upgrade() -> None:
     sa.Column('attempts', sa.Integer(), nullable=False),
     sa.Column('last_status', sa.String(length=64), nullable=True),
     sa.Column('last_error', sa.Text(), nullable=True),
-    sa.Column('sent_at', node.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('sent_at', node.store.db.UTCDateTime(timezone=True), nullable=True),
     sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('job_id', 'destination')
@@ -99,7 +99,7 @@ def upgrade() -> None:
     sa.Column('location_row', sa.Float(), nullable=True),
     sa.Column('location_col', sa.Float(), nullable=True),
     sa.Column('comment', sa.Text(), nullable=True),
-    sa.Column('created_at', node.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', node.store.db.UTCDateTime(timezone=True), nullable=False),
     sa.Column('superseded_by', sa.Integer(), nullable=True),
     sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['superseded_by'], ['verdicts.id'], ),

@@ -1,4 +1,4 @@
-"""Owns `python -m inference.gpu_check`: the same predictions on CUDA and on CPU, within tolerances.
+"""Owns `python -m inference.training.gpu_check`: the same predictions on CUDA and on CPU, within tolerances.
 
 Exits 0 with "no CUDA device" where torch sees none; 0 when every phantom
 agrees, 1 otherwise. CUDA runs with its defaults (TF32 convolutions allowed),
@@ -46,7 +46,7 @@ def compare(cpu, gpu, px_per_model_px: float) -> list[str]:
 
 def check(card: Path | None, count: int, size: int) -> tuple[bool, list[str]]:
     """Run `count` phantoms (half with a nodule) through both devices; (all agree, report lines)."""
-    from inference.phantoms import generate_phantom, phantom_dataset
+    from inference.training.phantoms import generate_phantom, phantom_dataset
     from inference.predictor import Detector
     from inference.preprocess import prepare
 
@@ -72,7 +72,7 @@ def check(card: Path | None, count: int, size: int) -> tuple[bool, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    p = argparse.ArgumentParser(prog="python -m inference.gpu_check", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m inference.training.gpu_check", description=__doc__)
     p.add_argument("--card", type=Path, default=None)
     p.add_argument("--count", type=int, default=4)
     p.add_argument("--size", type=int, default=1024)

@@ -11,7 +11,7 @@ DICOM goes through `inference.preprocess.prepare` as the node reads it (its
 validation and quality flags included). PNG and MHA are taken as bright =
 dense, scaled by their own range; MHA's ElementSpacing is the pixel spacing.
 `labelled_sample` turns a prepared image and its boxes into the training
-sample `inference.train.losses` expects (no lung mask: `lung_valid` 0); the
+sample `inference.training.train.losses` expects (no lung mask: `lung_valid` 0); the
 fine-tune on expert verdicts builds its samples with it too.
 """
 from __future__ import annotations
@@ -181,7 +181,7 @@ def labelled_sample(image: PreparedImage, present: bool, spots: list[tuple[float
 
     from inference.model import HEAD_STRIDE
     from inference.preprocess import letterbox
-    from inference.samples import heatmap_coord
+    from inference.model import heatmap_coord
 
     out = input_size // HEAD_STRIDE
     shape = image.display.shape[:2]

@@ -26,6 +26,8 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from inference.preprocess import _window_linear, default_window, prepare_array
+
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 
@@ -406,12 +408,6 @@ def generate_phantom(seed: int, size: int = 2048, *, nodule: bool | None = None,
                    lung_mask=lung_mask, nodule=found, seed=int(seed))
 
 
-def default_window(pixels: np.ndarray) -> tuple[float, float]:
-    """Window (centre, width) a vendor would store: the 0.5-99.5 percentile range of the image."""
-    lo, hi = np.percentile(pixels[::4, ::4], [0.5, 99.5])
-    lo, width = math.floor(lo), max(math.ceil(hi) - math.floor(lo), 2)  # exact in a DS string
-    return lo + width / 2.0, float(width)
-
 
 def _code(value: str, scheme: str, meaning: str) -> pydicom.Dataset:
     item = pydicom.Dataset()
@@ -563,7 +559,7 @@ def write_phantom_series(out_dir: str | Path, count: int, seed0: int, size: int 
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m inference.phantoms OUT_DIR --count N --seed S --size PX [--nodule|--no-nodule]`."""
+    """`python -m inference.training.phantoms OUT_DIR --count N --seed S --size PX [--nodule|--no-nodule]`."""
     parser = argparse.ArgumentParser(description="Write synthetic chest phantom DICOM files.")
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--count", type=int, default=1)
@@ -576,6 +572,16 @@ def main(argv: list[str] | None = None) -> None:
     paths = write_phantom_series(args.out_dir, args.count, args.seed, args.size, gain=args.gain,
                                  nodule=args.nodule, monochrome1=args.monochrome1)
     print(f"wrote {len(paths)} files to {args.out_dir}")
+
+
+def phantom_model_input(phantom: Phantom, input_size: int) -> tuple[np.ndarray, float]:
+    """What `prepare(phantom_dataset(phantom))` gives the model, without the DICOM round trip.
+
+    Returns (model_input, scale); model coords = (phantom coords + 0.5) * scale - 0.5.
+    """
+    centre, width = default_window(phantom.pixels)
+    display = _window_linear(phantom.pixels.astype(np.float32), centre, width)
+    return prepare_array(display, input_size), input_size / phantom.pixels.shape[0]
 
 
 if __name__ == "__main__":

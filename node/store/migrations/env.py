@@ -1,16 +1,16 @@
 """Alembic environment: the node's schema (jobs, deliveries, review tables) on SQLite or PostgreSQL.
 
-`node.db.open_database` runs the migrations with the connection it already has;
-`alembic -c node/migrations/alembic.ini` works too for administrators.
+`node.store.db.open_database` runs the migrations with the connection it already has;
+`alembic -c node/store/migrations/alembic.ini` works too for administrators.
 """
 from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
-from node.db import Base
-from review_web import models as _review_models  # noqa: F401  (registers the review tables on Base)
-from scheduler import models as _scheduler_models  # noqa: F401  (scheduler_runs, APScheduler's job store)
+from node.store import review as _review_models  # noqa: F401  (registers the review tables on Base)
+from node.store import runs as _scheduler_models  # noqa: F401  (scheduler_runs, APScheduler's job store)
+from node.store.db import Base
 
 target_metadata = Base.metadata
 

@@ -1,0 +1,1 @@
+"""Training, evaluation and fine-tuning of the nodule model: never imported by serving code."""

@@ -1,0 +1,51 @@
+"""The arguments of `smartnodule train` and `smartnodule eval`, apart from the code they run.
+
+Nothing here imports torch, so building the CLI's parser (for `check-config`,
+`jobs`, ...) does not load it; `inference/commands.py` imports the training
+modules only when one of these commands runs.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from inference.types import DEVICES
+
+def train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, required=True, help="folder for weights, card and log")
+    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--minutes", type=float, default=25.0, help="wall-clock budget of the training loop")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
+    p.add_argument("--workers", type=int, default=1, help="DataLoader workers generating phantoms")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads in the main process")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--input-size", type=int, default=512)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--replay", type=int, default=None, help="replay steps per fresh batch (default 4 on cuda, 0 on cpu)")
+    p.add_argument("--buffer", type=int, default=2048, help="replay buffer capacity (samples)")
+    p.add_argument("--calib-n", type=int, default=1000)
+    p.add_argument("--test-n", type=int, default=1000)
+    p.add_argument("--backbone", default="resnet10t")
+    p.add_argument("--name", default="smartnodule-nodule")
+    p.add_argument("--version", default="1.0.0")
+    p.add_argument("--log-every", type=float, default=15.0, help="seconds between progress lines")
+    p.add_argument("--data", type=Path, default=None, help="train on a labelled folder (NODE21 layout) instead of phantoms")
+    p.add_argument("--labels", type=Path, default=None, help="its CSV (default: the only .csv in --data)")
+    p.add_argument("--init", type=Path, default=None, help="model card whose weights training starts from")
+
+
+def evaluate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--n", type=int, default=200, help="images per family, half with a finding (default 200)")
+    p.add_argument("--size", type=int, default=None, help="long side of generated images (default: the model's input size)")
+    p.add_argument("--robust-n", type=int, default=100, help="independent-family images per perturbation (0: skip)")
+    p.add_argument("--robust-family", default="independent", choices=("independent", "training"),
+                   help="the family the perturbations are applied to")
+    p.add_argument("--ood-n", type=int, default=40, help="images per out-of-distribution set (0: skip)")
+    p.add_argument("--data", type=Path, default=None, help="a labelled folder (NODE21 layout) to evaluate as well")
+    p.add_argument("--labels", type=Path, default=None, help="its CSV (default: the only .csv in --data)")
+    p.add_argument("--card", type=Path, default=None, help="model card (default: the shipped one)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--latency-images", type=int, default=3, help="2048 px DICOM phantoms timed on CPU (0: skip)")
+    p.add_argument("--latency-size", type=int, default=2048)
