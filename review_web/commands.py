@@ -16,7 +16,7 @@ from pathlib import Path
 
 import structlog
 
-from node.store.review import Role
+from node.store.roles import Role
 
 log = structlog.get_logger(__name__)
 

@@ -8,19 +8,19 @@ import argparse
 import getpass
 import json
 import signal
+import sys
 import threading
 from pathlib import Path
 
 
 def register(subparsers) -> None:
-    from scheduler.jobs import JOBS
-
     p = subparsers.add_parser("scheduler", help="run the scheduled jobs alone (drift, retraining, housekeeping)")
     p.add_argument("--config", type=Path, default=None)
     p.set_defaults(func=cmd_scheduler)
 
     p = subparsers.add_parser("job", help="run one scheduled job now and print its summary")
-    p.add_argument("name", choices=sorted(JOBS))
+    p.add_argument("name", metavar="JOB", help="a job named in the [scheduler] section (drift, reindex, ...); checked when "
+                                               "the command runs, so building the parser loads no job code")
     p.add_argument("--config", type=Path, default=None)
     p.add_argument("--force", action="store_true", help="retrain: fine-tune even without enough new verdicts")
     p.set_defaults(func=cmd_job)
@@ -70,8 +70,12 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
 
 def cmd_job(args: argparse.Namespace) -> int:
     from node.store.runs import Outcome
+    from scheduler.jobs import JOBS
     from scheduler.service import run_job
 
+    if args.name not in JOBS:
+        print(f"error: job must be one of {', '.join(sorted(JOBS))}, got {args.name!r}", file=sys.stderr)
+        return 2
     settings, sessions = _open(args.config)
     kwargs = {"force": True} if args.force and args.name == "retrain" else {}
     run = run_job(settings, sessions, args.name, trigger="manual", **kwargs)

@@ -29,6 +29,9 @@ import cv2
 import numpy as np
 
 from inference.training import eval_family as ef
+from inference.training.labelled_folder import load_prepared, read_labels, spots_of
+from inference.training.phantoms import phantom_dataset
+from inference.training.samples import heldout_phantom
 from inference.training.evaluate import POINTING_MARGIN_MM, auc, ece
 from inference.ood import REASON as OOD_REASON
 from inference.preprocess import prepare
@@ -97,9 +100,6 @@ def case_truth(case: ef.EvalCase) -> Truth:
 
 def training_case(index: int, size: int) -> ef.EvalCase:
     """Held-out test phantom `index` of the training family, as an EvalCase (for the same perturbations)."""
-    from inference.training.phantoms import phantom_dataset
-    from inference.training.samples import heldout_phantom
-
     ph = heldout_phantom("test", index, size)
     ds = phantom_dataset(ph)
     n = ph.nodule
@@ -250,8 +250,6 @@ def read_ood_set(detector, name: str, n: int, size: int) -> list[Read]:
 
 def read_folder(detector, folder, csv_path=None) -> list[Read]:
     """Reads of a labelled folder (NODE21 layout)."""
-    from inference.training.labelled_folder import load_prepared, read_labels, spots_of
-
     reads = []
     for item in read_labels(folder, csv_path):
         truth = Truth(item.label, tuple(spots_of(item)), spacing_mm=None)

@@ -24,7 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from inference.preprocess import prepare, prepare_array, read_dataset, source_to_model
+from inference.preprocess import letterbox, prepare, prepare_array, read_dataset, source_to_model
 from inference.types import PreparedImage, Unreadable
 
 COLUMNS = ("img_name", "x", "y", "width", "height", "label")
@@ -180,7 +180,6 @@ def labelled_sample(image: PreparedImage, present: bool, spots: list[tuple[float
     import torch
 
     from inference.model import HEAD_STRIDE
-    from inference.preprocess import letterbox
     from inference.model import heatmap_coord
 
     out = input_size // HEAD_STRIDE

@@ -16,6 +16,8 @@ import torch
 from torch.utils.data import Dataset
 
 from inference.model import HEAD_STRIDE, heatmap_coord
+from inference.preprocess import letterbox, source_to_model
+from inference.training.phantoms import generate_phantom, phantom_model_input
 
 SPLITS = {"calibration": 1_000_000, "test": 2_000_000, "train": 10_000_000}
 SPLIT_SIZE = 1_000_000  # calibration and test seeds: base .. base + SPLIT_SIZE - 1
@@ -55,9 +57,6 @@ class Curriculum:
 
 def phantom_sample(phantom, input_size: int) -> dict[str, torch.Tensor]:
     """Model input and dense targets of one phantom (the dict a DataLoader batches)."""
-    from inference.preprocess import letterbox, source_to_model
-    from inference.training.phantoms import phantom_model_input
-
     image, scale = phantom_model_input(phantom, input_size)
     out = input_size // HEAD_STRIDE
     lung = cv2.resize(phantom.lung_mask.astype(np.float32), (out, out), interpolation=cv2.INTER_AREA) > 0.5
@@ -90,8 +89,6 @@ def phantom_sample(phantom, input_size: int) -> dict[str, torch.Tensor]:
 
 def heldout_phantom(split: str, index: int, size: int):
     """Phantom `index` of `split` at the physical gain (HELD_OUT_GAIN), a nodule on even indices."""
-    from inference.training.phantoms import generate_phantom
-
     return generate_phantom(seed_of(split, index), size=size, nodule=index % 2 == 0, gain=HELD_OUT_GAIN)
 
 
@@ -121,8 +118,6 @@ class TrainStream(Dataset):
         return self.length
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        from inference.training.phantoms import generate_phantom
-
         frac = min(1.0, (time.time() - self.t0) / self.budget_s)
         gain, dmin = self.curriculum.at(frac)
         seed = seed_of("train", i)

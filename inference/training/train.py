@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, RandomSampler
 
 from inference import torch_setup
-from inference.training import options
+from inference.training import options, phantoms
 from inference.training.evaluate import (HeldOutScores, fit_platt, json_safe, platt, pointing_hits, score_heldout, summarize,
                                 youden_threshold)
 from inference.training.labelled_folder import LabelledFolder
@@ -327,8 +327,6 @@ def _prefetch(args: argparse.Namespace) -> int:
 
 def _generator_version() -> str:
     """The generator's identity: its module file's sha256 (it has no version constant)."""
-    from inference.training import phantoms
-
     return f"inference/training/phantoms.py sha256 {sha256_file(phantoms.__file__)[:16]}"
 
 

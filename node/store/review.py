@@ -29,15 +29,10 @@ from sqlalchemy import Boolean, Enum, Float, ForeignKey, Integer, String, Text, 
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from node.store.db import Base, Job, JobState, utcnow
+from node.store.roles import Role
 
 # Jobs whose results exist: the ones a reviewer can read.
 PROCESSED = (JobState.ENCODED, JobState.DELIVERING, JobState.SENT, JobState.FAILED_DELIVERY)
-
-
-class Role(str, enum.Enum):
-    REVIEWER = "reviewer"
-    ADJUDICATOR = "adjudicator"
-    ADMIN = "admin"
 
 
 READING_ROLES = frozenset({Role.REVIEWER, Role.ADJUDICATOR})
