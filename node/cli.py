@@ -131,6 +131,130 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_backup(args: argparse.Namespace) -> int:
+    from node.audit import configure_logging
+    from node.store.backup import BackupError, backup
+
+    settings = load_settings(args.config)
+    if not settings.node.data_dir.is_dir():
+        print(f"error: node.data_dir {settings.node.data_dir} does not exist: nothing to back up", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_dir, audit_settings=settings.audit)
+    try:
+        manifest = backup(settings, args.to or settings.backup_dir)
+    except BackupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    _print_backup(manifest)
+    return 0
+
+
+def _print_backup(manifest) -> None:
+    print(f"backup written: {manifest.path}")
+    print(f"  {manifest.size_bytes / 1e6:.1f} MB, {manifest.files} files, {manifest.database} database at schema "
+          f"revision {manifest.schema_revision or '(none)'}")
+    for part in manifest.parts:
+        print(f"  {part.name:<16}{part.files:>8} files{part.bytes / 1e6:>12.1f} MB")
+    for line in manifest.skipped:
+        print(f"  not included: {line}")
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from node.audit import AUDIT_FILE, configure_logging, key_path, read_key, verify_chain
+    from node.store.backup import BackupError, restore
+
+    settings = load_settings(args.config)
+    try:
+        report = restore(args.archive, settings, force=args.force)
+    except BackupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"restored {args.archive} (taken {report.manifest.created_at}) into {settings.node.data_dir}: "
+          f"{report.files} files, {report.bytes / 1e6:.1f} MB; schema revision {report.schema_from or '(none)'}"
+          f"{'' if report.schema_from == report.schema_to else f' migrated to {report.schema_to}'}")
+    # The audit key is not in the archive (node.store.backup): without the key that signed the log, the node
+    # would make a new one at start and every line after would break the chain. Say so before anything appends.
+    key_file, audit_file = key_path(settings.audit, settings.node.data_dir), settings.log_dir / AUDIT_FILE
+    if not key_file.is_file():
+        print(f"warning: the audit key {key_file} is missing: put the key file back from where you keep it before "
+              "starting the node (a new key would break the audit chain)", file=sys.stderr)
+        return 1
+    check = verify_chain(audit_file, read_key(key_file)) if audit_file.is_file() else None
+    if check is not None and not check.intact:
+        print(f"warning: {audit_file}: chain broken at line {check.broken_at} with the key {key_file} ({check.problem}): "
+              "is it the key that signed this log?", file=sys.stderr)
+        return 1
+    configure_logging(settings.log_dir, audit_settings=settings.audit)
+    log.info("backup_restored", archive=str(args.archive), files=report.files, schema_from=report.schema_from,
+             schema_to=report.schema_to)
+    if check is not None:
+        print(f"audit log: {check.records} records, chain intact with {key_file}")
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from node.audit import configure_logging
+    from node.store.backup import BackupError, backup
+    from node.store.db import SchemaBehind, make_engine, migrate
+
+    settings = load_settings(args.config)
+    settings.node.data_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+    engine = make_engine(settings.database_url)
+    try:
+        try:
+            found, head = migrate(engine)
+        except SchemaBehind as behind:
+            print(f"database at schema revision {behind.found}, this version needs {behind.head}"
+                  f"{': backing up first' if not args.skip_backup else ''}")
+        else:
+            print(f"database at schema revision {head}: {'created' if found is None else 'nothing to migrate'}")
+            return 0
+        configure_logging(settings.log_dir, audit_settings=settings.audit)
+        archive = None
+        if not args.skip_backup:
+            try:
+                manifest = backup(settings, args.to or settings.backup_dir)
+            except BackupError as exc:
+                print(f"error: {exc}; nothing was migrated", file=sys.stderr)
+                return 2
+            _print_backup(manifest)
+            archive = str(manifest.path)
+        found, head = migrate(engine, upgrade=True)
+    finally:
+        engine.dispose()
+    log.info("database_migrated", schema_from=found, schema_to=head, backup=archive)
+    print(f"database migrated: schema revision {found} -> {head}")
+    return 0
+
+
+def _register_backup(sub) -> None:
+    """The backup, restore and migrate subcommands (node.store.backup, node.store.db.migrate)."""
+    config_help = "settings file (default: config/node.toml)"
+    p = sub.add_parser("backup", help="archive everything the node holds (database, spool, results, audit log, index, "
+                                      "MLflow store) into one file, while it runs")
+    p.add_argument("--config", type=Path, default=None, help=config_help)
+    p.add_argument("--to", type=Path, default=None, metavar="DIR",
+                   help="folder for the archive (default: scheduler.backup_dir, else <data_dir>/backups)")
+    p.set_defaults(func=cmd_backup)
+
+    p = sub.add_parser("restore", help="put a node back from a backup archive (checked before anything is written), "
+                                       "then migrate its database")
+    p.add_argument("archive", type=Path, metavar="ARCHIVE", help="a smartnodule-backup-*.tar file")
+    p.add_argument("--config", type=Path, default=None, help=config_help)
+    p.add_argument("--force", action="store_true",
+                   help="replace a data folder or database that is not empty (refused while the node's port answers)")
+    p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("migrate", help="back up, then bring the database schema to this version (after an upgrade)")
+    p.add_argument("--config", type=Path, default=None, help=config_help)
+    p.add_argument("--to", type=Path, default=None, metavar="DIR",
+                   help="folder for the backup taken first (default: scheduler.backup_dir, else <data_dir>/backups)")
+    p.add_argument("--skip-backup", action="store_true",
+                   help="migrate without the backup (only when you took one yourself, e.g. with the database "
+                        "server's tools)")
+    p.set_defaults(func=cmd_migrate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smartnodule", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -176,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept lines without a keyed link at the head of the file (a log begun before the keyed "
                         "chain); they are counted, not verified")
     q.set_defaults(func=cmd_audit_verify)
+
+    _register_backup(sub)
 
     p = sub.add_parser("demo", help="phantom chest X-rays through the node and a local Orthanc")
     p.add_argument("--count", type=int, default=4)

@@ -4,15 +4,14 @@ drift: `scheduler.drift.check`, alert on breach. retrain: fine-tune in a child
 process when enough new adjudicated cases exist, then promote when the gate
 passed and `registry.auto_promote`. reindex: rebuild the FAISS case index.
 retention: delete spool files and results of finished jobs past retention.
-echo: C-ECHO every destination. backup: SQLite online backup of the node
-database and the MLflow registry.
+echo: C-ECHO every destination. backup: one archive of everything the node
+holds (`node.store.backup`), the newest `scheduler.backup_keep` kept.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from sqlalchemy.orm import sessionmaker
 from config.settings import Settings
 from node.alerts import Alert, Alerter
 from node.cases import rebuild_index
+from node.store.backup import backup as take_backup, prune as prune_backups
 from node.store.db import Job, JobState, utcnow
 from node.store.review import PROCESSED, Status, Verdict, current_reads, decide
 from node.store.runs import Outcome
@@ -196,30 +196,13 @@ def echo(settings: Settings, sessions: sessionmaker, **_) -> tuple[Outcome, dict
 
 
 def backup(settings: Settings, sessions: sessionmaker, **_) -> tuple[Outcome, dict]:
-    """Online backup (sqlite3 backup API) of the node database and the MLflow registry, `backup_keep` kept."""
-    folder = settings.backup_dir
-    folder.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    done = {}
-    for label, url in (("smartnodule", settings.database_url), ("mlflow", settings.tracking_uri)):
-        if not url.startswith("sqlite:///"):
-            done[label] = "not SQLite: back up with the server's tools"
-            continue
-        source = Path(url[len("sqlite:///"):])
-        if not source.is_file():
-            done[label] = "absent"
-            continue
-        target = folder / f"{label}-{stamp}.db"
-        src, dst = sqlite3.connect(source), sqlite3.connect(target)
-        try:
-            src.backup(dst)
-        finally:
-            dst.close()
-            src.close()
-        done[label] = str(target)
-        for old in sorted(folder.glob(f"{label}-*.db"))[:-settings.scheduler.backup_keep]:
-            old.unlink()
-    return Outcome.OK, {"backups": done}
+    """One archive of everything the node holds (`node.store.backup`, as `smartnodule backup`) into
+    `scheduler.backup_dir`; the newest `scheduler.backup_keep` archives are kept."""
+    manifest = take_backup(settings, settings.backup_dir)
+    removed = prune_backups(settings.backup_dir, settings.scheduler.backup_keep)
+    return Outcome.OK, {"archive": str(manifest.path), "bytes": manifest.size_bytes, "files": manifest.files,
+                        "schema_revision": manifest.schema_revision, "skipped": list(manifest.skipped),
+                        "removed": [path.name for path in removed]}
 
 
 JOBS = {"drift": drift, "retrain": retrain, "reindex": reindex, "retention": retention, "echo": echo,

@@ -1,6 +1,8 @@
 """The node's database: engine set-up (SQLite embedded, PostgreSQL for scale-out) and the schema.
 
 Job state lives here alone. `jobs.py` owns the transitions and the claims.
+The schema comes from the Alembic migrations: a start creates it on an empty database and
+refuses an older one (`SchemaBehind`: `smartnodule migrate` backs up, then upgrades).
 """
 from __future__ import annotations
 
@@ -11,6 +13,9 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 
 from sqlalchemy import (
     Boolean,
@@ -30,6 +35,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+
+from config.settings import SettingsError
 
 
 def utcnow() -> datetime:
@@ -195,19 +202,81 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 _POSTGRES_MIGRATION_LOCK = 0x5A4E4F44  # advisory lock: one process migrates at a time
 
 
-def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest Alembic revision (creating it on an empty database)."""
+class SchemaBehind(SettingsError):
+    """The database is at an older schema revision than this code: an upgrade is due.
+
+    A start never migrates an existing database by itself: the old code cannot read a
+    migrated schema, so the way back is a backup, and a backup of the whole node (spool
+    and results included) is too big to be taken unasked by every role that starts.
+    `smartnodule migrate` backs up first, then migrates. Raised as a settings problem:
+    the start stops with one line that says what to run.
+    """
+
+    def __init__(self, found: str, head: str) -> None:
+        self.found, self.head = found, head
+        super().__init__(f"the database is at schema revision {found}, this version of SmartNodule needs {head}: "
+                         "stop every node role, then back up and upgrade with `smartnodule migrate [--config FILE]` "
+                         "(README: Upgrade)")
+
+
+class SchemaUnknown(SettingsError):
+    """The database (or an archive) is at a schema revision this code does not know: newer code wrote it."""
+
+
+def _alembic_config() -> AlembicConfig:
     config = AlembicConfig()
     config.set_main_option("script_location", str(MIGRATIONS))
+    return config
+
+
+def head_revision() -> str:
+    """The newest schema revision this code knows."""
+    return ScriptDirectory.from_config(_alembic_config()).get_current_head()
+
+
+def is_known_revision(revision: str) -> bool:
+    """Whether `revision` is one of this code's migrations."""
+    try:
+        return ScriptDirectory.from_config(_alembic_config()).get_revision(revision) is not None
+    except CommandError:
+        return False
+
+
+def current_revision(connection) -> str | None:
+    """The schema revision of the database behind `connection` (None: no schema yet)."""
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+def migrate(engine: Engine, *, upgrade: bool = False) -> tuple[str | None, str]:
+    """Create the schema on an empty database; bring an older one to the newest revision only when `upgrade`.
+
+    Returns (revision found, revision now). An older schema without `upgrade` raises
+    `SchemaBehind` (see its docstring for why); one this code does not know, `SchemaUnknown`.
+    """
+    config = _alembic_config()
+    head = head_revision()
     with engine.begin() as connection:
         if connection.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _POSTGRES_MIGRATION_LOCK})
+        found = current_revision(connection)
+        if found == head:
+            return found, head
+        if found is not None and not is_known_revision(found):
+            raise SchemaUnknown(f"the database is at schema revision {found}, which this version of SmartNodule does "
+                                "not know (a newer version migrated it): run that version, or restore a backup")
+        if found is not None and not upgrade:
+            raise SchemaBehind(found, head)
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
+    return found, head
 
 
 def open_database(url: str) -> sessionmaker:
-    """Engine + schema (migrated to the newest revision) + a session factory."""
+    """Engine + schema (created on an empty database; an older one refused: `migrate`) + a session factory."""
     engine = make_engine(url)
-    migrate(engine)
+    try:
+        migrate(engine)
+    except SettingsError:
+        engine.dispose()
+        raise
     return sessionmaker(engine, expire_on_commit=False)

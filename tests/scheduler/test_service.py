@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import sqlite3
+import tarfile
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
+from node.store.backup import verify
 from node.store.db import Job, JobState, utcnow
 from node.store.db import open_database as _open_database
 from node.store.runs import Outcome, SchedulerRun
@@ -73,9 +75,11 @@ def test_failing_job_is_recorded_and_runs_again(make_settings, monkeypatch):
     # the job store persisted the schedule in the node's database
     with sqlite3.connect(settings.database_url[len("sqlite:///"):]) as db:
         assert {row[0] for row in db.execute("select id from apscheduler_jobs")} == {"reindex", "backup"}
-    backup = json.loads(_runs(sessions, "backup")[-1].summary)["backups"]
-    copy = Path(backup["smartnodule"])
-    with sqlite3.connect(copy) as db:
+    archive = Path(json.loads(_runs(sessions, "backup")[-1].summary)["archive"])
+    assert "database/node.sqlite" in [name for name, _, _ in verify(archive)["files"]]
+    with tarfile.open(archive) as tar:
+        tar.extract("database/node.sqlite", settings.node.data_dir / "copy", filter="data")
+    with sqlite3.connect(settings.node.data_dir / "copy" / "database" / "node.sqlite") as db:
         assert db.execute("select count(*) from scheduler_runs").fetchone()[0] >= 1
 
 
