@@ -133,30 +133,33 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 def cmd_backup(args: argparse.Namespace) -> int:
     from node.audit import configure_logging
-    from node.store.backup import BackupError, backup
 
     settings = load_settings(args.config)
     if not settings.node.data_dir.is_dir():
         print(f"error: node.data_dir {settings.node.data_dir} does not exist: nothing to back up", file=sys.stderr)
         return 2
     configure_logging(settings.log_dir, audit_settings=settings.audit)
+    return 0 if _backup(settings, args.to) else 2
+
+
+def _backup(settings, to: Path | None, failed: str = ""):
+    """`node.store.backup.backup` into `to` (default: the backup folder), printed; None (error printed) on failure."""
+    from node.store.backup import BackupError, backup
+
     try:
-        manifest = backup(settings, args.to or settings.backup_dir)
+        manifest = backup(settings, to or settings.backup_dir)
     except BackupError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    _print_backup(manifest)
-    return 0
-
-
-def _print_backup(manifest) -> None:
+        print(f"error: {exc}{failed}", file=sys.stderr)
+        return None
     print(f"backup written: {manifest.path}")
     print(f"  {manifest.size_bytes / 1e6:.1f} MB, {manifest.files} files, {manifest.database} database at schema "
           f"revision {manifest.schema_revision or '(none)'}")
+    print(f"  {'part':<16}{'files':>8}{'MB':>12}")
     for part in manifest.parts:
-        print(f"  {part.name:<16}{part.files:>8} files{part.bytes / 1e6:>12.1f} MB")
+        print(f"  {part.name:<16}{part.files:>8}{part.bytes / 1e6:>12.1f}")
     for line in manifest.skipped:
         print(f"  not included: {line}")
+    return manifest
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
@@ -194,7 +197,6 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     from node.audit import configure_logging
-    from node.store.backup import BackupError, backup
     from node.store.db import SchemaBehind, make_engine, migrate
 
     settings = load_settings(args.config)
@@ -212,12 +214,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         configure_logging(settings.log_dir, audit_settings=settings.audit)
         archive = None
         if not args.skip_backup:
-            try:
-                manifest = backup(settings, args.to or settings.backup_dir)
-            except BackupError as exc:
-                print(f"error: {exc}; nothing was migrated", file=sys.stderr)
+            manifest = _backup(settings, args.to, "; nothing was migrated")
+            if manifest is None:
                 return 2
-            _print_backup(manifest)
             archive = str(manifest.path)
         found, head = migrate(engine, upgrade=True)
     finally:
@@ -238,7 +237,8 @@ def _register_backup(sub) -> None:
     p.set_defaults(func=cmd_backup)
 
     p = sub.add_parser("restore", help="put a node back from a backup archive (checked before anything is written), "
-                                       "then migrate its database")
+                                       "then migrate its database; exit status 1: restored, but the audit key is "
+                                       "missing or does not verify the restored chain")
     p.add_argument("archive", type=Path, metavar="ARCHIVE", help="a smartnodule-backup-*.tar file")
     p.add_argument("--config", type=Path, default=None, help=config_help)
     p.add_argument("--force", action="store_true",

@@ -51,6 +51,7 @@ import subprocess
 import tarfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
@@ -58,6 +59,7 @@ from pathlib import Path, PurePosixPath
 import structlog
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 
 from config.settings import Settings
 from node.store.db import current_revision, is_known_revision, make_engine, migrate
@@ -371,10 +373,20 @@ def _sqlite_revision(connection: sqlite3.Connection) -> str | None:
 
 
 def _postgres_revision(url: str) -> str | None:
+    with _postgres(url) as connection:
+        return current_revision(connection)
+
+
+@contextmanager
+def _postgres(url: str):
+    """A connection to the PostgreSQL database at `url`; BackupError (one line) when it cannot be reached."""
     engine = make_engine(url)
     try:
         with engine.connect() as connection:
-            return current_revision(connection)
+            yield connection
+    except OperationalError as exc:
+        raise BackupError(f"cannot reach the PostgreSQL database {make_url(url).database!r}: "
+                          f"{str(exc.orig).strip().splitlines()[0]}") from None
     finally:
         engine.dispose()
 
@@ -401,13 +413,9 @@ def _libpq_quote(value: str) -> str:
 
 
 def _postgres_tables(url: str) -> int:
-    engine = make_engine(url)
-    try:
-        with engine.connect() as connection:
-            return connection.execute(text("select count(*) from information_schema.tables "
-                                            "where table_schema = current_schema()")).scalar_one()
-    finally:
-        engine.dispose()
+    with _postgres(url) as connection:
+        return connection.execute(text("select count(*) from information_schema.tables "
+                                       "where table_schema = current_schema()")).scalar_one()
 
 
 # --- restore --------------------------------------------------------------------------------------------------
