@@ -29,7 +29,8 @@ with size and sha256, totals per part, the sha256 of every archive byte before t
 own digest. It is written under a temp name, fsynced, then renamed: an archive that exists is complete.
 
 Restore checks every byte before it writes one (the manifest's digest, the sha256 of all bytes before it, only
-zeros after it), refuses an archive whose schema revision this code does not know, a data folder, database or
+zeros after it), refuses an archive whose schema revision this code does not know, one taken with another
+`node.data_dir` (the job rows name their files by path under it), a data folder, database or
 artifact root that is not empty (unless `force`, which also refuses while a node answers on the node's port),
 then writes each file under a temp name and renames it, restores the database (`pg_restore --clean --if-exists`)
 and migrates it to the newest revision.
@@ -391,16 +392,21 @@ def _postgres(url: str):
         engine.dispose()
 
 
-def _pg_tool(command: list[str], url: str) -> None:
-    """Run pg_dump / pg_restore against `url`: its parameters as a libpq connection string, the password in
-    PGPASSWORD (never on the command line, where `ps` shows it)."""
+def pg_invocation(command: list[str], url: str) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment that run pg_dump / pg_restore against `url`: its parameters as a libpq
+    connection string, the password in PGPASSWORD (never on the command line, where `ps` shows it)."""
     parsed = make_url(url)
     params = {"host": parsed.host, "port": parsed.port, "user": parsed.username, "dbname": parsed.database,
               **{key: value if isinstance(value, str) else value[-1] for key, value in parsed.query.items()}}
     conninfo = " ".join(f"{key}='{_libpq_quote(str(value))}'" for key, value in params.items() if value is not None)
-    env = {**os.environ, **({"PGPASSWORD": parsed.password} if parsed.password else {})}
+    return [*command, f"--dbname={conninfo}"], {**os.environ, **({"PGPASSWORD": parsed.password} if parsed.password else {})}
+
+
+def _pg_tool(command: list[str], url: str) -> None:
+    """Run pg_dump / pg_restore against `url` (`pg_invocation`); BackupError with its last line when it fails."""
+    argv, env = pg_invocation(command, url)
     try:
-        done = subprocess.run([*command, f"--dbname={conninfo}"], env=env, capture_output=True, text=True)
+        done = subprocess.run(argv, env=env, capture_output=True, text=True)
     except FileNotFoundError:
         raise BackupError(f"{command[0]} is not installed (Debian: apt-get install postgresql-client)") from None
     if done.returncode != 0:
@@ -494,6 +500,9 @@ def restore(archive: Path, settings: Settings, *, force: bool = False) -> Restor
     if revision is not None and not is_known_revision(revision):
         raise BackupError(f"{archive} is at schema revision {revision}, which this version of SmartNodule does not "
                           "know (a newer version wrote it): restore it with that version")
+    if manifest["data_dir"] != str(settings.node.data_dir):
+        raise BackupError(f"{archive} was taken with node.data_dir = {manifest['data_dir']} and the job rows name files "
+                          f"under it; this node's is {settings.node.data_dir}: restore with the same node.data_dir")
     targets = _targets(manifest, settings)
     data_dir = settings.node.data_dir.resolve()
     keep = {settings.backup_dir.resolve(), archive.resolve().parent}

@@ -19,7 +19,7 @@ from sqlalchemy import create_engine, select, text
 
 from node.audit import AUDIT_FILE, configure_logging, key_path, read_key, verify_chain
 from node.cli import main
-from node.store.backup import MANIFEST, BackupError, _Writer, backup, manifest_digest, restore, verify
+from node.store.backup import MANIFEST, BackupError, backup, manifest_digest, pg_invocation, restore, verify
 from node.store.db import (Job, SchemaBehind, SchemaUnknown, _alembic_config, head_revision, make_engine,
                            open_database)
 from node.store.review import Role, User, Verdict, record_verdict
@@ -236,26 +236,19 @@ def test_restore_refuses_a_folder_in_use_and_a_newer_schema(node_folder, tmp_pat
     restore(manifest.path, node_folder, force=True)
     assert spool_file.read_bytes() == bytes([1]) * 5000 and not (node_folder.node.data_dir / "stray").exists()
 
-    newer = _with_manifest(manifest.path, tmp_path / "newer.tar", schema_revision="9999_from_the_future")
+    elsewhere = node_folder.model_copy(update={"node": node_folder.node.model_copy(
+        update={"data_dir": tmp_path / "elsewhere"})})
+    with pytest.raises(BackupError, match="node.data_dir"):
+        restore(manifest.path, elsewhere)
+    assert not (tmp_path / "elsewhere").exists()
+
+    with sqlite3.connect(node_folder.node.data_dir / "smartnodule.db") as db:  # as a newer version leaves it
+        db.execute("update alembic_version set version_num = '9999_from_the_future'")
+    newer = backup(node_folder, tmp_path / "backups").path
     shutil.rmtree(node_folder.node.data_dir)
     with pytest.raises(BackupError, match="schema revision 9999_from_the_future.*does not know"):
         restore(newer, node_folder)
     assert not node_folder.node.data_dir.exists()
-
-
-def _with_manifest(archive: Path, target: Path, **changes) -> Path:
-    """A copy of `archive` whose manifest says `changes`, sealed as the backup writes it."""
-    with tarfile.open(archive) as tar:
-        manifest = json.loads(tar.extractfile(MANIFEST).read())
-        with open(target, "wb") as f:
-            writer = _Writer(f)
-            for member in tar.getmembers()[:-1]:
-                writer._add("copy", member.name, tar.extractfile(member), member.size, member.mtime)
-            body = {key: manifest[key] for key in ("format", "format_version", "created_at", "schema_revision",
-                                                   "data_dir", "databases", "skipped")}
-            writer.close({**body, **changes})
-    assert json.loads(tarfile.open(target).extractfile(MANIFEST).read())["digest"] != manifest["digest"]
-    return target
 
 
 def test_manifest_digest_covers_every_field():
@@ -336,3 +329,10 @@ def test_scheduled_backup_keeps_the_newest(node_folder):
     kept = sorted(settings.backup_dir.glob("smartnodule-backup-*.tar"))
     assert [Path(json.loads(run.summary)["archive"]) for run in runs[1:]] == kept
     assert json.loads(runs[-1].summary)["removed"] == [Path(json.loads(runs[0].summary)["archive"]).name]
+
+
+def test_the_postgresql_password_goes_in_the_environment_never_on_the_command_line():
+    argv, env = pg_invocation(["pg_dump", "--format=custom"],
+                              "postgresql+psycopg://node:s3cr%27et@db.example:5433/smartnodule?sslmode=require")
+    assert not any("s3cr" in arg for arg in argv) and env["PGPASSWORD"] == "s3cr'et"
+    assert argv[-1] == "--dbname=host='db.example' port='5433' user='node' dbname='smartnodule' sslmode='require'"
