@@ -141,41 +141,15 @@ def backup(settings: Settings, dest: Path) -> BackupManifest:
         with open(temporary, "xb") as f:
             os.chmod(temporary, 0o600)
             writer = _Writer(f)
-            for path in _walk(data_dir / "retrieval", leave_out):
+            for path in _walk(data_dir / "retrieval", leave_out):  # 1. the index, a cache of the database
                 writer.add_file("retrieval", f"data/{path.relative_to(data_dir).as_posix()}", path)
-            databases, skipped, revision = {}, [], None
-            for stem, attribute in DATABASES.items():
-                url = getattr(settings, attribute)
-                dialect, why = _dumpable(url)
-                if dialect is None and stem == "node":
-                    raise BackupError(f"no node database to back up: {why}")
-                if dialect is None:
-                    skipped.append(f"{stem} database: {why}")
-                    continue
-                if dialect == "sqlite":
-                    leave_out.update(_sqlite_files(url))
-                staged = dest / f".{stem}-{os.getpid()}{_MEMBER_SUFFIX[dialect]}"
-                try:
-                    found = _dump(url, dialect, staged)
-                    writer.add_file("database" if stem == "node" else "mlflow", f"database/{stem}{staged.suffix}", staged)
-                finally:
-                    staged.unlink(missing_ok=True)
-                databases[stem] = dialect
-                revision = found if stem == "node" else revision
-            files = [p for p in _walk(data_dir, leave_out | {data_dir / "retrieval"})]
+            databases, skipped, revision = _add_databases(writer, settings, dest, leave_out)  # 2. and 3.
+            files = list(_walk(data_dir, leave_out | {data_dir / "retrieval"}))  # 4. after the snapshots
             artifacts = settings.artifact_root
             outside = [] if artifacts.is_relative_to(data_dir) else list(_walk(artifacts, leave_out))
             _check_space(dest, files + outside)
-            log_dir = settings.log_dir.resolve()
-            for path in files:
-                relative = path.relative_to(data_dir)
-                part = relative.parts[0] if len(relative.parts) > 1 else "data"
-                member = f"data/{relative.as_posix()}"
-                if path.parent == log_dir and not path.name.endswith(CHECKPOINT_SUFFIX):
-                    writer.add_log(part, member, path)
-                elif not (path.parent == log_dir and path.with_name(path.name[:-len(CHECKPOINT_SUFFIX)]).exists()):
-                    writer.add_file(part, member, path)  # a log's checkpoint travels with its log (add_log)
-            for path in outside:
+            _add_data_files(writer, files, data_dir, settings.log_dir.resolve())
+            for path in outside:  # 5.
                 writer.add_file("artifacts", f"artifacts/{path.relative_to(artifacts).as_posix()}", path)
             writer.close({"format": FORMAT, "format_version": FORMAT_VERSION, "created_at": now.isoformat(),
                           "schema_revision": revision, "data_dir": str(settings.node.data_dir),
@@ -189,8 +163,46 @@ def backup(settings: Settings, dest: Path) -> BackupManifest:
     manifest = BackupManifest(final, now.isoformat(), revision, databases["node"], writer.part_list(),
                               final.stat().st_size, tuple(skipped))
     log.info("backup_written", archive=str(final), bytes=manifest.size_bytes, files=manifest.files,
-             schema_revision=revision, skipped=list(skipped))
+             schema_revision=revision, skipped=skipped)
     return manifest
+
+
+def _add_databases(writer: "_Writer", settings: Settings, dest: Path, leave_out: set[Path]
+                   ) -> tuple[dict[str, str], list[str], str | None]:
+    """Snapshot the node's and MLflow's databases into the archive (staged in `dest`, then removed); their files
+    join `leave_out`. Returns {stem: dialect}, what was not covered and why, the node schema's revision."""
+    databases, skipped, revision = {}, [], None
+    for stem, attribute in DATABASES.items():
+        url = getattr(settings, attribute)
+        dialect, why = _dumpable(url)
+        if dialect is None and stem == "node":
+            raise BackupError(f"no node database to back up: {why}")
+        if dialect is None:
+            skipped.append(f"{stem} database: {why}")
+            continue
+        if dialect == "sqlite":
+            leave_out.update(_sqlite_files(url))
+        staged = dest / f".{stem}-{os.getpid()}{_MEMBER_SUFFIX[dialect]}"
+        try:
+            found = _dump(url, dialect, staged)
+            writer.add_file("database" if stem == "node" else "mlflow", f"database/{stem}{staged.suffix}", staged)
+        finally:
+            staged.unlink(missing_ok=True)
+        databases[stem] = dialect
+        revision = found if stem == "node" else revision
+    return databases, skipped, revision
+
+
+def _add_data_files(writer: "_Writer", files: list[Path], data_dir: Path, log_dir: Path) -> None:
+    """The data folder's files, one part per top-level folder; a log in `log_dir` with its checkpoint."""
+    for path in files:
+        relative = path.relative_to(data_dir)
+        in_logs = path.parent == log_dir
+        if in_logs and path.name.endswith(CHECKPOINT_SUFFIX) \
+                and path.with_name(path.name[:-len(CHECKPOINT_SUFFIX)]).exists():
+            continue  # a log's checkpoint travels with its log
+        writer.add_file(relative.parts[0] if len(relative.parts) > 1 else "data", f"data/{relative.as_posix()}", path,
+                        log=in_logs)
 
 
 def prune(folder: Path, keep: int) -> list[Path]:
@@ -237,30 +249,23 @@ class _Writer:
         self._files: list[list] = []
         self._parts: dict[str, list[int]] = {}
 
-    def add_file(self, part: str, member: str, path: Path) -> None:
-        """Copy the file as it is now; one removed meanwhile (retention) is left out."""
+    def add_file(self, part: str, member: str, path: Path, *, log: bool = False) -> None:
+        """Copy the file as it is now; one removed meanwhile (retention) is left out. A `log` (append-only) is
+        measured, with its checkpoint, under the lock its writer takes, and copied up to that size: whole lines."""
         try:
             source = open(path, "rb")
         except FileNotFoundError:
             return
         with source:
-            stat = os.fstat(source.fileno())
-            self._add(part, member, source, stat.st_size, stat.st_mtime)
-
-    def add_log(self, part: str, member: str, path: Path) -> None:
-        """An append-only log up to its last whole line, and its checkpoint, measured under the writer's lock."""
-        try:
-            source = open(path, "rb")
-        except FileNotFoundError:
-            return
-        with source:
-            fcntl.flock(source.fileno(), fcntl.LOCK_SH)
+            checkpoint = path.with_name(path.name + CHECKPOINT_SUFFIX)
+            if log:
+                fcntl.flock(source.fileno(), fcntl.LOCK_SH)
             try:
                 stat = os.fstat(source.fileno())
-                checkpoint = path.with_name(path.name + CHECKPOINT_SUFFIX)
-                companion = checkpoint.read_bytes() if checkpoint.is_file() else None
+                companion = checkpoint.read_bytes() if log and checkpoint.is_file() else None
             finally:
-                fcntl.flock(source.fileno(), fcntl.LOCK_UN)
+                if log:
+                    fcntl.flock(source.fileno(), fcntl.LOCK_UN)
             if companion is not None:
                 self._add(part, member + CHECKPOINT_SUFFIX, io.BytesIO(companion), len(companion), stat.st_mtime)
             self._add(part, member, source, stat.st_size, stat.st_mtime)  # reads exactly st_size bytes
@@ -516,6 +521,18 @@ def restore(archive: Path, settings: Settings, *, force: bool = False) -> Restor
     if occupied:
         _refuse_running_node(settings)
         _clear(manifest, settings, keep)
+    written = _write_members(archive, manifest, targets, data_dir)
+    os.sync()
+    engine = make_engine(settings.database_url)
+    try:
+        found, head = migrate(engine, upgrade=True)
+    finally:
+        engine.dispose()
+    return RestoreReport(BackupManifest.read(archive, manifest), len(manifest["files"]), written, found, head)
+
+
+def _write_members(archive: Path, manifest: dict, targets: dict, data_dir: Path) -> int:
+    """Write every member to its target (a PostgreSQL dump staged in `data_dir`, then pg_restore); bytes written."""
     expected = {name: sha for name, _, sha in manifest["files"]}
     written = 0
     with tarfile.open(archive, mode="r:") as tar:
@@ -523,7 +540,7 @@ def restore(archive: Path, settings: Settings, *, force: bool = False) -> Restor
             if member.name == MANIFEST:
                 continue
             target, mode = targets[member.name]
-            if isinstance(target, str):  # a PostgreSQL dump: staged, then pg_restore
+            if isinstance(target, str):
                 staged = data_dir / f".restore-{os.getpid()}.pgdump"
                 try:
                     _write(tar, member, staged, expected[member.name], 0o600)
@@ -534,13 +551,7 @@ def restore(archive: Path, settings: Settings, *, force: bool = False) -> Restor
             else:
                 _write(tar, member, target, expected[member.name], mode)
             written += member.size
-    os.sync()
-    engine = make_engine(settings.database_url)
-    try:
-        found, head = migrate(engine, upgrade=True)
-    finally:
-        engine.dispose()
-    return RestoreReport(BackupManifest.read(archive, manifest), len(expected), written, found, head)
+    return written
 
 
 def _targets(manifest: dict, settings: Settings) -> dict[str, tuple[Path | str, int]]:
