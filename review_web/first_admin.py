@@ -29,7 +29,11 @@ def ensure_first_admin(settings: Settings, sessions: sessionmaker) -> bool:
     with sessions.begin() as session:
         if session.scalar(select(User.id).limit(1)) is not None:
             return False
-        password = path.read_text(encoding="utf-8").rstrip("\r\n")
+        try:
+            password = path.read_text(encoding="utf-8").rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SettingsError(f"web.admin_password_file {path} cannot be read "
+                                f"({getattr(exc, 'strerror', None) or type(exc).__name__})") from None
         try:
             create_user(session, settings.web.admin_username, Role.ADMIN, password)
         except ValueError as exc:
