@@ -14,8 +14,8 @@ import zoneinfo
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import (AfterValidator, BaseModel, IPvAnyNetwork, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, IPvAnyNetwork, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings import SettingsError as SourceError
@@ -30,6 +30,13 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 
 class SettingsError(ValueError):
     """Settings that cannot be used; the message names each offending setting."""
+
+
+def _file_exists(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+    """A field validator: the file a setting names is there (None: not set)."""
+    if path is not None and not path.is_file():
+        raise ValueError(f"{info.field_name} {path} does not exist")
+    return path
 
 
 class _Section(BaseModel):
@@ -215,12 +222,7 @@ class WebSettings(_Section):
     admin_username: str = Field(default="admin", min_length=1, max_length=64)
     admin_password_file: Path | None = None
 
-    @field_validator("admin_password_file")
-    @classmethod
-    def _password_file_exists(cls, path: Path | None) -> Path | None:
-        if path is not None and not path.is_file():
-            raise ValueError(f"admin_password_file {path} does not exist")
-        return path
+    _password_file_exists = field_validator("admin_password_file")(_file_exists)
 
     @model_validator(mode="after")
     def _tracked_covers_total(self) -> "WebSettings":
@@ -245,12 +247,7 @@ class AuditSettings(_Section):
     syslog: str = Field(default="", pattern=r"^((tcp|tls)://[^/:]+:\d{1,5})?$")
     syslog_ca_file: Path | None = None
 
-    @field_validator("syslog_ca_file")
-    @classmethod
-    def _ca_exists(cls, ca_file: Path | None) -> Path | None:
-        if ca_file is not None and not ca_file.is_file():
-            raise ValueError(f"syslog_ca_file {ca_file} does not exist")
-        return ca_file
+    _ca_exists = field_validator("syslog_ca_file")(_file_exists)
 
 
 class RetrievalSettings(_Section):
