@@ -37,9 +37,8 @@ DEMO_DIR = Path("var/demo")
 DEMO_REVIEWER = "demo"
 
 
-def run_demo(count: int = 4, size: int = 2048, keep_running: bool = False, workdir: Path = DEMO_DIR,
-             stop: threading.Event | None = None) -> int:
-    """Run the demo; with `keep_running`, wait for Ctrl-C, SIGTERM or `stop` (tests) before stopping everything."""
+def run_demo(count: int = 4, size: int = 2048, keep_running: bool = False, workdir: Path = DEMO_DIR) -> int:
+    """Run the demo; with `keep_running`, wait for Ctrl-C or SIGTERM before stopping everything."""
     shutil.rmtree(workdir, ignore_errors=True)
     configure_logging(workdir / "node" / "logs", console_level="WARNING")
     node_port, web_port = free_port(), free_port()
@@ -71,11 +70,14 @@ def run_demo(count: int = 4, size: int = 2048, keep_running: bool = False, workd
         print(f"\nAll {len(files)} studies finished in {time.monotonic() - started:.1f} s:\n")
         _print_table(jobs, orthanc)
         waiting = sum(1 for job in jobs if job.review_required)
-        print(f"\n{waiting} of {len(jobs)} wait for review: http://127.0.0.1:{web_port}/ "
-              f"(login: {DEMO_REVIEWER}, password: {password})", flush=True)
         if keep_running:
+            print(f"\n{waiting} of {len(jobs)} wait for review: http://127.0.0.1:{web_port}/ "
+                  f"(login: {DEMO_REVIEWER}, password: {password})")
             print("Node, Orthanc and review page keep running (Ctrl-C stops them).", flush=True)
-            _wait_for_stop(stop or threading.Event())
+            _wait_for_stop()
+        else:
+            print(f"\n{waiting} of {len(jobs)} wait for review; `make demo ARGS=--keep-running` keeps the review "
+                  f"page up to read them.")
     except KeyboardInterrupt:
         pass
     finally:
@@ -86,11 +88,9 @@ def run_demo(count: int = 4, size: int = 2048, keep_running: bool = False, workd
     return 0
 
 
-def _wait_for_stop(stop: threading.Event) -> None:
-    """Until `stop` is set, by SIGINT or SIGTERM (handlers replaced for the wait only) or by the caller."""
-    if threading.current_thread() is not threading.main_thread():
-        stop.wait()
-        return
+def _wait_for_stop() -> None:
+    """Until SIGINT (Ctrl-C) or SIGTERM; their handlers are replaced for the wait only."""
+    stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         stop.wait()
