@@ -7,16 +7,22 @@ file. Every knob has exactly one home here; bad values stop the start with a
 """
 from __future__ import annotations
 
+import os
 import re
 import tomllib
+import zoneinfo
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, IPvAnyNetwork, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import (AfterValidator, BaseModel, IPvAnyNetwork, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import SettingsError as SourceError
 from pydicom.uid import RE_VALID_UID
 
 DEFAULT_CONFIG = Path(__file__).with_name("node.toml")
+CONFIG_HELP = "settings file (default: config/node.toml)"  # the CLI's --config
 
 AETitle = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[\x20-\x5b\x5d-\x7e]*[^ ][\x20-\x5b\x5d-\x7e]*$")]
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -24,6 +30,13 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 
 class SettingsError(ValueError):
     """Settings that cannot be used; the message names each offending setting."""
+
+
+def _file_exists(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+    """A field validator: the file a setting names is there (None: not set)."""
+    if path is not None and not path.is_file():
+        raise ValueError(f"{info.field_name} {path} does not exist")
+    return path
 
 
 class _Section(BaseModel):
@@ -205,6 +218,11 @@ class WebSettings(_Section):
     trusted_proxies: list[IPvAnyNetwork] = []
     max_request_bytes: int = Field(default=64 * 1024, ge=1024)
     health_cache_s: float = Field(default=5.0, ge=0)
+    # The first administrator, made when the web app starts and no user exists yet (compose: a Docker secret).
+    admin_username: str = Field(default="admin", min_length=1, max_length=64)
+    admin_password_file: Path | None = None
+
+    _password_file_exists = field_validator("admin_password_file")(_file_exists)
 
     @model_validator(mode="after")
     def _tracked_covers_total(self) -> "WebSettings":
@@ -229,12 +247,7 @@ class AuditSettings(_Section):
     syslog: str = Field(default="", pattern=r"^((tcp|tls)://[^/:]+:\d{1,5})?$")
     syslog_ca_file: Path | None = None
 
-    @field_validator("syslog_ca_file")
-    @classmethod
-    def _ca_exists(cls, ca_file: Path | None) -> Path | None:
-        if ca_file is not None and not ca_file.is_file():
-            raise ValueError(f"syslog_ca_file {ca_file} does not exist")
-        return ca_file
+    _ca_exists = field_validator("syslog_ca_file")(_file_exists)
 
 
 class RetrievalSettings(_Section):
@@ -267,8 +280,45 @@ class AlertSettings(_Section):
         return self
 
 
-_SCHEDULE = r"^(|every \d+(\.\d+)?\s*[smhd]|(\S+\s+){4}\S+)$"
-Schedule = Annotated[str, Field(pattern=_SCHEDULE)]
+_EVERY = re.compile(r"every (\d+(?:\.\d+)?)\s*([smhd])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def trigger_of(schedule: str, timezone: str):
+    """The APScheduler trigger of a schedule setting: a 5-field crontab (APScheduler's own parser, so that what
+    `check-config` accepts is what the scheduler runs) or "every N<unit>"; None when empty. Raises ValueError."""
+    from apscheduler.triggers.cron import CronTrigger
+    from apscheduler.triggers.interval import IntervalTrigger
+
+    schedule = schedule.strip()
+    if not schedule:
+        return None
+    every = _EVERY.fullmatch(schedule)
+    if every:
+        return IntervalTrigger(seconds=float(every.group(1)) * _UNITS[every.group(2)], timezone=timezone)
+    return CronTrigger.from_crontab(schedule, timezone=timezone)
+
+
+def _schedule(schedule: str) -> str:
+    try:
+        trigger_of(schedule, "UTC")
+    except ValueError as exc:
+        raise ValueError(f"{schedule!r} is not a schedule ({exc}): write a 5-field crontab such as \"0 2 * * *\", "
+                         f"\"every N\" with a unit s/m/h/d such as \"every 15m\", or \"\" (off)") from None
+    return schedule
+
+
+def _time_zone(name: str) -> str:
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"{name!r} is not a known time zone: write an IANA name such as \"UTC\" or "
+                         f"\"Europe/Berlin\"") from None
+    return name
+
+
+Schedule = Annotated[str, AfterValidator(_schedule)]
+TimeZone = Annotated[str, AfterValidator(_time_zone)]
 
 
 class SchedulerSettings(_Section):
@@ -279,7 +329,7 @@ class SchedulerSettings(_Section):
     """
 
     enabled: bool = False
-    timezone: str = "UTC"
+    timezone: TimeZone = "UTC"
     misfire_grace_s: int = Field(default=3600, ge=1)
     drift: Schedule = "0 2 * * *"
     retrain: Schedule = "every 6h"
@@ -327,11 +377,45 @@ class RegistrySettings(_Section):
     watch_interval_s: float = Field(default=5.0, gt=0)
 
 
+ENV_PREFIX = "SMARTNODULE_"
+ENV_DELIMITER = "__"
+
+
+def env_name(*loc: str | int) -> str:
+    """The environment variable of a setting: ("node", "port") -> SMARTNODULE_NODE__PORT."""
+    return ENV_PREFIX + ENV_DELIMITER.join(str(part) for part in loc).upper()
+
+
+class _UndecodableValue(ValueError):
+    def __init__(self, key: str, problem: ValueError) -> None:
+        super().__init__(str(problem))
+        self.key = key
+
+
+class _EnvSource(EnvSettingsSource):
+    """The environment, as pydantic-settings reads it, with the variable named when a list or table in it is not
+    JSON (pydantic-settings names only the section)."""
+
+    def decode_complex_value(self, field_name: str, field: FieldInfo | None, value: Any) -> Any:
+        try:
+            return super().decode_complex_value(field_name, field, value)
+        except ValueError as exc:
+            raise _UndecodableValue(field_name, exc) from None
+
+    def prepare_field_value(self, field_name: str, field: FieldInfo, value: Any, value_is_complex: bool) -> Any:
+        try:
+            return super().prepare_field_value(field_name, field, value, value_is_complex)
+        except _UndecodableValue as exc:
+            loc = (field_name,) if exc.key == field_name else (field_name, exc.key)
+            raise SettingsError(f"environment variable {env_name(*loc)} (setting {'.'.join(loc)}) is not JSON "
+                                f'({exc}): write lists and tables as JSON, e.g. ["A", "B"] or {{"key": 1}}') from None
+
+
 class Settings(BaseSettings):
     """All settings of one node."""
 
     model_config = SettingsConfigDict(
-        env_prefix="SMARTNODULE_", env_nested_delimiter="__", extra="forbid", frozen=True
+        env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_DELIMITER, extra="forbid", frozen=True
     )
 
     node: NodeSettings  # required: a file without [node] must not widen who may connect
@@ -402,7 +486,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (env_settings, init_settings)
+        return (_EnvSource(settings_cls), init_settings)
 
     @property
     def database_url(self) -> str:
@@ -452,13 +536,23 @@ def load_settings(path: Path | str | None = None, **overrides: dict) -> Settings
         return Settings(**data)
     except ValidationError as exc:
         raise SettingsError(_describe(path, exc)) from None
+    except SourceError as exc:  # the environment could not be read; _EnvSource's own error names the variable
+        cause = exc.__cause__
+        raise SettingsError(str(cause) if isinstance(cause, SettingsError) else f"environment: {exc}") from None
 
 
 def _describe(path: Path, exc: ValidationError) -> str:
-    lines = [f"invalid settings in {path}:"]
+    """One line per invalid setting (a single one: one line in all), naming the environment variable that set it."""
+    environment = {name.upper() for name in os.environ}
+    problems = []
     for error in exc.errors():
-        where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        loc = error["loc"]
+        where = ".".join(str(part) for part in loc) or "(top level)"
         message = re.sub(r"^Value error, ", "", error["msg"])
         got = f" (got {error['input']!r})" if error["type"] not in {"missing", "value_error"} else ""
-        lines.append(f"  {where}: {message}{got}")
-    return "\n".join(lines)
+        variables = [env_name(*loc[:n]) for n in range(len(loc), 0, -1) if env_name(*loc[:n]) in environment]
+        source = f" [from environment variable {variables[0]}]" if variables else ""
+        problems.append(f"{where}: {message}{got}{source}")
+    if len(problems) == 1:
+        return f"invalid settings in {path}: {problems[0]}"
+    return "\n  ".join([f"invalid settings in {path}:", *problems])

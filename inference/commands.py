@@ -15,7 +15,7 @@ from inference.training import options
 def register(subparsers) -> None:
     """Add `predict`, `train` and `eval` to an argparse subparsers object (without importing torch)."""
     p = subparsers.add_parser("predict", help="run the model on DICOM files (no network, no database)")
-    p.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE", help="DICOM files")
     p.add_argument("--json", action="store_true", help="one JSON object per file")
     p.add_argument("--config", type=Path, default=None, help="settings file ([model] section: card, device, threads, review)")
     p.set_defaults(func=cmd_predict)

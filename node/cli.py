@@ -10,7 +10,8 @@ from pathlib import Path
 
 import structlog
 
-from config.settings import SettingsError, load_settings
+from config.settings import CONFIG_HELP, SettingsError, load_settings
+from node.store.states import JobState
 
 log = structlog.get_logger(__name__)
 
@@ -74,14 +75,12 @@ def cmd_send(args: argparse.Namespace) -> int:
 def cmd_resend(args: argparse.Namespace) -> int:
     import getpass
 
-    from node.audit import configure_logging
-    from node.store.db import open_database
+    from node.command_setup import open_for_command
     from node.store.jobs import TransitionError, requeue_delivery
 
-    settings = load_settings(args.config)
-    configure_logging(settings.log_dir, audit_settings=settings.audit)
+    _, sessions = open_for_command(args.config)
     try:
-        previous = requeue_delivery(open_database(settings.database_url), args.job)
+        previous = requeue_delivery(sessions, args.job)
     except TransitionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -96,10 +95,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     from node.store.db import Job, open_database
 
     settings = load_settings(args.config)
-    with open_database(settings.database_url)() as session:
+    with open_database(settings.database_url, must_exist=True)() as session:
         query = select(Job).order_by(Job.id.desc()).limit(args.limit)
         if args.state:
-            query = query.where(Job.state == args.state.upper())
+            query = query.where(Job.state == JobState(args.state))
         for job in session.scalars(query):
             probability = "" if job.probability is None else f"{job.probability:.3f}"
             print(f"{job.id}\t{job.state.value}\t{job.calling_aet}\t{job.sop_instance_uid}\t{probability}\t{job.reason or ''}")
@@ -119,7 +118,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     path = args.file or settings.log_dir / AUDIT_FILE
     key_file = args.key_file or key_path(settings.audit, settings.node.data_dir)
     if not key_file.is_file():
-        print(f"error: audit key {key_file} does not exist", file=sys.stderr)
+        print(f"error: audit key {key_file} does not exist (set audit.key_file, or --key-file)", file=sys.stderr)
         return 2
     check = verify_chain(path, read_key(key_file), accept_legacy_prefix=args.accept_legacy_prefix)
     if check.intact:
@@ -257,43 +256,44 @@ def _register_backup(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smartnodule", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do (COMMAND -h: its options)")
 
     for name, help_text in (("run", "run receiver, workers and delivery in one process"),
                             ("scp", "run the Storage SCP alone (scale-out role)"),
                             ("worker", "run pipeline and delivery workers alone (scale-out role)")):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--config", type=Path, default=None, help="settings file (default: config/node.toml)")
+        p.add_argument("--config", type=Path, default=None, help=CONFIG_HELP)
         if name == "run":
             p.add_argument("--workers", type=int, default=None, help="override worker.count")
         p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("check-config", help="validate a settings file")
-    p.add_argument("file", type=Path)
+    p = sub.add_parser("check-config", help="validate a settings file (and the SMARTNODULE_* environment)")
+    p.add_argument("file", type=Path, help="the settings file (TOML), e.g. config/node.toml")
     p.set_defaults(func=cmd_check_config)
 
     p = sub.add_parser("send", help="C-STORE DICOM files (or folders of .dcm) to a peer")
-    p.add_argument("files", nargs="+")
-    p.add_argument("--to", type=_host_port, required=True, metavar="HOST:PORT")
-    p.add_argument("--called-aet", required=True)
-    p.add_argument("--calling-aet", default="SMARTNODULE_SCU")
+    p.add_argument("files", nargs="+", metavar="FILE", help="DICOM files, or folders searched for *.dcm")
+    p.add_argument("--to", type=_host_port, required=True, metavar="HOST:PORT", help="the peer's address and port")
+    p.add_argument("--called-aet", required=True, help="the peer's AE title")
+    p.add_argument("--calling-aet", default="SMARTNODULE_SCU", help="our AE title (default: %(default)s)")
     p.set_defaults(func=cmd_send)
 
     p = sub.add_parser("resend", help="deliver a job's results again (after FAILED_DELIVERY)")
-    p.add_argument("job", type=int)
-    p.add_argument("--config", type=Path, default=None)
+    p.add_argument("job", type=int, metavar="JOB", help="the job id (first column of `smartnodule jobs`)")
+    p.add_argument("--config", type=Path, default=None, help=CONFIG_HELP)
     p.set_defaults(func=cmd_resend)
 
     p = sub.add_parser("jobs", help="list recent jobs")
-    p.add_argument("--config", type=Path, default=None)
-    p.add_argument("--state", default=None)
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--config", type=Path, default=None, help=CONFIG_HELP)
+    p.add_argument("--state", type=str.upper, choices=[state.value for state in JobState], default=None,
+                   metavar="STATE", help=f"only jobs in this state: {', '.join(state.value for state in JobState)}")
+    p.add_argument("--limit", type=int, default=50, help="at most this many, newest first (default: %(default)s)")
     p.set_defaults(func=cmd_jobs)
 
     p = sub.add_parser("audit", help="the audit log: verify its keyed chain and checkpoint")
-    actions = p.add_subparsers(dest="action", required=True)
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION", help="one of the actions below")
     q = actions.add_parser("verify", help="recompute the chain; exit status 1 names the first broken line")
-    q.add_argument("--config", type=Path, default=None)
+    q.add_argument("--config", type=Path, default=None, help=CONFIG_HELP)
     q.add_argument("--file", type=Path, default=None, help="an audit file (default: the node's)")
     q.add_argument("--key-file", type=Path, default=None, help="its HMAC key (default: the node's audit.key_file)")
     q.add_argument("--accept-legacy-prefix", action="store_true",
@@ -304,9 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     _register_backup(sub)
 
     p = sub.add_parser("demo", help="phantom chest X-rays through the node and a local Orthanc")
-    p.add_argument("--count", type=int, default=4)
-    p.add_argument("--size", type=int, default=2048)
-    p.add_argument("--keep-running", action="store_true")
+    p.add_argument("--count", type=int, default=4, help="phantoms to push (default: %(default)s)")
+    p.add_argument("--size", type=int, default=2048, help="their width and height in pixels (default: %(default)s)")
+    p.add_argument("--keep-running", action="store_true",
+                   help="after the table, keep node, Orthanc and review page running until Ctrl-C")
     p.set_defaults(func=cmd_demo)
 
     from inference.commands import register as register_inference

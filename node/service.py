@@ -23,6 +23,7 @@ from node.store.db import open_database
 from node.store.jobs import DELIVER, PROCESS, Claim, TransitionError, claim, lease_owner, release_dead_leases
 from node.store.spool import Spool
 from retrieval.index import CaseIndex
+from review_web.first_admin import ensure_first_admin
 from review_web.server import WebServer
 from scheduler.registry import ChampionWatcher
 from scheduler.service import Scheduler
@@ -88,6 +89,8 @@ class Node:
     def start(self) -> None:
         """Load the model (once per worker), start the loops, then listen."""
         release_dead_leases(self.sessions)
+        if self._web:
+            ensure_first_admin(self.settings, self.sessions)
         worker = self.settings.worker
         detectors = [self._detector_provider() for _ in range(self._workers)]
         for index, detector in enumerate(detectors):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import structlog
 
+from config.settings import CONFIG_HELP
 from node.store.roles import Role
 
 log = structlog.get_logger(__name__)
@@ -24,16 +25,18 @@ log = structlog.get_logger(__name__)
 def register(subparsers) -> None:
     """Add `web` and `user add` to an argparse subparsers object."""
     p = subparsers.add_parser("web", help="run the review and health web app alone")
-    p.add_argument("--config", type=Path, default=None, help="settings file (default: config/node.toml)")
+    p.add_argument("--config", type=Path, default=None, help=CONFIG_HELP)
     p.set_defaults(func=cmd_web)
 
     p = subparsers.add_parser("user", help="manage web app users")
-    actions = p.add_subparsers(dest="action", required=True)
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION", help="one of the actions below")
     add = _user_action(actions, "add", "add a user; prints their API token once", cmd_user_add)
-    add.add_argument("--role", required=True, choices=[role.value for role in Role])
+    add.add_argument("--role", required=True, choices=[role.value for role in Role],
+                     help="reviewer or adjudicator (read the review queue; an adjudicator settles disagreements), "
+                          "or admin (health page, resend)")
     add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     listing = actions.add_parser("list", help="users, their roles, whether disabled and whether they have a token")
-    listing.add_argument("--config", type=Path, default=None, help="settings file (default: config/node.toml)")
+    listing.add_argument("--config", type=Path, default=None, help=CONFIG_HELP)
     listing.set_defaults(func=cmd_user_list)
     _user_action(actions, "disable", "refuse the user's logins and token; end their sessions", cmd_user_disable)
     _user_action(actions, "enable", "allow a disabled user again", cmd_user_enable)
@@ -46,22 +49,17 @@ def register(subparsers) -> None:
 
 def _user_action(actions, name: str, help_text: str, func) -> argparse.ArgumentParser:
     parser = actions.add_parser(name, help=help_text)
-    parser.add_argument("username")
-    parser.add_argument("--config", type=Path, default=None, help="settings file (default: config/node.toml)")
+    parser.add_argument("username", help="the login name")
+    parser.add_argument("--config", type=Path, default=None, help=CONFIG_HELP)
     parser.set_defaults(func=func)
     return parser
 
 
-def _open(config: Path | None):
-    """Settings, logging and the database (with the review tables: node.store.review is imported above)."""
-    from config.settings import load_settings
-    from node.audit import configure_logging
-    from node.store.db import open_database
+def _open(config: Path | None, *, create: bool = False):
+    """node.command_setup.open_for_command, imported when a command runs (building the parser loads no database)."""
+    from node.command_setup import open_for_command
 
-    settings = load_settings(config)
-    settings.node.data_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
-    configure_logging(settings.log_dir, audit_settings=settings.audit)
-    return settings, open_database(settings.database_url)
+    return open_for_command(config, create=create)
 
 
 def cmd_web(args: argparse.Namespace) -> int:
@@ -73,9 +71,11 @@ def cmd_web(args: argparse.Namespace) -> int:
     from node.cases import rebuild_index
     from retrieval.index import CaseIndex
     from review_web.app import create_app
+    from review_web.first_admin import ensure_first_admin
     from review_web.server import UVICORN_OPTIONS
 
-    settings, sessions = _open(args.config)
+    settings, sessions = _open(args.config, create=True)
+    ensure_first_admin(settings, sessions)
     index = CaseIndex.from_settings(settings)
     if len(index) == 0:
         rebuild_index(sessions, index)
@@ -109,20 +109,27 @@ def _new_password(args: argparse.Namespace) -> str | None:
     return password
 
 
-def cmd_user_add(args: argparse.Namespace) -> int:
+def add_user(sessions, username: str, role: Role, password: str, actor: str) -> str:
+    """`user add` (and the demo's reviewer): create the user, audited; returns the API token, which is shown once.
+    Raises ValueError for a taken or invalid username or an invalid password."""
     from review_web.security import create_user
 
+    with sessions.begin() as session:
+        token = create_user(session, username, role, password)
+    log.info("user_added", username=username, role=role.value, actor=actor)
+    return token
+
+
+def cmd_user_add(args: argparse.Namespace) -> int:
     password = _new_password(args)
     if password is None:
         return 1
-    settings, sessions = _open(args.config)
+    _, sessions = _open(args.config, create=True)
     try:
-        with sessions.begin() as session:
-            token = create_user(session, args.username, Role(args.role), password)
+        token = add_user(sessions, args.username, Role(args.role), password, actor=getpass.getuser())
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    log.info("user_added", username=args.username, role=args.role, actor=getpass.getuser())
     print(f"user {args.username} ({args.role}) added. API token (shown once, keep it safe):\n{token}")
     return 0
 

@@ -12,50 +12,47 @@ import sys
 import threading
 from pathlib import Path
 
+from config.settings import CONFIG_HELP
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("scheduler", help="run the scheduled jobs alone (drift, retraining, housekeeping)")
-    p.add_argument("--config", type=Path, default=None)
+    p.add_argument("--config", type=Path, default=None, help=CONFIG_HELP)
     p.set_defaults(func=cmd_scheduler)
 
     p = subparsers.add_parser("job", help="run one scheduled job now and print its summary")
     p.add_argument("name", metavar="JOB", help="a job named in the [scheduler] section (drift, reindex, ...); checked when "
                                                "the command runs, so building the parser loads no job code")
-    p.add_argument("--config", type=Path, default=None)
+    p.add_argument("--config", type=Path, default=None, help=CONFIG_HELP)
     p.add_argument("--force", action="store_true", help="retrain: fine-tune even without enough new verdicts")
     p.set_defaults(func=cmd_job)
 
     p = subparsers.add_parser("model", help="the model registry: list, promote VERSION, rollback")
-    model = p.add_subparsers(dest="model_command", required=True)
+    model = p.add_subparsers(dest="model_command", required=True, metavar="ACTION", help="one of the actions below")
     q = model.add_parser("list", help="registered versions with their gate figures")
-    q.add_argument("--config", type=Path, default=None)
+    q.add_argument("--config", type=Path, default=None, help=CONFIG_HELP)
     q.set_defaults(func=cmd_model_list)
     q = model.add_parser("promote", help="make VERSION the champion (administrator approval)")
-    q.add_argument("version")
-    q.add_argument("--config", type=Path, default=None)
+    q.add_argument("version", metavar="VERSION", help="a registered version (`smartnodule model list`)")
+    q.add_argument("--config", type=Path, default=None, help=CONFIG_HELP)
     q.add_argument("--force", action="store_true", help="promote even though the gate failed")
     q.set_defaults(func=cmd_model_promote)
     q = model.add_parser("rollback", help="move the champion back to the previous champion")
-    q.add_argument("--config", type=Path, default=None)
+    q.add_argument("--config", type=Path, default=None, help=CONFIG_HELP)
     q.set_defaults(func=cmd_model_rollback)
 
 
-def _open(config: Path | None):
-    """Settings, logging (so that promote and rollback reach the audit file) and the database."""
-    from config.settings import load_settings
-    from node.audit import configure_logging
-    from node.store.db import open_database
+def _open(config: Path | None, *, create: bool = False):
+    """node.command_setup.open_for_command, imported when a command runs (building the parser loads no database)."""
+    from node.command_setup import open_for_command
 
-    settings = load_settings(config)
-    settings.node.data_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
-    configure_logging(settings.log_dir, audit_settings=settings.audit)
-    return settings, open_database(settings.database_url)
+    return open_for_command(config, create=create)
 
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
     from scheduler.service import Scheduler
 
-    settings, sessions = _open(args.config)
+    settings, sessions = _open(args.config, create=True)
     scheduler = Scheduler(settings, sessions)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

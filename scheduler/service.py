@@ -10,14 +10,13 @@ recorded as failed and runs again at its next time; nothing reaches the node.
 from __future__ import annotations
 
 import json
-import re
 import threading
 import traceback
 
 import structlog
 from sqlalchemy.orm import sessionmaker
 
-from config.settings import Settings
+from config.settings import Settings, trigger_of
 from node.store.db import utcnow
 from node.store.runs import Outcome, SchedulerRun
 from retrieval.index import CaseIndex
@@ -26,21 +25,6 @@ from scheduler.jobs import JOBS
 log = structlog.get_logger(__name__)
 
 _ACTIVE: "Scheduler | None" = None  # the started scheduler whose jobs the stored job references run
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def trigger_of(schedule: str, timezone: str):
-    """An APScheduler trigger from a schedule setting: 5-field crontab or "every N<unit>"; None when empty."""
-    from apscheduler.triggers.cron import CronTrigger
-    from apscheduler.triggers.interval import IntervalTrigger
-
-    schedule = schedule.strip()
-    if not schedule:
-        return None
-    every = re.fullmatch(r"every (\d+(?:\.\d+)?)\s*([smhd])", schedule)
-    if every:
-        return IntervalTrigger(seconds=float(every.group(1)) * _UNITS[every.group(2)], timezone=timezone)
-    return CronTrigger.from_crontab(schedule, timezone=timezone)
 
 
 def run_job(settings: Settings, sessions: sessionmaker, name: str, trigger: str = "schedule", **kwargs) -> SchedulerRun:

@@ -34,27 +34,15 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 from config.settings import SettingsError
+from node.store.states import JobState
 
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
-
-
-class JobState(str, enum.Enum):
-    """Where a received instance is in its life; transitions are listed in `jobs.TRANSITIONS`."""
-
-    RECEIVED = "RECEIVED"
-    RUNNING = "RUNNING"
-    ENCODED = "ENCODED"
-    DELIVERING = "DELIVERING"
-    SENT = "SENT"
-    SKIPPED = "SKIPPED"
-    REJECTED = "REJECTED"
-    FAILED = "FAILED"
-    FAILED_DELIVERY = "FAILED_DELIVERY"
 
 
 # States a job does not leave by itself (only an administrator's resend moves FAILED_DELIVERY on).
@@ -186,13 +174,22 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
+def _sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL; None for other databases and for in-memory or URI-named SQLite."""
+    parsed = make_url(url)
+    database = parsed.database
+    if not parsed.drivername.startswith("sqlite") or not database or database == ":memory:" \
+            or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
 def _private_database_file(url: str) -> None:
     """Create the SQLite file readable by its owner only (0600; SQLite gives its -wal and -shm files the same
     mode), and narrow an existing one to that."""
-    database = make_url(url).database
-    if not database or database == ":memory:" or database.startswith("file:"):
+    path = _sqlite_file(url)
+    if path is None:
         return
-    path = Path(database)
     os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
     if path.stat().st_mode & 0o077:
         path.chmod(0o600)
@@ -271,9 +268,28 @@ def migrate(engine: Engine, *, upgrade: bool = False) -> tuple[str | None, str]:
     return found, head
 
 
-def open_database(url: str) -> sessionmaker:
-    """Engine + schema (created on an empty database; an older one refused: `migrate`) + a session factory."""
+class DatabaseUnavailable(SettingsError):
+    """The node's database is not there or cannot be reached; the message names the setting (one line)."""
+
+
+def open_database(url: str, *, must_exist: bool = False) -> sessionmaker:
+    """Engine + schema (created on an empty database; an older one refused: `migrate`) + a session factory.
+
+    `must_exist`: a SQLite file that is not there is a `DatabaseUnavailable`, not a new empty database (the
+    commands that read or change a node's data, run outside its data folder). A server that cannot be reached is
+    one too, whatever `must_exist` says.
+    """
+    shown = make_url(url).render_as_string(hide_password=True)
+    path = _sqlite_file(url)
+    if must_exist and path is not None and not path.is_file():
+        raise DatabaseUnavailable(f'database {shown} not found (run "smartnodule run" once, or set node.data_dir '
+                                  f'or node.database_url)')
     engine = make_engine(url)
+    try:
+        engine.connect().close()
+    except OperationalError as exc:
+        problem = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else type(exc.orig).__name__
+        raise DatabaseUnavailable(f"database {shown} cannot be reached ({problem}); check node.database_url") from None
     try:
         migrate(engine)
     except SettingsError:

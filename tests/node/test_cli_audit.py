@@ -16,6 +16,7 @@ def config(tmp_path):
     path = tmp_path / "node.toml"
     path.write_text(f'[node]\ndata_dir = "{tmp_path / "var"}"\naccept_any_calling_ae = true\n')
     (tmp_path / "var").mkdir()
+    open_database(load_settings(path).database_url)  # a node's data folder: the CLI refuses one without a database
     yield path
     configure_logging(None)
 

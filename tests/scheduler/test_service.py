@@ -136,12 +136,15 @@ def test_echo_records_round_trip_and_failure(make_settings):
 
 
 def test_cli_subcommands(make_settings, tmp_path, capsys):
+    from config.settings import load_settings
     from scheduler.commands import register
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command", required=True))
     config = tmp_path / "node.toml"
     config.write_text(f'[node]\ndata_dir = "{tmp_path / "cli"}"\naccept_any_calling_ae = true\n')
+    (tmp_path / "cli").mkdir()
+    open_database(load_settings(config))  # a node's data folder: `job` refuses one without a database
     args = parser.parse_args(["job", "backup", "--config", str(config)])
     assert args.func(args) == 0
     out = capsys.readouterr().out  # structlog's console lines come first
