@@ -33,6 +33,10 @@ def train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, default=None, help="train on a labelled folder (NODE21 layout) instead of phantoms")
     p.add_argument("--labels", type=Path, default=None, help="its CSV (default: the only .csv in --data)")
     p.add_argument("--init", type=Path, default=None, help="model card whose weights training starts from")
+    p.add_argument("--generator", default="phantom", choices=("phantom", "varied"),
+                   help="training images: the default phantoms, or the varied generator (inference.training.variety)")
+    p.add_argument("--hold-out", default="", metavar="KINDS",
+                   help="comma-separated kinds of variation the varied generator leaves out (e.g. devices,text)")
 
 
 def evaluate(p: argparse.ArgumentParser) -> None:

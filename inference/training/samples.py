@@ -1,8 +1,11 @@
 """Owns phantom samples for training and held-out scoring: seed splits, targets, datasets.
 
 Seeds of the three splits lie in disjoint ranges (`SPLITS`), so a held-out
-image is never a training image. Nothing here imports pydicom, so training
-runs where only torch, timm, numpy and OpenCV exist.
+image is never a training image. Training images come from the default
+phantom generator or, with `generator="varied"`, from the varied generator
+(`inference.training.variety`, issue #17), whose named kinds of variation can
+be held out. Nothing here imports pydicom, so training runs where only torch,
+timm, numpy and OpenCV exist.
 """
 from __future__ import annotations
 
@@ -18,10 +21,12 @@ from torch.utils.data import Dataset
 from inference.model import HEAD_STRIDE, heatmap_coord
 from inference.preprocess import letterbox, source_to_model
 from inference.training.phantoms import generate_phantom, phantom_model_input
+from inference.training.variety import check_kinds, finding_count, generate_varied
 
 SPLITS = {"calibration": 1_000_000, "test": 2_000_000, "train": 10_000_000}
 SPLIT_SIZE = 1_000_000  # calibration and test seeds: base .. base + SPLIT_SIZE - 1
 HELD_OUT_GAIN = 1.0
+GENERATORS = ("phantom", "varied")
 
 
 def seed_of(split: str, index: int) -> int:
@@ -55,23 +60,44 @@ class Curriculum:
         return rows
 
 
+def _lung_target(mask: np.ndarray, out: int) -> np.ndarray:
+    """The lung mask letterboxed like the image, at heatmap resolution (out x out)."""
+    lb = letterbox(mask.shape, out)
+    lung = np.zeros((out, out), bool)
+    small = cv2.resize(mask.astype(np.float32), (lb.width, lb.height), interpolation=cv2.INTER_AREA) > 0.5
+    lung[lb.top:lb.top + lb.height, lb.left:lb.left + lb.width] = small
+    return lung
+
+
 def phantom_sample(phantom, input_size: int) -> dict[str, torch.Tensor]:
-    """Model input and dense targets of one phantom (the dict a DataLoader batches)."""
+    """Model input and dense targets of one phantom (the dict a DataLoader batches).
+
+    The heatmap has a peak at every finding (`phantom.findings` when the phantom
+    has several, else its nodule); the radius target is that of the peak the
+    loss reads (the heatmap's first maximum); row, col, diameter and contrast
+    are those of `phantom.nodule` (the largest finding)."""
     image, scale = phantom_model_input(phantom, input_size)
     out = input_size // HEAD_STRIDE
-    lung = cv2.resize(phantom.lung_mask.astype(np.float32), (out, out), interpolation=cv2.INTER_AREA) > 0.5
+    lung = _lung_target(phantom.lung_mask, out)
     heat = np.zeros((out, out), np.float32)
     radius_hm = 0.0
     row = col = -1.0
     nod = phantom.nodule
-    if nod is not None:
-        row, col = source_to_model(nod.row, nod.col, source_shape=phantom.pixels.shape, input_size=input_size)
-        radius_hm = nod.radius_px * letterbox(phantom.pixels.shape, input_size).scale / HEAD_STRIDE
-        sigma = max(1.0, radius_hm / 4)
-        r, c = heatmap_coord(row), heatmap_coord(col)
-        yy, xx = np.mgrid[0:out, 0:out].astype(np.float32)
-        heat = np.exp(-((yy - r) ** 2 + (xx - c) ** 2) / (2 * sigma**2)).astype(np.float32)
-        heat[min(out - 1, max(0, round(r))), min(out - 1, max(0, round(c)))] = 1.0
+    lb_scale = letterbox(phantom.pixels.shape, input_size).scale
+    first = out * out
+    yy, xx = np.mgrid[0:out, 0:out].astype(np.float32)
+    for f in getattr(phantom, "findings", ()) or ([nod] if nod is not None else []):
+        f_row, f_col = source_to_model(f.row, f.col, source_shape=phantom.pixels.shape, input_size=input_size)
+        f_radius = f.radius_px * lb_scale / HEAD_STRIDE
+        r, c = heatmap_coord(f_row), heatmap_coord(f_col)
+        sigma = max(1.0, f_radius / 4)
+        np.maximum(heat, np.exp(-((yy - r) ** 2 + (xx - c) ** 2) / (2 * sigma**2)).astype(np.float32), out=heat)
+        peak = (min(out - 1, max(0, round(r))), min(out - 1, max(0, round(c))))
+        heat[peak] = 1.0
+        if peak[0] * out + peak[1] < first:
+            first, radius_hm = peak[0] * out + peak[1], f_radius
+        if f is nod:
+            row, col = f_row, f_col
     return {
         "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],
         "heat": torch.from_numpy(heat)[None],
@@ -80,7 +106,7 @@ def phantom_sample(phantom, input_size: int) -> dict[str, torch.Tensor]:
         "label": torch.tensor(float(nod is not None)),
         "row": torch.tensor(row, dtype=torch.float32),
         "col": torch.tensor(col, dtype=torch.float32),
-        "radius": torch.tensor(radius_hm * HEAD_STRIDE, dtype=torch.float32),
+        "radius": torch.tensor(nod.radius_px * lb_scale if nod else 0.0, dtype=torch.float32),
         "diameter_mm": torch.tensor(nod.diameter_mm if nod else 0.0, dtype=torch.float32),
         "contrast": torch.tensor(nod.contrast if nod else 0.0, dtype=torch.float32),
         "mm_per_px": torch.tensor(phantom.pixel_spacing_mm / scale, dtype=torch.float32),
@@ -109,10 +135,20 @@ class HeldOut(Dataset):
 
 
 class TrainStream(Dataset):
-    """Training phantoms generated on the fly; gain and sizes follow `curriculum` by wall-clock time."""
+    """Training phantoms generated on the fly; gain and sizes follow `curriculum` by wall-clock time.
 
-    def __init__(self, input_size: int, t0: float, budget_s: float, curriculum: Curriculum, length: int = 10**8) -> None:
+    `generator` "phantom" (the default generator) or "varied" (the varied one,
+    with the kinds named in `hold_out` switched off); positives on even indices."""
+
+    def __init__(self, input_size: int, t0: float, budget_s: float, curriculum: Curriculum, length: int = 10**8,
+                 generator: str = "phantom", hold_out: tuple[str, ...] = ()) -> None:
+        if generator not in GENERATORS:
+            raise ValueError(f"generator must be one of {GENERATORS}, got {generator!r}")
+        check_kinds(hold_out, "hold-out")
+        if hold_out and generator != "varied":
+            raise ValueError("hold-out applies to the varied generator only (generator 'varied')")
         self.input_size, self.t0, self.budget_s, self.curriculum, self.length = input_size, t0, budget_s, curriculum, length
+        self.generator, self.hold_out = generator, tuple(hold_out)
 
     def __len__(self) -> int:
         return self.length
@@ -125,7 +161,11 @@ class TrainStream(Dataset):
         diameter = None
         if positive and dmin is not None:
             diameter = float(np.random.default_rng(seed).uniform(dmin, 30.0))
-        p = generate_phantom(seed, size=self.input_size, nodule=positive, gain=gain, diameter_mm=diameter)
+        if self.generator == "varied":
+            p = generate_varied(seed, self.input_size, findings=finding_count(seed) if positive else 0,
+                                exclude=self.hold_out, gain=gain, min_diameter_mm=dmin)
+        else:
+            p = generate_phantom(seed, size=self.input_size, nodule=positive, gain=gain, diameter_mm=diameter)
         return phantom_sample(p, self.input_size)
 
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, RandomSampler
 
 from inference import torch_setup
-from inference.training import options, phantoms
+from inference.training import options, phantoms, variety
 from inference.training.evaluate import (HeldOutScores, fit_platt, json_safe, platt, pointing_hits, score_heldout, summarize,
                                 youden_threshold)
 from inference.training.labelled_folder import LabelledFolder
@@ -191,7 +191,9 @@ def train(args: argparse.Namespace) -> ModelCard:
     t0 = time.time()
     prefetch = _prefetch(args) if args.workers else None
     if args.data is None:
-        stream, sampler = TrainStream(args.input_size, t0, budget, curriculum), None
+        hold_out = tuple(k for k in args.hold_out.split(",") if k)
+        stream, sampler = TrainStream(args.input_size, t0, budget, curriculum, generator=args.generator,
+                                      hold_out=hold_out), None
     else:
         stream = LabelledFolder(args.data, args.input_size, args.labels)
         sampler = RandomSampler(stream, replacement=True, num_samples=10**8, generator=torch.Generator().manual_seed(0))
@@ -287,7 +289,7 @@ def train(args: argparse.Namespace) -> ModelCard:
         tta=TTA_DESCRIPTION,
         location_source=location_source,
         training={
-            "generator": _generator_version(),
+            "generator": _generator_version(args.generator, args.hold_out),
             "train_seeds": f"{SPLITS['train']} + i, i < {fresh} (positives on even i, generated at {args.input_size} px)"
             if args.data is None else None,
             "data": None if args.data is None else f"labelled folder {args.data.name} ({len(stream)} images)",
@@ -325,9 +327,12 @@ def _prefetch(args: argparse.Namespace) -> int:
     return int(max(1, min(4, free // (2 * batch_bytes * args.workers))))
 
 
-def _generator_version() -> str:
-    """The generator's identity: its module file's sha256 (it has no version constant)."""
-    return f"inference/training/phantoms.py sha256 {sha256_file(phantoms.__file__)[:16]}"
+def _generator_version(generator: str = "phantom", hold_out: str = "") -> str:
+    """The generator's identity: its module files' sha256 (it has no version constant)."""
+    base = f"inference/training/phantoms.py sha256 {sha256_file(phantoms.__file__)[:16]}"
+    if generator != "varied":
+        return base
+    return f"{base}; varied: {variety.fingerprint()}" + (f"; held out: {hold_out}" if hold_out else "")
 
 
 def _mlflow_hook(args: argparse.Namespace, card: ModelCard) -> None:
