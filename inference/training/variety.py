@@ -4,12 +4,12 @@
 (`phantoms._attenuation`, unchanged; `generate_phantom`'s output does not
 change) and randomises, each as a named kind that `exclude` switches off:
 
-- habitus: small, large, child, obese builds, enlarged heart shadows;
+- habitus: small, large, child, obese builds;
 - inspiration: depth of inspiration (lung height);
 - geometry: image aspect, patient placement and zoom, rotation, shear;
 - portable: a quarter of the images are portable AP films (scapulae over the
-  lungs, magnified heart, shallow inspiration, more scatter and noise, more
-  devices, an "AP PORTABLE" label);
+  lungs, shallow inspiration, more scatter and noise, more devices, an
+  "AP PORTABLE" label);
 - soft_tissue: breasts, lateral chest wall;  limbs: arms, humeri, scapulae;
 - devices: ECG leads, catheters, tubes, pacemaker, sternal wires, drains;
 - text: lead side marker and burned-in annotation;

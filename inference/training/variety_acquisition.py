@@ -55,6 +55,7 @@ def geometry(rng: np.random.Generator, size: int, zones: np.ndarray, *, placemen
     x0, y0, bw, bh = cv2.boundingRect(zones)
     centre = (x0 + bw / 2.0, y0 + bh / 2.0)
     sy = (rng.uniform(0.80, 1.0) if ap else rng.uniform(0.86, 1.08)) if inspiration else 1.0
+    sy *= 0.93 if ap else 1.0  # AP films are shallower and lordotic
     sx = wide
     if placement:
         theta = math.radians(float(np.clip(rng.normal(0.0, 4.0), -12.0, 12.0)))
@@ -104,8 +105,8 @@ def expose(seed_rngs: dict[str, np.random.Generator], att: np.ndarray, spacing: 
     px_mm = 1.0 / spacing
     r = seed_rngs["exposure"]
     quality = r.uniform(0.8, 1.15) if on.exposure else 1.0  # lower kVp: more contrast
-    spr = (r.uniform(0.5, 1.0) if on.ap else r.uniform(0.1, 0.6)) if on.exposure else 0.3
-    photons = (r.uniform(1.5e4, 1.5e5) if on.ap else r.uniform(5e4, 5e5)) if on.exposure else 2e5
+    spr = (r.uniform(0.1, 0.6) if on.exposure else 0.3) + (0.35 if on.ap else 0.0)  # portable: often no grid
+    photons = (r.uniform(5e4, 5e5) if on.exposure else 2e5) / (3.0 if on.ap else 1.0)  # and less dose
     primary = np.exp(-quality * att)
     signal = primary + spr * _smooth(primary, (r.uniform(20, 50) if on.exposure else 30.0) * px_mm)
     if on.grid:
@@ -137,11 +138,11 @@ def expose(seed_rngs: dict[str, np.random.Generator], att: np.ndarray, spacing: 
 def _process(rng: np.random.Generator, log_sig: np.ndarray, px_mm: float, on: bool) -> np.ndarray:
     """Vendor processing: dynamic range compression, two unsharp bands, a tone curve; off: a plain window."""
     if on:
-        log_sig = log_sig - rng.uniform(0.0, 0.6) * _smooth(log_sig, rng.uniform(10, 40) * px_mm)
+        log_sig = log_sig - rng.uniform(0.1, 0.7) * _smooth(log_sig, rng.uniform(25, 60) * px_mm)
         for lo_mm, hi_mm, most in ((1.0, 4.0, 1.3), (5.0, 15.0, 0.6)):
             k = rng.uniform(lo_mm, hi_mm) * px_mm
             log_sig = log_sig + rng.uniform(0.0, most) * (log_sig - _smooth(log_sig, k))
-        lo_p, hi_p = rng.uniform(0.2, 2.0), rng.uniform(98.5, 99.9)
+        lo_p, hi_p = rng.uniform(0.5, 12.0), rng.uniform(98.5, 99.9)  # direct exposure often clipped
     else:
         lo_p, hi_p = 1.0, 99.5
     lo, hi = np.percentile(log_sig[::4, ::4], [lo_p, hi_p])

@@ -2,9 +2,9 @@
 
 It starts from the training family's anatomy (`phantoms._attenuation`, drawn
 unchanged) and adds, in the same anatomical millimetre frame, what that anatomy
-keeps fixed: body size and build (small, large, child, obese), an enlarged heart
-shadow, breasts and lateral soft tissue, arms beside the chest with the humeri,
-and scapulae (retracted on a PA film, over the lungs on a portable AP). It also
+keeps fixed: body size and build (small, large, child with a thymus, obese),
+breasts and lateral soft tissue, arms beside the chest with the humeri, and
+scapulae (retracted on a PA film, over the lungs on a portable AP). It also
 draws the lung zones a detector must search: the aerated lung, the lung behind
 the heart and the posterior recesses below the diaphragm domes.
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from inference.training.phantoms import (MU_BONE_EXCESS, MU_NODULE_EXCESS, MU_TISSUE, _anatomy, _attenuation, _Frame,
+from inference.training.phantoms import (MU_BONE_EXCESS, MU_TISSUE, _anatomy, _attenuation, _Frame,
                                          _lung_outline, _poly, _smooth, _soft_ellipse)
 
 LUNG, RETROCARDIAC, RECESS = 1, 2, 3  # zone labels; 0 is outside the lungs
@@ -64,15 +64,22 @@ def _lung_zones(p: dict[str, float], frame: _Frame, heart: np.ndarray, size: int
     return zones
 
 
-def _segment_distance(x: np.ndarray, y: np.ndarray, a: tuple[float, float], b: tuple[float, float]) -> np.ndarray:
-    """Distance (mm) of every grid point to the segment a-b (mm)."""
-    ax, ay = a
-    dx, dy = b[0] - ax, b[1] - ay
-    t = np.clip(((x - ax) * dx + (y - ay) * dy) / (dx * dx + dy * dy), 0.0, 1.0)
-    return np.hypot(x - ax - t * dx, y - ay - t * dy)
+def _capsule(x: np.ndarray, y: np.ndarray, frame: _Frame, a: tuple[float, float], b: tuple[float, float],
+             reach: float) -> tuple[tuple[slice, slice], np.ndarray]:
+    """Distance (mm) to the segment a-b (mm), computed only in the pixel box within `reach` mm of it."""
+    ends = frame.points(np.array([a, b], np.float64))
+    pad = reach * frame.px_per_mm + 2
+    c0, r0 = np.floor(ends.min(axis=0) - pad).astype(int)
+    c1, r1 = np.ceil(ends.max(axis=0) + pad).astype(int)
+    box = (slice(max(0, r0), max(0, r1)), slice(max(0, c0), max(0, c1)))
+    xs, ys = x[box], y[box]
+    dx, dy = b[0] - a[0], b[1] - a[1]
+    t = np.clip(((xs - a[0]) * dx + (ys - a[1]) * dy) / (dx * dx + dy * dy), 0.0, 1.0)
+    return box, np.hypot(xs - a[0] - t * dx, ys - a[1] - t * dy)
 
 
-def _arms(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, p: dict[str, float], ap: bool) -> np.ndarray:
+def _arms(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, frame: _Frame, p: dict[str, float], ap: bool
+          ) -> np.ndarray:
     """Upper arms beside the chest (soft tissue cylinders with a cortical humerus), or none (arms raised)."""
     out = np.zeros_like(x)
     if rng.random() < 0.3:
@@ -83,11 +90,11 @@ def _arms(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, p: dict[str, f
         gap = rng.uniform(-15, 35) - (12 if ap else 0)
         shoulder = (side * (bh + 4), -14.0)
         elbow = (side * (bh + gap + radius * 0.8 + rng.uniform(0, 40)), rng.uniform(250, 320))
-        d = _segment_distance(x, y, (side * (bh + gap + radius * 0.7), 10.0), (elbow[0], elbow[1] + 60))
-        out += MU_TISSUE * 2 * np.sqrt(np.clip(radius * radius - d * d, 0.0, None))
-        d = _segment_distance(x, y, shoulder, elbow)
+        box, d = _capsule(x, y, frame, (side * (bh + gap + radius * 0.7), 10.0), (elbow[0], elbow[1] + 60), radius)
+        out[box] += MU_TISSUE * 2 * np.sqrt(np.clip(radius * radius - d * d, 0.0, None))
+        box, d = _capsule(x, y, frame, shoulder, elbow, 12.0)
         shaft = np.sqrt(np.clip(1.0 - (d / 11.0) ** 2, 0.0, None))
-        out += MU_BONE_EXCESS * 9 * (shaft + 0.8 * np.clip(1.0 - np.abs(d - 9.5) / 2.0, 0.0, None))
+        out[box] += MU_BONE_EXCESS * 9 * (shaft + 0.8 * np.clip(1.0 - np.abs(d - 9.5) / 2.0, 0.0, None))
     return out
 
 
@@ -129,13 +136,6 @@ def render(seed: int, size: int, spacing: float, *, habitus: bool, soft_tissue: 
 
     kind = str(rng.choice(list(HABITUS), p=_HABITUS_P)) if habitus else "adult"
     scale = rng.uniform(*HABITUS[kind]) if habitus else 1.0
-    enlarge = 1.0 + (0.08 if ap else 0.0) + (0.08 if kind == "child" else 0.0)
-    if habitus and rng.random() < 0.2:
-        enlarge += rng.uniform(0.03, 0.18)  # cardiomegaly
-    if enlarge > 1.02:  # a larger heart shadow displaces more lung air (AP magnification, cardiomegaly)
-        big = _soft_ellipse(x, y, frame, heart_c[0] + 4 * (enlarge - 1), heart_c[1], p["heart_w"] * enlarge,
-                            p["heart_h"] * enlarge, -0.42)
-        att += MU_NODULE_EXCESS * p["lung_depth"] * 0.5 * np.clip(big ** 0.6 - heart ** 0.6, 0.0, None)
     if kind == "child":  # thymus widening the upper mediastinum
         att += MU_TISSUE * 40 * _soft_ellipse(x, y, frame, rng.uniform(-5, 10), 60, rng.uniform(30, 45), 30, 0.0)
     att *= scale ** 0.85  # path lengths scale with the patient
@@ -162,7 +162,7 @@ def render(seed: int, size: int, spacing: float, *, habitus: bool, soft_tissue: 
             nip[i] = (cx + 0.1 * nx, bottom - radius * 0.3)  # the nipple sits low on the breast
     if limbs:
         lrng = np.random.default_rng([seed, tag, 103])
-        att += _arms(lrng, x, y, p, ap) + _scapulae(lrng, frame, p, size, ap)
+        att += _arms(lrng, x, y, frame, p, ap) + _scapulae(lrng, frame, p, size, ap)
     marks = {"nipple_r": nip[0], "nipple_l": nip[1], "carina": (p["heart_x"] * 0.1, 88.0),
              "svc": (-p["medial_r"] + 2, 62.0), "heart": heart_c, "subclavian_r": (-70.0, 22.0),
              "subclavian_l": (70.0, 22.0), "neck": (0.0, -110.0), "apex_heart": (heart_c[0] + p["heart_w"] * 0.7,

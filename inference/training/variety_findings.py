@@ -108,7 +108,7 @@ def add_findings(rng: np.random.Generator, att: np.ndarray, zones: np.ndarray, s
         row, col, zone = spot
         margin = str(rng.choice(MARGINS, p=(0.45, 0.3, 0.25)))
         part_solid = bool(rng.random() < 0.2)
-        contrast = gain * rng.uniform(0.55, 1.0) * MU_NODULE_EXCESS * min(d_mm, 45.0)
+        contrast = gain * rng.uniform(0.85 if mass else 0.7, 1.0) * MU_NODULE_EXCESS * d_mm  # solid tissue for lung
         _paste(att, (contrast * _blob(rng, r_px, margin, part_solid, 1.0 / spacing)).astype(np.float32), row, col)
         found.append(Finding(row=row, col=col, radius_px=r_px, diameter_mm=float(d_mm), contrast=float(contrast),
                              kind="mass" if d_mm > 30.0 else "nodule", margin=margin, part_solid=part_solid,
