@@ -11,6 +11,17 @@ from pathlib import Path
 
 from inference.types import DEVICES
 
+def _kinds(text: str) -> str:
+    """`--hold-out`: known kinds of the varied generator, comma-separated (imported only when the option is given)."""
+    from inference.training.variety import check_kinds
+
+    try:
+        check_kinds((k for k in text.split(",") if k), "kinds")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="folder for weights, card and log")
     p.add_argument("--device", default="auto", choices=DEVICES, help="auto: CUDA when available (default: %(default)s)")
@@ -35,7 +46,7 @@ def train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", type=Path, default=None, help="model card whose weights training starts from")
     p.add_argument("--generator", default="phantom", choices=("phantom", "varied"),
                    help="training images: the default phantoms, or the varied generator (inference.training.variety)")
-    p.add_argument("--hold-out", default="", metavar="KINDS",
+    p.add_argument("--hold-out", type=_kinds, default="", metavar="KINDS",
                    help="comma-separated kinds of variation the varied generator leaves out (e.g. devices,text)")
 
 

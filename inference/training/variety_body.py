@@ -148,7 +148,7 @@ def render(seed: int, size: int, spacing: float, *, habitus: bool, soft_tissue: 
     nip = [(-srng.uniform(65, 100), dome - srng.uniform(20, 50)), (srng.uniform(65, 100), dome - srng.uniform(20, 50))]
     if soft_tissue:
         body = (att > 0.5).astype(np.uint8)
-        inside = cv2.distanceTransform(body, cv2.DIST_L2, 3) / frame.px_per_mm
+        inside = np.minimum(cv2.distanceTransform(body, cv2.DIST_L2, 3), 1e6) / frame.px_per_mm  # huge with no edge
         att += MU_TISSUE * srng.uniform(0, 30) * np.clip(1.0 - inside / 30.0, 0.0, None) * body  # lateral wall
     if breasts:
         radius = srng.uniform(55, 95) * (1.2 if kind == "obese" else 1.0)

@@ -16,6 +16,7 @@ from inference.training.variety import KINDS, generate_varied
 from inference.training.variety_acquisition import Geometry
 from inference.training.variety_body import render
 
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")  # no overflow or empty-slice warnings either
 SIZE = 192
 ALL = frozenset(KINDS)
 CONTACT = Path(__file__).resolve().parents[2] / "test-output" / "variety" / "contact.png"
