@@ -26,7 +26,7 @@ fi
 
 if [ "${TINY:-0}" = 1 ]; then
   train=(--device cpu --minutes 0.3 --input-size 128 --batch 4 --workers 1 --threads 1 --calib-n 8 --test-n 8)
-  evaluate=(--device cpu --threads 1 --n 8 --size 128 --robust-n 0 --ood-n 0 --latency-images 0)
+  evaluate=(--device cpu --threads 1 --n 8 --size 256 --robust-n 0 --ood-n 0 --latency-images 0)  # 256: the node skips smaller
 else
   workers=$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))
   train=(--device cuda --minutes "$minutes" --workers "$workers" --threads 2 --calib-n 1000 --test-n 1000)
