@@ -138,7 +138,7 @@ def expose(seed_rngs: dict[str, np.random.Generator], att: np.ndarray, spacing: 
 def _process(rng: np.random.Generator, log_sig: np.ndarray, px_mm: float, on: bool) -> np.ndarray:
     """Vendor processing: dynamic range compression, two unsharp bands, a tone curve; off: a plain window."""
     if on:
-        log_sig = log_sig - rng.uniform(0.1, 0.7) * _smooth(log_sig, rng.uniform(25, 60) * px_mm)
+        log_sig = log_sig - rng.uniform(0.1, 0.5) * _smooth(log_sig, rng.uniform(25, 60) * px_mm)
         for lo_mm, hi_mm, most in ((1.0, 4.0, 1.3), (5.0, 15.0, 0.6)):
             k = rng.uniform(lo_mm, hi_mm) * px_mm
             log_sig = log_sig + rng.uniform(0.0, most) * (log_sig - _smooth(log_sig, k))

@@ -22,7 +22,7 @@ import numpy as np
 from inference.training.phantoms import (MU_BONE_EXCESS, MU_TISSUE, _anatomy, _attenuation, _Frame,
                                          _lung_outline, _poly, _smooth, _soft_ellipse)
 
-LUNG, RETROCARDIAC, RECESS = 1, 2, 3  # zone labels; 0 is outside the lungs
+LUNG, RETROCARDIAC, RECESS, HILUM = 1, 2, 3, 4  # zone labels; 0 is outside the lungs
 
 HABITUS = {"adult": (0.92, 1.06), "small": (0.80, 0.90), "large": (1.06, 1.18), "child": (0.55, 0.75),
            "obese": (1.0, 1.12)}
@@ -51,7 +51,7 @@ def _replay_frame(rng: np.random.Generator, size: int, spacing: float) -> tuple[
 
 
 def _lung_zones(p: dict[str, float], frame: _Frame, heart: np.ndarray, size: int, recess_mm: float) -> np.ndarray:
-    """Label map: aerated lung, lung behind the heart, and the posterior recesses `recess_mm` below the domes."""
+    """Label map: aerated lung, the hila, lung behind the heart, and the posterior recesses `recess_mm` below the domes."""
     pr = dict(p, dome=p["dome_r"], medial=p["medial_r"])
     pl = dict(p, dome=p["dome_r"] + p["dome_l_drop"], medial=p["medial_l"], base=p["base"] + p["dome_l_drop"] * 0.5)
     zones = np.zeros((size, size), np.uint8)
@@ -60,6 +60,10 @@ def _lung_zones(p: dict[str, float], frame: _Frame, heart: np.ndarray, size: int
     lungs = np.zeros_like(zones)
     cv2.fillPoly(lungs, [_poly(frame, _lung_outline(-1, pr)), _poly(frame, _lung_outline(1, pl))], 1)
     zones[lungs > 0] = LUNG
+    hila = np.zeros_like(zones)
+    for x_mm, y_mm in ((-p["medial_r"] - 12, 104.0), (p["medial_l"] + 12, 96.0)):  # where the vessel trees start
+        cv2.circle(hila, tuple(_poly(frame, [(x_mm, y_mm)])[0]), max(1, int(35 * frame.px_per_mm)), 1, -1)
+    zones[(lungs > 0) & (hila > 0)] = HILUM
     zones[(lungs > 0) & (heart >= 0.45)] = RETROCARDIAC
     return zones
 

@@ -17,10 +17,10 @@ import cv2
 import numpy as np
 
 from inference.training.phantoms import MU_BONE_EXCESS, MU_NODULE_EXCESS, MU_TISSUE, Nodule
-from inference.training.variety_body import LUNG, RECESS, RETROCARDIAC
+from inference.training.variety_body import HILUM, LUNG, RECESS, RETROCARDIAC
 
-ZONE_NAMES = {LUNG: "lung", RETROCARDIAC: "behind the heart", RECESS: "below the dome"}
-_ZONE_P = {LUNG: 0.7, RETROCARDIAC: 0.15, RECESS: 0.15}
+ZONE_NAMES = {LUNG: "lung", HILUM: "hilum", RETROCARDIAC: "behind the heart", RECESS: "below the dome"}
+_ZONE_P = {LUNG: 0.6, HILUM: 0.12, RETROCARDIAC: 0.14, RECESS: 0.14}
 MARGINS = ("smooth", "lobulated", "spiculated")
 
 
@@ -135,7 +135,7 @@ def add_mimics(rng: np.random.Generator, att: np.ndarray, zones: np.ndarray, spa
             c, r = landmarks[side]
             _paste(att, (MU_TISSUE * height * _disk(d / 2 * px_mm, 0.3)).astype(np.float32), r, c)
         drawn.append("nipple shadow")
-    lung_rows, lung_cols = np.nonzero(zones == LUNG)
+    lung_rows, lung_cols = np.nonzero((zones == LUNG) | (zones == HILUM))  # aerated lung in front
     if len(lung_rows) == 0:
         return drawn
     for _ in range(int(rng.integers(0, 3))):
