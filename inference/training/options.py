@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from inference.training import progress
 from inference.types import DEVICES
 
 def train(p: argparse.ArgumentParser) -> None:
@@ -33,6 +34,10 @@ def train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, default=None, help="train on a labelled folder (NODE21 layout) instead of phantoms")
     p.add_argument("--labels", type=Path, default=None, help="its CSV (default: the only .csv in --data)")
     p.add_argument("--init", type=Path, default=None, help="model card whose weights training starts from")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI to log the run to (default: $MLFLOW_TRACKING_URI; none: not logged)")
+    p.add_argument("--experiment", default="smartnodule-train", help="MLflow experiment of the run")
+    progress.add_option(p)
 
 
 def evaluate(p: argparse.ArgumentParser) -> None:
@@ -48,4 +53,11 @@ def evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--latency-images", type=int, default=3, help="2048 px DICOM phantoms timed on CPU (0: skip)")
-    p.add_argument("--latency-size", type=int, default=2048)
+    p.add_argument("--latency-size", type=int, default=2048, help="side of the latency phantoms (px)")
+    p.add_argument("--out", type=Path, default=Path("eval-report"),
+                   help="folder for report.txt, figures.json and the ROC, reliability and risk-coverage plots "
+                        "(default: ./eval-report)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI to log figures and plots to (default: $MLFLOW_TRACKING_URI; none: not logged)")
+    p.add_argument("--experiment", default="smartnodule-eval", help="MLflow experiment of the run")
+    progress.add_option(p)
