@@ -86,7 +86,7 @@ def _describe(kind: str, source: str, exc: ValidationError) -> str:
     return f"{kind} {source}: {wrong}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=ConfigDict(ser_json_inf_nan="constants"))
 class GateFigures:
     """A model's figures on the promotion gate's evaluation set (probabilities from the serving path);
     computed by `scheduler.registry.figures`."""

@@ -24,7 +24,7 @@ def _figure(title: str, xlabel: str, ylabel: str):
     fig = Figure(figsize=(5.5, 5.0), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    ax.set(title=title, xlabel=xlabel, ylabel=ylabel, xlim=(0, 1), ylim=(0, 1))
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel, xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
     ax.grid(alpha=0.3)
     return fig, ax
 
@@ -68,6 +68,6 @@ def write_plots(sources: dict[str, list[Read]], out: Path) -> list[Path]:
             ax.plot(np.r_[0.0, coverage], np.r_[risk[0], risk], drawstyle="steps-pre",
                     label=f"{name} (AURC {aurc(s.confidence, s.errors):.3f}, error {s.errors.mean():.3f})")
             top = max(top, float(risk.max()) * 1.05)
-    ax.set_ylim(0, min(1.05, top))
+    ax.set_ylim(-0.01, min(1.05, top))
     paths.append(_save(fig, ax, out / "risk_coverage.png"))
     return paths

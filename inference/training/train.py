@@ -10,6 +10,11 @@ samples (flipped and contrast-jittered anew each time) keeps the GPU busy
 while the workers generate. A hard wall-clock budget ends training, then a
 calibration split fits Platt scaling and the threshold, a test split is
 scored, and weights (float16 safetensors), card JSON and log are written.
+Progress: a line every `--log-every` seconds (stdout and OUT/train.log) and, on a
+terminal or with `--progress always`, bars with ETA on stderr for the training
+loop (by steps under `--max-steps`, else by the seconds of the budget) and the
+scoring of each held-out split. With `--tracking-uri` (or MLFLOW_TRACKING_URI)
+the run is logged to MLflow (`inference.training.tracking`).
 
 `--data FOLDER` trains on a labelled folder in the NODE21 layout
 (`inference.training.labelled_folder`: DICOM, PNG or MHA with `img_name,x,y,width,height,label`)
