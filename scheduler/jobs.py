@@ -1,8 +1,9 @@
 """The scheduled jobs. Each takes (settings, sessions) and returns (outcome, summary dict).
 
 drift: `scheduler.drift.check`, alert on breach. retrain: fine-tune in a child
-process when enough new adjudicated cases exist, then promote when the gate
-passed and `registry.auto_promote`. reindex: rebuild the FAISS case index.
+process when enough new adjudicated cases exist (a `FineTuneManifest` in, a
+`FineTuneResult` file back, its progress logged as `retrain_progress` events as
+it comes), then promote when the gate passed and `registry.auto_promote`. reindex: rebuild the FAISS case index.
 retention: delete spool files and results of finished jobs past retention.
 echo: C-ECHO every destination. backup: SQLite online backup of the node
 database and the MLflow registry.
