@@ -46,7 +46,7 @@ def write_plots(sources: dict[str, list[Read]], out: Path) -> list[Path]:
     for name, s in data.items():
         if s.labels.any() and (~s.labels).any():
             fpr, tpr = roc_curve(s.probability, s.labels)
-            ax.plot(fpr, tpr, drawstyle="steps-post", label=f"{name} (AUC {auc(s.probability, s.labels):.3f})")
+            ax.plot(fpr, tpr, label=f"{name} (AUC {auc(s.probability, s.labels):.3f})")
     paths = [_save(fig, ax, out / "roc.png")]
 
     fig, ax = _figure(f"Reliability ({ECE_BINS} bins; marker area ~ images)", "mean predicted probability",
