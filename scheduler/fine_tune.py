@@ -1,9 +1,10 @@
 """Owns fine-tuning the model in service on adjudicated cases: `python -m scheduler.fine_tune MANIFEST`.
 
 Runs as a separate process with one torch thread so the node keeps serving.
-The manifest (JSON, written by `scheduler.jobs.retrain`) carries the settings,
-the champion's card, the adjudicated cases (spool DICOM, final verdict, click
-location) split into training and held-out, and the phantom seeds. Steps:
+The manifest (`scheduler.fine_tune_contract.FineTuneManifest`, written by
+`scheduler.jobs.retrain`) carries the settings, the champion's card, the
+adjudicated cases (spool DICOM, final verdict, click location) split into
+training and held-out, and the phantom seeds. Steps:
 
 1. training samples: each case through `inference.preprocess.prepare` (image
    label; a Gaussian heatmap target at the verdict click when there is one),
@@ -18,7 +19,11 @@ location) split into training and held-out, and the phantom seeds. Steps:
 4. the promotion gate (`scheduler.registry.evaluate_gate`) against the
    champion; figures go to the run's metrics and the version's tags.
 
-The last stdout line is a JSON summary.
+Each step of the work is a `Progress` JSON line on stdout as it happens (the
+parent logs them), with a progress bar per phase on stderr when it is a terminal
+or `--progress always`. The `FineTuneResult` is written to the manifest's
+`result_path` before the process exits 0; a manifest that breaks the contract
+ends it with one line naming the field and exit status 2.
 """
 from __future__ import annotations
 
@@ -32,24 +37,55 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from inference.training import progress
+from scheduler.fine_tune_contract import AdjudicatedCase, ContractError, FineTuneManifest, FineTuneResult, Progress
+
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-PHANTOM_SEED_INDEX0 = 50_000_000  # train-split indices far beyond any training run's (train.py uses 0..fresh)
+
+class Reporter:
+    """The child's progress: per phase, a `Progress` line on stdout for its first and last step and at most one per
+    `interval_s` between, and a tqdm bar on stderr when `mode` asks for one."""
+
+    def __init__(self, interval_s: float, mode: str = "auto") -> None:
+        self.interval_s, self.mode = interval_s, mode
+        self.name, self.total, self.bar = "", 0, None
+        self.started = self.last = 0.0
+
+    def phase(self, name: str, total: int) -> None:
+        self.close()
+        self.name, self.total = name, total
+        self.started = time.time()
+        self.bar = progress.bar(self.mode, total=total, desc=f"fine-tune {name}", unit="step" if name == "train" else "it")
+        self._emit(0, None, self.started)
+
+    def step(self, done: int, loss: float | None = None) -> None:
+        now = time.time()
+        self.bar.update(done - self.bar.n)
+        if loss is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        if done in (1, self.total) or now - self.last >= self.interval_s:
+            self._emit(done, loss, now)
+
+    def _emit(self, done: int, loss: float | None, now: float) -> None:
+        elapsed = now - self.started
+        eta = elapsed / done * (self.total - done) if done else None
+        print(Progress(phase=self.name, done=done, total=self.total, loss=loss, elapsed_s=round(elapsed, 3),
+                       eta_s=None if eta is None else round(eta, 1), at=now).line(), flush=True)
+        self.last = now
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
-def case_model_input(spool_path: str | Path, input_size: int) -> np.ndarray:
-    from pydicom import dcmread
-
-    from inference.preprocess import prepare
-
-    return prepare(dcmread(spool_path), input_size=input_size).model_input
-
-
-def case_sample(case: dict, input_size: int, flip: bool = False) -> dict:
+def case_sample(case: AdjudicatedCase, input_size: int, flip: bool = False) -> dict:
     """Training sample of one adjudicated case: image label, heatmap target at the click when given
     (built as a labelled folder's, `inference.training.labelled_folder.labelled_sample`)."""
     from pydicom import dcmread
@@ -57,9 +93,9 @@ def case_sample(case: dict, input_size: int, flip: bool = False) -> dict:
     from inference.training.labelled_folder import labelled_sample
     from inference.preprocess import prepare
 
-    prepared = prepare(dcmread(case["spool_path"]), input_size=input_size)
-    present = bool(case["nodule_present"]) != flip
-    spots = [(*case["location"], None)] if present and case.get("location") and not flip else []
+    prepared = prepare(dcmread(case.spool_path), input_size=input_size)
+    present = case.nodule_present != flip
+    spots = [(*case.location, None)] if present and case.location and not flip else []
     return labelled_sample(prepared, present, spots, input_size)
 
 
@@ -84,50 +120,60 @@ def phantom_samples(seed_indices: list[int], input_size: int, flip: bool = False
     return samples
 
 
-def fingerprint(cases: list[dict], phantom_indices: list[int]) -> str:
+def fingerprint(cases: Sequence[AdjudicatedCase], phantom_indices: list[int]) -> str:
     """sha256 over the sorted SOP Instance UIDs with their verdicts (and click), and the phantom seed indices."""
-    rows = sorted((c["sop_instance_uid"], bool(c["nodule_present"]), c.get("location")) for c in cases)
+    rows = sorted((c.sop_instance_uid, c.nodule_present, None if c.location is None else list(c.location)) for c in cases)
     blob = json.dumps({"cases": rows, "phantom_train_indices": sorted(phantom_indices)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def fine_tune(manifest: dict) -> dict:
-    """Fine-tune, register, gate; returns the summary (also printed as the last stdout line)."""
+def _or(value, default):
+    return default if value is None else value
+
+
+def fine_tune(manifest: FineTuneManifest, report: Reporter) -> FineTuneResult:
+    """Fine-tune, register, gate; returns what was done (`main` writes it to the manifest's result_path)."""
     import cv2
     import torch
 
-    from config.settings import Settings
     from scheduler import registry
-    from inference.training.evaluate import fit_platt
+    from inference.training.metrics import fit_platt, platt, youden_threshold
     from inference.model import build_network, load_weights, save_weights
     from inference.model_card import Calibration, load_card, save_card, sha256_file, verify_weights
     from inference.training.train import LOSS_WEIGHTS, augment, losses, optimise_step
 
     t_start = time.time()
-    torch.set_num_threads(int(manifest.get("threads", 1)))
+    torch.set_num_threads(manifest.threads)
     cv2.setNumThreads(1)
-    settings = Settings(**manifest["settings"])
+    settings = manifest.settings
     reg = settings.registry
-    steps = int(manifest.get("steps", reg.fine_tune_steps))
-    batch_size = int(manifest.get("batch", reg.fine_tune_batch))
-    lr = float(manifest.get("lr", reg.fine_tune_lr))
-    flip = bool(manifest.get("flip_labels", False))
-    champion_card_path = Path(manifest["champion_card"])
+    steps = _or(manifest.steps, reg.fine_tune_steps)
+    batch_size = _or(manifest.batch, reg.fine_tune_batch)
+    lr = _or(manifest.lr, reg.fine_tune_lr)
+    flip = manifest.flip_labels
+    champion_card_path = manifest.champion_card
     card = load_card(champion_card_path)
     size = card.input_size
-    torch.manual_seed(int(manifest.get("seed", 0)))
-    gen = torch.Generator().manual_seed(int(manifest.get("seed", 0)))
+    torch.manual_seed(manifest.seed)
+    gen = torch.Generator().manual_seed(manifest.seed)
 
-    train_cases = [c for c in manifest["cases"] if not c["heldout"]]
-    heldout_cases = [c for c in manifest["cases"] if c["heldout"]]
-    n_ph = int(manifest.get("phantoms", reg.fine_tune_phantoms))
-    ph0 = int(manifest.get("phantom_index0", PHANTOM_SEED_INDEX0))
+    train_cases = [c for c in manifest.cases if not c.heldout]
+    heldout_cases = [c for c in manifest.cases if c.heldout]
+    n_ph = _or(manifest.phantoms, reg.fine_tune_phantoms)
+    ph0 = manifest.phantom_index0
     phantom_indices = list(range(ph0, ph0 + n_ph))
     print_fp = fingerprint(train_cases, phantom_indices)
 
     t_data = time.time()
-    case_set = [case_sample(c, size, flip) for c in train_cases]
-    phantom_set = phantom_samples(phantom_indices, size, flip)
+    report.phase("data", len(train_cases) + n_ph)
+    case_set = []
+    for c in train_cases:
+        case_set.append(case_sample(c, size, flip))
+        report.step(len(case_set))
+    phantom_set = []
+    for i in phantom_indices:
+        phantom_set += phantom_samples([i], size, flip)
+        report.step(len(case_set) + len(phantom_set))
     data_s = time.time() - t_data
 
     net = load_weights(build_network(card.architecture), str(verify_weights(card, champion_card_path)))
@@ -137,7 +183,7 @@ def fine_tune(manifest: dict) -> dict:
     exp = registry.experiment_id(client, settings)
     run = client.create_run(exp, run_name=f"fine-tune-from-{card.version}", tags={
         "data_fingerprint": print_fp, "parent_card_version": card.version,
-        "parent_registry_version": str(manifest.get("champion_version")), "flip_labels": str(flip).lower()})
+        "parent_registry_version": manifest.champion_version, "flip_labels": str(flip).lower()})
     run_id = run.info.run_id
     work = Path(tempfile.mkdtemp(prefix="fine-tune-"))  # the version's artifacts until MLflow holds them
     try:
@@ -157,6 +203,7 @@ def fine_tune(manifest: dict) -> dict:
         block = max(1, steps // 10)
         sums: dict[str, float] = {}
         t_train = time.time()
+        report.phase("train", steps)
         for step in range(steps):
             for g in opt.param_groups:
                 g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / max(steps, 1)))
@@ -170,6 +217,7 @@ def fine_tune(manifest: dict) -> dict:
             loss = optimise_step(net, opt, parts)
             for k, v in {**parts, "loss": loss}.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
+            report.step(step + 1, float(loss.detach()))
             if (step + 1) % block == 0 or step + 1 == steps:
                 n = (step % block) + 1
                 now = int(time.time() * 1000)
@@ -181,19 +229,18 @@ def fine_tune(manifest: dict) -> dict:
         weights_tmp = work / "weights.safetensors"
         save_weights(net, str(weights_tmp))
         calibration, threshold = card.calibration, card.threshold
-        n_cal = int(manifest.get("calibration_phantoms", reg.calibration_phantoms))
+        n_cal = _or(manifest.calibration_phantoms, reg.calibration_phantoms)
         if n_cal:
-            from inference.training.evaluate import platt, youden_threshold
-
-            scores, labels = _calibration_scores(net, n_cal, size)
+            report.phase("calibration", n_cal)
+            scores, labels = _calibration_scores(net, n_cal, size, report)
             a, b = fit_platt(scores, labels)
             calibration = Calibration(card.calibration.method, a, b)
             threshold = youden_threshold(platt(scores, a, b), labels)
 
         mv = client.create_model_version(reg.model_name, f"{run.info.artifact_uri}/{registry.ARTIFACT_DIR}", run_id=run_id,
                                          tags={"state": "training-done", "data_fingerprint": print_fp,
-                                               "verdict_watermark": str(manifest.get("verdict_watermark", 0)),
-                                               "parent_version": str(manifest.get("champion_version"))})
+                                               "verdict_watermark": str(manifest.verdict_watermark),
+                                               "parent_version": manifest.champion_version})
         registry_version = str(mv.version)
         version = registry.candidate_version_name(card.version, registry_version)
         weights_name = f"{card.name}-{version}.safetensors"
@@ -208,7 +255,7 @@ def fine_tune(manifest: dict) -> dict:
             card, version=version, weights_file=weights_name, weights_sha256=sha256_file(model_dir / weights_name),
             calibration=calibration, threshold=threshold,
             training={"fine_tuned_from": {"name": card.name, "version": card.version,
-                                          "registry_version": manifest.get("champion_version")},
+                                          "registry_version": manifest.champion_version},
                       "data_fingerprint": print_fp, "steps": steps, "batch": batch_size, "lr": lr,
                       "train_cases": len(train_cases), "phantom_train_indices": [ph0, ph0 + n_ph - 1],
                       "batchnorm": "frozen", "training_time_s": round(train_s, 1), "mlflow_run_id": run_id,
@@ -223,9 +270,11 @@ def fine_tune(manifest: dict) -> dict:
         client.set_tag(run_id, "card_version", version)
 
         t_gate = time.time()
+        report.phase("gate", 1)
         passed, reasons, cand, champ = registry.evaluate_gate(settings, model_dir / "card.json", champion_card_path,
                                                               heldout_cases)
         gate_s = time.time() - t_gate
+        report.step(1)
         registry.record_gate(settings, registry_version, passed, reasons, cand, champ, client)
         metrics = {f"gate_candidate_{k}": v for k, v in dataclasses.asdict(cand).items()}
         metrics |= {f"gate_champion_{k}": v for k, v in dataclasses.asdict(champ).items()}
@@ -240,18 +289,15 @@ def fine_tune(manifest: dict) -> dict:
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    from inference.training.evaluate import json_safe
-
-    summary = {"run_id": run_id, "registry_version": registry_version, "card_version": version, "gate_passed": passed,
-               "gate_reasons": reasons, "candidate": json_safe(dataclasses.asdict(cand)),
-               "champion": json_safe(dataclasses.asdict(champ)), "data_fingerprint": print_fp,
-               "train_cases": len(train_cases), "heldout_cases": len(heldout_cases), "phantoms": n_ph,
-               "steps": steps, "train_seconds": round(train_s, 2), "gate_seconds": round(gate_s, 2),
-               "total_seconds": round(time.time() - t_start, 2)}
-    return summary
+    report.close()
+    return FineTuneResult(run_id=run_id, registry_version=registry_version, card_version=version, gate_passed=passed,
+                          gate_reasons=tuple(reasons), candidate=cand, champion=champ, data_fingerprint=print_fp,
+                          train_cases=len(train_cases), heldout_cases=len(heldout_cases), phantoms=n_ph, steps=steps,
+                          train_seconds=round(train_s, 2), gate_seconds=round(gate_s, 2),
+                          total_seconds=round(time.time() - t_start, 2), finished_at=time.time())
 
 
-def _calibration_scores(net, n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _calibration_scores(net, n: int, size: int, report: Reporter) -> tuple[np.ndarray, np.ndarray]:
     import torch
 
     from inference.model import image_score, tta_views
@@ -266,6 +312,7 @@ def _calibration_scores(net, n: int, size: int) -> tuple[np.ndarray, np.ndarray]
             s, _ = image_score(net(tta_views(x)).maps)
         scores.append(float(s.mean()))
         labels.append(i % 2 == 0)
+        report.step(i + 1)
     return np.array(scores), np.array(labels)
 
 
@@ -277,10 +324,17 @@ def _param(key: str, value):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scheduler.fine_tune", description=__doc__.splitlines()[0])
-    parser.add_argument("manifest", type=Path)
+    parser.add_argument("manifest", type=Path, help="the FineTuneManifest JSON file written by the retrain job")
+    progress.add_option(parser)
     args = parser.parse_args(argv)
-    summary = fine_tune(json.loads(args.manifest.read_text()))
-    print(json.dumps(summary), flush=True)
+    try:
+        manifest = FineTuneManifest.read(args.manifest)
+    except ContractError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result = fine_tune(manifest, Reporter(manifest.progress_interval_s, args.progress))
+    result.write(manifest.result_path)
+    print(Progress(phase="done", done=1, total=1, elapsed_s=result.total_seconds, at=time.time()).line(), flush=True)
     return 0
 
 

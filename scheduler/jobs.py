@@ -1,8 +1,9 @@
 """The scheduled jobs. Each takes (settings, sessions) and returns (outcome, summary dict).
 
 drift: `scheduler.drift.check`, alert on breach. retrain: fine-tune in a child
-process when enough new adjudicated cases exist, then promote when the gate
-passed and `registry.auto_promote`. reindex: rebuild the FAISS case index.
+process when enough new adjudicated cases exist (a `FineTuneManifest` in, a
+`FineTuneResult` file back, its progress logged as `retrain_progress` events as
+it comes), then promote when the gate passed and `registry.auto_promote`. reindex: rebuild the FAISS case index.
 retention: delete spool files and results of finished jobs past retention.
 echo: C-ECHO every destination. backup: one archive of everything the node
 holds (`node.store.backup`), the newest `scheduler.backup_keep` kept.
@@ -14,7 +15,7 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -34,6 +35,7 @@ from node.tls import client_context, tls_args
 from retrieval.index import CaseIndex
 from scheduler import registry
 from scheduler.drift import check
+from scheduler.fine_tune_contract import AdjudicatedCase, ContractError, FineTuneManifest, FineTuneResult, Progress
 
 log = structlog.get_logger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -57,7 +59,7 @@ def _alert(settings: Settings, sessions: sessionmaker, key: str, summary: str, d
 
 # --- retraining ---------------------------------------------------------------------------------------------
 
-def adjudicated_cases(settings: Settings, sessions: sessionmaker) -> list[dict]:
+def adjudicated_cases(settings: Settings, sessions: sessionmaker) -> list[AdjudicatedCase]:
     """Processed jobs with a final verdict and their spool file: label, click location, held-out flag, watermark."""
     read = select(Verdict.job_id).where(Verdict.superseded_by.is_(None))
     with sessions() as session:
@@ -70,13 +72,14 @@ def adjudicated_cases(settings: Settings, sessions: sessionmaker) -> list[dict]:
             continue
         clicks = [(v.location_row, v.location_col) for v in job_reads
                   if v.nodule_present == outcome.nodule_present and v.location_row is not None]
-        location = [sum(c[0] for c in clicks) / len(clicks), sum(c[1] for c in clicks) / len(clicks)] if clicks else None
+        location = (sum(c[0] for c in clicks) / len(clicks), sum(c[1] for c in clicks) / len(clicks)) if clicks else None
         uid = jobs[job_id].sop_instance_uid
-        cases.append({"job_id": job_id, "sop_instance_uid": uid, "spool_path": str(jobs[job_id].spool_path),
-                      "nodule_present": bool(outcome.nodule_present), "location": location if outcome.nodule_present else None,
-                      "heldout": int(hashlib.sha256(uid.encode()).hexdigest()[:8], 16) % 100 < settings.registry.heldout_percent,
-                      "verdict_id": max(v.id for v in job_reads)})
-    return sorted(cases, key=lambda c: c["job_id"])
+        cases.append(AdjudicatedCase(
+            job_id=job_id, sop_instance_uid=uid, spool_path=Path(jobs[job_id].spool_path),
+            nodule_present=bool(outcome.nodule_present), location=location if outcome.nodule_present else None,
+            heldout=int(hashlib.sha256(uid.encode()).hexdigest()[:8], 16) % 100 < settings.registry.heldout_percent,
+            verdict_id=max(v.id for v in job_reads)))
+    return sorted(cases, key=lambda c: c.job_id)
 
 
 def verdict_watermark(settings: Settings) -> int:
@@ -86,44 +89,92 @@ def verdict_watermark(settings: Settings) -> int:
 
 def retrain(settings: Settings, sessions: sessionmaker, *, force: bool = False, overrides: dict | None = None,
             **_) -> tuple[Outcome, dict]:
-    """Fine-tune on the adjudicated cases in a child process when enough are new (or `force`)."""
+    """Fine-tune on the adjudicated cases in a child process when enough are new (or `force`).
+
+    `overrides` are FineTuneManifest fields (steps, lr, flip_labels, ...); an unknown one is refused.
+    """
     champion = registry.ensure_registered(settings)
     cases = adjudicated_cases(settings, sessions)
     watermark = verdict_watermark(settings)
-    new = sum(c["verdict_id"] > watermark for c in cases)
+    new = sum(c.verdict_id > watermark for c in cases)
     if new < settings.registry.min_new_verdicts and not force:
         return Outcome.OK, {"status": "waiting", "new_adjudicated": new, "needed": settings.registry.min_new_verdicts}
     mv = registry.client(settings).get_model_version(settings.registry.model_name, champion)
     champion_card = registry.shipped_card(settings) if mv.tags.get("shipped") == "true" \
         else registry.download(settings, champion)
-    manifest = {"settings": settings.model_dump(mode="json"), "champion_card": str(champion_card),
-                "champion_version": champion, "cases": cases,
-                "verdict_watermark": max([c["verdict_id"] for c in cases] + [watermark]), "threads": 1,
-                **(overrides or {})}
     work = settings.node.data_dir / "fine-tune"
     work.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", suffix=".json", dir=work, delete=False) as f:
-        json.dump(manifest, f)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    stamp = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}"
+    manifest = FineTuneManifest.create("retrain job", settings=settings, champion_card=Path(champion_card),
+                                       champion_version=champion, cases=tuple(cases),
+                                       verdict_watermark=max([c.verdict_id for c in cases] + [watermark]),
+                                       result_path=work / f"result-{stamp}.json", **(overrides or {}))
+    manifest_path = manifest.write(work / f"manifest-{stamp}.json")
     started = time.monotonic()
     try:
-        proc = subprocess.run([sys.executable, "-m", "scheduler.fine_tune", f.name], cwd=REPO_ROOT, env=env,
-                              capture_output=True, text=True, timeout=settings.registry.fine_tune_timeout_s)
+        stream_child(["-m", "scheduler.fine_tune", str(manifest_path), "--progress", "never"], work / "last.log",
+                     settings.registry.fine_tune_timeout_s)
+        result = FineTuneResult.read(manifest.result_path)
     finally:
-        Path(f.name).unlink(missing_ok=True)
-    (work / "last.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        raise RuntimeError(f"fine-tune exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+        manifest_path.unlink(missing_ok=True)
+        manifest.result_path.unlink(missing_ok=True)
+    summary = result.summary()
     summary["wall_seconds"] = round(time.monotonic() - started, 2)
     summary["new_adjudicated"] = new
-    if summary["gate_passed"] and settings.registry.auto_promote:
-        registry.promote(settings, summary["registry_version"], approved_by="auto (gate passed)")
+    if result.gate_passed and settings.registry.auto_promote:
+        registry.promote(settings, result.registry_version, approved_by="auto (gate passed)")
         summary["promoted"] = True
-    log.info("candidate_trained", version=summary["registry_version"], card_version=summary["card_version"],
-             gate_passed=summary["gate_passed"], promoted=summary.get("promoted", False))
+    log.info("candidate_trained", version=result.registry_version, card_version=result.card_version,
+             gate_passed=result.gate_passed, promoted=summary.get("promoted", False))
     return Outcome.OK, summary
+
+
+def stream_child(args: list[str], log_path: Path, timeout_s: float) -> None:
+    """Run `python ARGS` (the fine-tune child), streaming: each `Progress` line of its stdout is logged as a
+    `retrain_progress` event when it arrives; all its output goes to `log_path` as it comes. Killed after
+    `timeout_s`. RuntimeError (with the last line of its stderr) unless it exits 0."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    stderr_lines: list[str] = []
+    with open(log_path, "w", buffering=1) as out, subprocess.Popen(
+            [sys.executable, *args], cwd=REPO_ROOT,
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1) as proc:
+        timed_out = threading.Event()
+        timer = threading.Timer(timeout_s, lambda: (timed_out.set(), proc.kill()))
+        timer.start()
+
+        def drain_stderr() -> None:
+            for line in proc.stderr:
+                out.write(line)
+                stderr_lines[:] = [*stderr_lines[-19:], line.rstrip()]
+
+        drainer = threading.Thread(target=drain_stderr, name="fine-tune-stderr", daemon=True)
+        drainer.start()
+        try:
+            for line in proc.stdout:
+                out.write(line)
+                _log_progress(line)
+            proc.wait()
+        finally:
+            timer.cancel()
+            drainer.join(timeout=10)
+    if timed_out.is_set():
+        raise RuntimeError(f"fine-tune killed after registry.fine_tune_timeout_s = {timeout_s:g} s (its output: {log_path})")
+    if proc.returncode != 0:
+        last = next((line for line in reversed(stderr_lines) if line.strip()), "")
+        raise RuntimeError(f"fine-tune exited {proc.returncode}: {last} (its output: {log_path})")
+
+
+def _log_progress(line: str) -> None:
+    try:
+        step = Progress.parse(line)
+    except ContractError as exc:
+        log.warning("retrain_progress_unreadable", error=str(exc)[:300])
+        return
+    if step is not None:
+        log.info("retrain_progress", phase=step.phase, done=step.done, total=step.total, loss=step.loss,
+                 elapsed_s=step.elapsed_s, eta_s=step.eta_s, child_at=step.at)
 
 
 # --- housekeeping -------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ import structlog
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from config.settings import Settings  # noqa: E402
+from scheduler.fine_tune_contract import AdjudicatedCase, GateFigures  # noqa: E402
 
 log = structlog.get_logger(__name__)
 
@@ -212,22 +214,8 @@ def download(settings: Settings, version: str, mlflow_client=None) -> Path:
 # --- the promotion gate -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class GateFigures:
-    """A model's figures on the gate's evaluation set (probabilities from the serving path)."""
-
-    auc: float
-    ece: float
-    sensitivity: float
-    specificity: float
-    threshold: float
-    n: int
-    n_phantoms: int
-    n_verdicts: int
-
-
 def figures(probs: np.ndarray, labels: np.ndarray, threshold: float, n_phantoms: int) -> GateFigures:
-    from inference.training.evaluate import auc, ece
+    from inference.training.metrics import auc, ece
 
     probs, labels = np.asarray(probs, float), np.asarray(labels).astype(bool)
     pred = probs >= threshold
@@ -237,9 +225,12 @@ def figures(probs: np.ndarray, labels: np.ndarray, threshold: float, n_phantoms:
                        len(labels), n_phantoms, len(labels) - n_phantoms)
 
 
-def gate_inputs(settings: Settings, input_size: int, verdict_cases: list[dict]) -> tuple[list[np.ndarray], np.ndarray, int]:
+def gate_inputs(settings: Settings, input_size: int, verdict_cases: Sequence[AdjudicatedCase]
+                ) -> tuple[list[np.ndarray], np.ndarray, int]:
     """The fixed evaluation set: `eval_phantoms` test-split phantoms from `eval_start`, then the held-out verdict cases."""
-    from scheduler.fine_tune import case_model_input
+    from pydicom import dcmread
+
+    from inference.preprocess import prepare
     from inference.training.phantoms import phantom_model_input
     from inference.training.samples import heldout_phantom
 
@@ -251,8 +242,8 @@ def gate_inputs(settings: Settings, input_size: int, verdict_cases: list[dict]) 
         labels.append(i % 2 == 0)
     n_phantoms = len(images)
     for case in verdict_cases:
-        images.append(case_model_input(case["spool_path"], input_size))
-        labels.append(bool(case["nodule_present"]))
+        images.append(prepare(dcmread(case.spool_path), input_size=input_size).model_input)
+        labels.append(case.nodule_present)
     return images, np.array(labels, bool), n_phantoms
 
 
@@ -281,7 +272,7 @@ def gate(candidate: GateFigures, champion: GateFigures, settings: Settings) -> t
     return not reasons, reasons
 
 
-def evaluate_gate(settings: Settings, candidate_card: Path, champion_card: Path, verdict_cases: list[dict]
+def evaluate_gate(settings: Settings, candidate_card: Path, champion_card: Path, verdict_cases: Sequence[AdjudicatedCase]
                   ) -> tuple[bool, list[str], GateFigures, GateFigures]:
     from inference.model_card import load_card
 
@@ -299,7 +290,7 @@ def _swap(scored: tuple[np.ndarray, float], labels: np.ndarray) -> tuple[np.ndar
 
 def record_gate(settings: Settings, version: str, passed: bool, reasons: list[str], cand: GateFigures,
                 champ: GateFigures, mlflow_client=None) -> None:
-    from inference.training.evaluate import json_safe
+    from inference.training.metrics import json_safe
 
     mlflow_client = mlflow_client or client(settings)
     name = settings.registry.model_name

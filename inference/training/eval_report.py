@@ -17,22 +17,28 @@ Figures per source: AUC; AUC on findings >= 10 mm with density in the upper half
 of the source's positives; pointing of the detection peak and of the Grad-CAM
 peak (within the finding radius + 3 mm); mean probability on negatives;
 confident false positives (negatives with p >= 0.9 not sent to review), with
-and without the OOD gate; the share sent to review and for the OOD reason; ECE.
+and without the OOD gate; the share sent to review and for the OOD reason; ECE;
+AURC, the area under the risk-coverage curve (cases accepted in order of the
+confidence |p - threshold| of the node's decision; risk = error rate of the accepted).
+
+This module owns the reading and the report's figures and tables; the numbers
+are `inference.training.metrics`'. It never imports `inference.training.evaluate`
+(the command that runs it; an import-linter contract keeps it so).
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
 
 from inference.training import eval_family as ef
-from inference.training.labelled_folder import load_prepared, read_labels, spots_of
+from inference.training.labelled_folder import LabelledImage, load_prepared, spots_of
 from inference.training.phantoms import phantom_dataset
 from inference.training.samples import heldout_phantom
-from inference.training.evaluate import POINTING_MARGIN_MM, auc, ece
+from inference.training.metrics import POINTING_MARGIN_MM, aurc, auc, ece
 from inference.ood import REASON as OOD_REASON
 from inference.preprocess import prepare
 from inference.types import NotApplicable, PreparedImage, Unreadable
@@ -58,6 +64,8 @@ class Read:
 
     truth: Truth
     probability: float = float("nan")
+    positive: bool = False
+    threshold: float = float("nan")
     review: bool = False
     reasons: tuple[str, ...] = ()
     ood_score: float = float("nan")
@@ -74,7 +82,8 @@ def _hit(rc: tuple[float, float], truth: Truth) -> bool:
 def read_image(detector, image: PreparedImage, truth: Truth) -> Read:
     prediction, spot = detector.read(image)
     cam_peak = np.unravel_index(int(np.argmax(prediction.heatmap)), prediction.heatmap.shape)
-    return Read(truth=truth, probability=prediction.probability, review=prediction.review,
+    return Read(truth=truth, probability=prediction.probability, positive=prediction.positive,
+                threshold=float("nan") if prediction.threshold is None else prediction.threshold, review=prediction.review,
                 reasons=prediction.review_reasons,
                 ood_score=float("nan") if prediction.ood_score is None else prediction.ood_score,
                 detection_hit=_hit((spot.row, spot.col), truth), explanation_hit=_hit(cam_peak, truth))
@@ -204,11 +213,32 @@ def _warp_rot90(case: ef.EvalCase) -> ef.EvalCase:
 
 # ---- figures ---------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Scored:
+    """The read (not skipped) images of one source as arrays: truth, probability, the node's decision, its confidence."""
+
+    labels: np.ndarray
+    probability: np.ndarray
+    positive: np.ndarray
+    confidence: np.ndarray  # |p - threshold|: how far the decision is from flipping
+
+    @property
+    def errors(self) -> np.ndarray:
+        return self.positive != self.labels
+
+
+def scored(reads: list[Read]) -> Scored:
+    done = [r for r in reads if r.skipped is None]
+    p = np.array([r.probability for r in done], float)
+    return Scored(np.array([r.truth.label for r in done], bool), p, np.array([r.positive for r in done], bool),
+                  np.abs(p - np.array([r.threshold for r in done], float)))
+
+
 def figures(reads: list[Read]) -> dict:
     """The side-by-side figures of one source (see the module docstring)."""
     done = [r for r in reads if r.skipped is None]
-    y = np.array([r.truth.label for r in done], bool)
-    p = np.array([r.probability for r in done], float)
+    s = scored(reads)
+    y, p = s.labels, s.probability
     review = np.array([r.review for r in done], bool)
     ood = np.array([OOD_REASON in r.reasons for r in done], bool)
     review_no_ood = np.array([bool(set(r.reasons) - {OOD_REASON}) for r in done], bool)
@@ -236,6 +266,8 @@ def figures(reads: list[Read]) -> dict:
         "review_or_skipped": float((review.sum() + len(reads) - len(done)) / max(len(reads), 1)),
         "ood_score_median": float(np.nanmedian([r.ood_score for r in done])) if done else float("nan"),
         "ece": ece(p, y) if len(done) else float("nan"),
+        "aurc": aurc(s.confidence, s.errors),
+        "error_rate": float(s.errors.mean()) if len(done) else float("nan"),
     }
 
 
@@ -243,15 +275,19 @@ def read_cases(detector, cases: Iterator[ef.EvalCase], body_part: str | None = N
     return [read_dataset_case(detector, ef.case_dataset(c, body_part=body_part), case_truth(c)) for c in cases]
 
 
-def read_ood_set(detector, name: str, n: int, size: int) -> list[Read]:
-    cases = [OOD_SETS[name](i, size) for i in range(n)]
+def ood_cases(name: str, n: int, size: int) -> Iterator[tuple[ef.EvalCase, str]]:
+    """The `n` images of out-of-distribution set `name`, each with the BodyPartExamined its header gets."""
+    return (OOD_SETS[name](i, size) for i in range(n))
+
+
+def read_ood_cases(detector, cases: Iterable[tuple[ef.EvalCase, str]]) -> list[Read]:
     return [read_dataset_case(detector, ef.case_dataset(c, body_part=part), case_truth(c)) for c, part in cases]
 
 
-def read_folder(detector, folder, csv_path=None) -> list[Read]:
-    """Reads of a labelled folder (NODE21 layout)."""
+def read_folder_items(detector, items: Iterable[LabelledImage]) -> list[Read]:
+    """Reads of a labelled folder's images (NODE21 layout, `read_labels`)."""
     reads = []
-    for item in read_labels(folder, csv_path):
+    for item in items:
         truth = Truth(item.label, tuple(spots_of(item)), spacing_mm=None)
         try:
             image = load_prepared(item.path, detector.input_size)
@@ -265,7 +301,7 @@ def read_folder(detector, folder, csv_path=None) -> list[Read]:
 
 ROWS = (("n", "images (skipped)", lambda f: f"{f['n']} ({f['skipped']})"),
         ("auc", "AUC", "{:.3f}"),
-        ("auc_large_dense", "AUC, >= 10 mm and dense (n+)", lambda f: f"{f['auc_large_dense']:.3f} ({f['n_large_dense']})"),
+        ("auc_large_dense", "AUC, >= 10 mm and dense (n+)", lambda f: _fmt(f, 'auc_large_dense') + f" ({f['n_large_dense']})"),
         ("pointing_detection", "pointing, detection peak", "{:.3f}"),
         ("pointing_gradcam", "pointing, Grad-CAM peak", "{:.3f}"),
         ("mean_p_negative", "mean probability, no finding", "{:.3f}"),
@@ -275,7 +311,13 @@ ROWS = (("n", "images (skipped)", lambda f: f"{f['n']} ({f['skipped']})"),
         ("ood_share", "  ... for out_of_distribution", "{:.3f}"),
         ("review_or_skipped", "sent to review or skipped", "{:.3f}"),
         ("ood_score_median", "OOD score, median", "{:.1f}"),
-        ("ece", "ECE (10 bins)", "{:.3f}"))
+        ("ece", "ECE (10 bins)", "{:.3f}"),
+        ("aurc", "AURC (risk-coverage; error rate)", lambda f: _fmt(f, "aurc") + f" ({_fmt(f, 'error_rate')})"))
+
+
+def _fmt(f: dict, key: str, spec: str = "{:.3f}") -> str:
+    v = f.get(key)
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else spec.format(v)
 
 
 def side_by_side(columns: dict[str, dict], keys: tuple[str, ...] | None = None) -> str:
@@ -286,12 +328,7 @@ def side_by_side(columns: dict[str, dict], keys: tuple[str, ...] | None = None) 
     col_w = max(12, *(len(n) for n in names))
     lines = [f"{'':<{width}}  " + "  ".join(f"{n:>{col_w}}" for n in names)]
     for key, label, fmt in rows:
-        cells = []
-        for n in names:
-            f = columns[n]
-            v = f.get(key)
-            cells.append(fmt(f) if callable(fmt) else ("-" if v is None or (isinstance(v, float) and math.isnan(v))
-                                                       else fmt.format(v)))
+        cells = [fmt(columns[n]) if callable(fmt) else _fmt(columns[n], key, fmt) for n in names]
         lines.append(f"{label:<{width}}  " + "  ".join(f"{c:>{col_w}}" for c in cells))
     return "\n".join(lines)
 

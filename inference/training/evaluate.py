@@ -1,9 +1,14 @@
-"""Owns measuring a model: metrics, calibration fitting, held-out scoring and `smartnodule eval`.
+"""Owns running a model over images to measure it: held-out scoring for training and the `smartnodule eval` command.
 
-AUC (rank-based), ECE, Platt fitting and Youden's threshold are plain numpy.
 `score_heldout` runs the network (TTA views + Grad-CAM) over generated
-held-out phantoms; `summarize` turns that into the figures a card records;
-`main` prints the table, with CPU latency and peak RSS, and a last JSON line.
+held-out phantoms; `summarize` turns that into the figures a card records.
+`run` (`smartnodule eval`) reads each source through the serving path
+(`inference.training.eval_report`, which owns the figures and tables), with one
+progress bar and ETA over all images, writes the report, `figures.json` and
+the ROC, reliability and risk-coverage plots (`inference.training.eval_plots`)
+into `--out`, logs them with the figures to MLflow when given a tracking URI,
+measures CPU latency and peak RSS, and prints a last JSON line.
+The numbers themselves are `inference.training.metrics`'.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,80 +28,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from inference.gradcam import explained_forward
-from inference.training import options
 from inference.model import HEAD_STRIDE, RADIUS, NoduleNet, model_coord, tta_views
+from inference.training import eval_plots, eval_report, options, progress, tracking
+from inference.training.labelled_folder import read_labels
+from inference.training.metrics import POINTING_MARGIN_MM, auc, ece, json_safe, platt
 from inference.training.samples import HeldOut, worker_init
 
 SIZE_BINS_MM = ((5.0, 8.0), (8.0, 12.0), (12.0, 18.0), (18.0, 30.0))
-POINTING_MARGIN_MM = 3.0
-ECE_BINS = 10
-
-
-def auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve by mid-ranks (ties count half); nan with one class only."""
-    scores, labels = np.asarray(scores, float), np.asarray(labels).astype(bool)
-    n_pos, n_neg = labels.sum(), (~labels).sum()
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), float)
-    sorted_scores = scores[order]
-    i = 0
-    while i < len(scores):
-        j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def ece(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
-    """Expected calibration error over equal-width probability bins."""
-    probs, labels = np.asarray(probs, float), np.asarray(labels, float)
-    idx = np.minimum((probs * bins).astype(int), bins - 1)
-    total = 0.0
-    for b in range(bins):
-        m = idx == b
-        if m.any():
-            total += m.sum() * abs(probs[m].mean() - labels[m].mean())
-    return float(total / len(probs))
-
-
-def fit_platt(scores: np.ndarray, labels: np.ndarray, iters: int = 100) -> tuple[float, float]:
-    """(a, b) of p = sigmoid(a*s + b) by Newton's method on the log-loss (Platt's smoothed targets)."""
-    s, y = np.asarray(scores, float), np.asarray(labels, float)
-    n_pos, n_neg = y.sum(), len(y) - y.sum()
-    t = np.where(y > 0, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
-    a, b = 1.0, 0.0
-    X = np.stack([s, np.ones_like(s)], axis=1)
-    for _ in range(iters):
-        p = 1 / (1 + np.exp(-np.clip(a * s + b, -50, 50)))
-        g = X.T @ (p - t)
-        H = X.T @ (X * (p * (1 - p))[:, None]) + 1e-9 * np.eye(2)
-        step = np.linalg.solve(H, g)
-        a, b = a - step[0], b - step[1]
-        if np.abs(step).max() < 1e-10:
-            break
-    return float(a), float(b)
-
-
-def platt(scores: np.ndarray, a: float, b: float) -> np.ndarray:
-    return 1 / (1 + np.exp(-np.clip(a * np.asarray(scores, float) + b, -50, 50)))
-
-
-def youden_threshold(probs: np.ndarray, labels: np.ndarray) -> float:
-    """Probability threshold maximising sensitivity + specificity - 1 (midpoint between neighbours)."""
-    probs, labels = np.asarray(probs, float), np.asarray(labels).astype(bool)
-    cands = np.unique(probs)
-    best, best_j = 0.5, -1.0
-    for k, c in enumerate(cands):
-        pred = probs >= c
-        j = pred[labels].mean() + (~pred[~labels]).mean() - 1
-        if j > best_j:
-            lower = cands[k - 1] if k else c
-            best, best_j = float((c + lower) / 2), j
-    return float(np.clip(best, 1e-4, 1 - 1e-4))
 
 
 @dataclass(frozen=True)
@@ -131,13 +70,13 @@ def score_batch(net: NoduleNet, images: torch.Tensor, cam_target: str = "head") 
 
 
 def score_heldout(net: NoduleNet, split: str, n: int, input_size: int, device: torch.device, workers: int,
-                  batch: int = 16, start: int = 0, cam_target: str = "head") -> HeldOutScores:
-    """Generate `n` held-out phantoms of `split` and score them."""
+                  batch: int = 16, start: int = 0, cam_target: str = "head", progress_mode: str = "never") -> HeldOutScores:
+    """Generate `n` held-out phantoms of `split` and score them (a bar per batch when `progress_mode` says so)."""
     loader = DataLoader(HeldOut(split, n, input_size, start), batch_size=batch, num_workers=workers,
                         worker_init_fn=worker_init if workers else None)
     net.eval()
     cols: dict[str, list[np.ndarray]] = {k: [] for k in HeldOutScores.__dataclass_fields__}
-    for s in loader:
+    for s in progress.bar(progress_mode, loader, total=len(loader), desc=f"scoring {split} ({n} phantoms)", unit="batch"):
         r = score_batch(net, s["image"].to(device), cam_target)
         cols["view_scores"].append(r["view_scores"].cpu().numpy())
         cols["heatmap_rc"].append(model_coord(r["heatmap_rc"].cpu().numpy()))
@@ -207,17 +146,6 @@ def summarize(r: HeldOutScores, a: float, b: float, threshold: float, margin: fl
     return figs
 
 
-def json_safe(obj):
-    """`obj` with NaN/inf floats replaced by None, so it dumps as strict JSON."""
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj
-
-
 def _phantom_dicom(seed: int, size: int):
     from inference.training.phantoms import generate_phantom, phantom_dataset
 
@@ -257,45 +185,101 @@ def latency(detector, n: int, size: int) -> dict:
 
 
 
+@dataclass(frozen=True)
+class Source:
+    """One column or row of the eval report: its images (`items`) and the eval_report function that reads them."""
+
+    section: str  # families, out_of_distribution, robustness
+    name: str
+    n: int
+    items: Iterable
+    reader: Callable
+
+
+def sources(args: argparse.Namespace, size: int) -> list[Source]:
+    """What `smartnodule eval` reads, in the report's order (generators: images are made as they are read)."""
+    er = eval_report
+    found = [Source("families", name, args.n, er.family_cases(name, args.n, size), er.read_cases)
+             for name in ("training", "independent")]
+    if args.data is not None:
+        items = read_labels(args.data, args.labels)
+        found.append(Source("families", "folder", len(items), items, er.read_folder_items))
+    found += [Source("out_of_distribution", name, args.ood_n, er.ood_cases(name, args.ood_n, size), er.read_ood_cases)
+              for name in er.OOD_SETS if args.ood_n]
+    found += [Source("robustness", name, args.robust_n,
+                     (fn(c) for c in er.family_cases(args.robust_family, args.robust_n, size)), er.read_cases)
+              for name, fn in er.PERTURBATIONS.items() if args.robust_n]
+    return found
+
+
+def _counted(items: Iterable, bar, desc: str) -> Iterator:
+    bar.set_description(desc)
+    for item in items:
+        yield item
+        bar.update(1)
+
+
 def run(args: argparse.Namespace) -> int:
-    """Print the families side by side, the robustness and OOD tables, latency, and a last JSON line."""
-    from inference.training import eval_report as er
+    """Print the families side by side, the OOD and robustness tables, latency, and a last JSON line; write the
+    report, figures and plots into `args.out` and log them to MLflow when a tracking URI is given."""
     from inference.predictor import Detector
 
+    er = eval_report
     det = Detector.load(args.card, device=args.device, threads=args.threads)
     size = args.size or det.input_size
+    args.out.mkdir(parents=True, exist_ok=True)
     figs: dict = {"model": {"name": det.identity.name, "version": det.identity.version}, "size": size}
+    report: list[str] = []
+    headers = {
+        "families": f"== families side by side ({args.n} images each at {size} px; training = held-out test split of "
+                    f"inference/training/phantoms.py, independent = inference/training/eval_family.py;\n"
+                    f"   AURC: risk-coverage, cases accepted by confidence |p - threshold|; confident FP: negatives with "
+                    f"p >= {er.CONFIDENT} not sent to review)",
+        "out_of_distribution": f"\n== not what the model reads ({args.ood_n} images per set, all without a finding)",
+        "robustness": f"\n== robustness: {args.robust_family} family, {args.robust_n} images per perturbation"}
+    columns = {"out_of_distribution": ("review_or_skipped", "ood_share", "confident_fp", "confident_fp_without_ood_gate",
+                                       "mean_p_negative", "ood_score_median"),
+               "robustness": ("auc", "aurc", "pointing_detection", "pointing_gradcam", "mean_p_negative", "confident_fp",
+                              "review_share")}
+
+    def say(text: str) -> None:
+        report.append(text)
+        progress.write(text)
+
+    todo = sources(args, size)
+    reads: dict[str, dict[str, list]] = {}
     t0 = time.perf_counter()
-    families = {name: er.figures(er.read_cases(det, er.family_cases(name, args.n, size)))
-                for name in ("training", "independent")}
-    if args.data is not None:
-        families["folder"] = er.figures(er.read_folder(det, args.data, args.labels))
-    figs["families"] = families
-    print(f"== families side by side ({args.n} images each at {size} px; training = held-out test split of "
-          f"inference/training/phantoms.py, independent = inference/training/eval_family.py)")
-    print(er.side_by_side(families), flush=True)
-    keys = ("auc", "pointing_detection", "pointing_gradcam", "mean_p_negative", "confident_fp", "review_share")
-    if args.ood_n:
-        ood = {name: er.figures(er.read_ood_set(det, name, args.ood_n, size)) for name in er.OOD_SETS}
-        figs["out_of_distribution"] = ood
-        print(f"\n== not what the model reads ({args.ood_n} images per set, all without a finding)")
-        print(er.transposed(ood, ("review_or_skipped", "ood_share", "confident_fp", "confident_fp_without_ood_gate",
-                                  "mean_p_negative", "ood_score_median")), flush=True)
-    if args.robust_n:
-        robust = {name: er.figures(er.read_cases(det, (fn(c) for c in er.family_cases(args.robust_family, args.robust_n, size))))
-                  for name, fn in er.PERTURBATIONS.items()}
-        figs["robustness"] = robust
-        print(f"\n== robustness: {args.robust_family} family, {args.robust_n} images per perturbation")
-        print(er.transposed(robust, keys), flush=True)
+    with progress.bar(args.progress, total=sum(s.n for s in todo), unit="img") as bar:
+        for section in headers:
+            group = [s for s in todo if s.section == section]
+            if not group:
+                continue
+            reads[section] = {s.name: s.reader(det, _counted(s.items, bar, f"{section}: {s.name}")) for s in group}
+            figs[section] = table = {name: er.figures(r) for name, r in reads[section].items()}
+            say(headers[section])
+            say(er.side_by_side(table) if section == "families" else er.transposed(table, columns[section]))
     figs["scoring_s"] = time.perf_counter() - t0
     if args.latency_images:
         cpu = det if det.device.type == "cpu" else Detector.load(args.card, device="cpu", threads=args.threads)
         lat = latency(cpu, args.latency_images, args.latency_size)
         figs["latency"] = lat
-        print(f"\n== latency, {args.latency_size} px, median of {args.latency_images}: prepare+predict+explain "
-              f"{lat['latency_total_s']:.3f} s, predict only {lat['latency_predict_s']:.3f} s, "
-              f"peak RSS {lat['peak_rss_mb']:.0f} MB, load {lat['load_average_1min']:.2f}")
-    print(json.dumps(json_safe(figs), sort_keys=True))
+        say(f"\n== latency, {args.latency_size} px, median of {args.latency_images}: prepare+predict+explain "
+            f"{lat['latency_total_s']:.3f} s, predict only {lat['latency_predict_s']:.3f} s, "
+            f"peak RSS {lat['peak_rss_mb']:.0f} MB, load {lat['load_average_1min']:.2f}")
+    files = eval_plots.write_plots(reads["families"], args.out)
+    (args.out / "report.txt").write_text("\n".join(report) + "\n")
+    (args.out / "figures.json").write_text(json.dumps(json_safe(figs), sort_keys=True, indent=1))
+    files += [args.out / "report.txt", args.out / "figures.json"]
+    progress.write(f"\nwrote {', '.join(str(f) for f in files)}")
+    uri = tracking.tracking_uri(args.tracking_uri)
+    if uri is not None:
+        figs["mlflow_run_id"] = tracking.log_run(
+            uri, args.experiment, f"eval-{det.identity.name}-{det.identity.version}",
+            {"model": f"{det.identity.name} {det.identity.version}", "n": args.n, "size": size, "ood_n": args.ood_n,
+             "robust_n": args.robust_n, "robust_family": args.robust_family, "data": args.data, "card": args.card},
+            {f"{family}_{k}": v for family, f in figs["families"].items() for k, v in f.items()}, files)
+        progress.write(f"logged to MLflow: run {figs['mlflow_run_id']} in experiment {args.experiment!r} at {uri}")
+    print(json.dumps(json_safe(figs), sort_keys=True), flush=True)
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from inference.training import progress
 from inference.types import DEVICES
 
 def _kinds(text: str) -> str:
@@ -48,6 +49,10 @@ def train(p: argparse.ArgumentParser) -> None:
                    help="training images: the default phantoms, or the varied generator (inference.training.variety)")
     p.add_argument("--hold-out", type=_kinds, default="", metavar="KINDS",
                    help="comma-separated kinds of variation the varied generator leaves out (e.g. devices,text)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI to log the run to (default: $MLFLOW_TRACKING_URI; none: not logged)")
+    p.add_argument("--experiment", default="smartnodule-train", help="MLflow experiment of the run")
+    progress.add_option(p)
 
 
 def evaluate(p: argparse.ArgumentParser) -> None:
@@ -64,3 +69,10 @@ def evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
     p.add_argument("--latency-images", type=int, default=3, help="2048 px DICOM phantoms timed on CPU (0: skip)")
     p.add_argument("--latency-size", type=int, default=2048, help="their width and height in pixels (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("eval-report"),
+                   help="folder for report.txt, figures.json and the ROC, reliability and risk-coverage plots "
+                        "(default: ./eval-report)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI to log figures and plots to (default: $MLFLOW_TRACKING_URI; none: not logged)")
+    p.add_argument("--experiment", default="smartnodule-eval", help="MLflow experiment of the run")
+    progress.add_option(p)

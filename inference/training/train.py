@@ -10,6 +10,11 @@ samples (flipped and contrast-jittered anew each time) keeps the GPU busy
 while the workers generate. A hard wall-clock budget ends training, then a
 calibration split fits Platt scaling and the threshold, a test split is
 scored, and weights (float16 safetensors), card JSON and log are written.
+Progress: a line every `--log-every` seconds (stdout and OUT/train.log) and, on a
+terminal or with `--progress always`, bars with ETA on stderr for the training
+loop (by steps under `--max-steps`, else by the seconds of the budget) and the
+scoring of each held-out split. With `--tracking-uri` (or MLFLOW_TRACKING_URI)
+the run is logged to MLflow (`inference.training.tracking`).
 
 `--data FOLDER` trains on a labelled folder in the NODE21 layout
 (`inference.training.labelled_folder`: DICOM, PNG or MHA with `img_name,x,y,width,height,label`)
@@ -30,15 +35,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, RandomSampler
 
 from inference import torch_setup
-from inference.training import options, phantoms, variety
-from inference.training.evaluate import (HeldOutScores, fit_platt, json_safe, platt, pointing_hits, score_heldout, summarize,
-                                youden_threshold)
+from inference.training import options, phantoms, progress, tracking, variety
+from inference.training.evaluate import HeldOutScores, pointing_hits, score_heldout, summarize
+from inference.training.metrics import fit_platt, json_safe, platt, youden_threshold
 from inference.training.labelled_folder import LabelledFolder
 from inference.model import (HEATMAP, LUNG, RADIUS, TTA_DESCRIPTION, NoduleNet, architecture_of, build_network, image_score,
                              load_weights, save_weights)
@@ -152,14 +156,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 class Log:
-    """Progress lines to stdout and to OUT/train.log."""
+    """Progress lines to stdout (above the progress bar, if any) and to OUT/train.log."""
 
     def __init__(self, path: Path) -> None:
         self.file = open(path, "a", buffering=1)
 
     def __call__(self, msg: str) -> None:
         line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-        print(line, flush=True)
+        progress.write(line)
         self.file.write(line + "\n")
 
 
@@ -209,6 +213,10 @@ def train(args: argparse.Namespace) -> ModelCard:
     sums: dict[str, float] = {}
     last_log = time.time()
     net.train()
+    # by steps when they are capped, else by the seconds of the time budget (the ETA is then the budget's end)
+    by_steps = args.max_steps is not None
+    bar = progress.bar(args.progress, total=args.max_steps if by_steps else round(budget), desc="training",
+                       unit="step" if by_steps else "s")
 
     def optimise(batch: dict[str, torch.Tensor], frac: float) -> None:
         nonlocal step
@@ -237,6 +245,9 @@ def train(args: argparse.Namespace) -> ModelCard:
         if buffer is not None and buffer.size >= 4 * args.batch:
             for _ in range(replay):
                 optimise(buffer.sample(args.batch, gen), (time.time() - t0) / budget)
+        bar.update((min(step, args.max_steps) if by_steps else min(round(time.time() - t0), round(budget))) - bar.n)
+        bar.set_postfix(step=step, loss=f"{sum(LOSS_WEIGHTS[k] * sums[k] for k in LOSS_WEIGHTS) / sums['n']:.4f}",
+                        refresh=False)
         if time.time() - last_log >= args.log_every:
             el = time.time() - t0
             gain, dmin = curriculum.at(frac)
@@ -246,13 +257,15 @@ def train(args: argparse.Namespace) -> ModelCard:
             sums.clear()
             last_log = time.time()
     train_s = time.time() - t0
+    bar.close()
     del loader
     log(f"training ended after {train_s:.0f} s, {step} steps, {fresh} fresh images")
     net.eval()
     net = net.to(memory_format=torch.contiguous_format)
 
     t1 = time.time()
-    cal = score_heldout(net, "calibration", args.calib_n, args.input_size, device, args.workers)
+    cal = score_heldout(net, "calibration", args.calib_n, args.input_size, device, args.workers,
+                        progress_mode=args.progress)
     a, b = fit_platt(cal.view_scores.mean(axis=1), cal.labels)
     threshold = youden_threshold(platt(cal.view_scores.mean(axis=1), a, b), cal.labels)
     review = {"margin": 0.1, "max_uncertainty": 0.15}
@@ -262,12 +275,13 @@ def train(args: argparse.Namespace) -> ModelCard:
     first = HeldOutScores(**{k: v[:n_cmp] for k, v in vars(cal).items()})
     cam_compare: dict = {"n": n_cmp, "head": float(pointing_hits(first.gradcam_rc, first).mean())}
     for target in ("decoder", "encoder"):
-        other = score_heldout(net, "calibration", n_cmp, args.input_size, device, args.workers, cam_target=target)
+        other = score_heldout(net, "calibration", n_cmp, args.input_size, device, args.workers, cam_target=target,
+                              progress_mode=args.progress)
         cam_compare[target] = float(pointing_hits(other.gradcam_rc, other).mean())
     log(f"calibration: platt a={a:.4f} b={b:.4f} threshold {threshold:.4f} auc {cal_figs['auc']:.4f} "
         f"pointing heatmap {cal_figs['pointing_heatmap']:.3f} gradcam {cal_figs['pointing_gradcam']:.3f} -> {location_source}; "
         f"Grad-CAM target pointing {cam_compare}")
-    test = score_heldout(net, "test", args.test_n, args.input_size, device, args.workers)
+    test = score_heldout(net, "test", args.test_n, args.input_size, device, args.workers, progress_mode=args.progress)
     figs = summarize(test, a, b, threshold, **review)
     figs["test_seeds"] = [SPLITS["test"], SPLITS["test"] + args.test_n - 1]
     log(f"test: {json.dumps(json_safe(figs), sort_keys=True)}")
@@ -313,7 +327,11 @@ def train(args: argparse.Namespace) -> ModelCard:
     )
     save_card(card, args.out / "card.json")
     log(f"wrote {args.out / weights_name} and {args.out / 'card.json'}")
-    _mlflow_hook(args, card)
+    uri = tracking.tracking_uri(args.tracking_uri)
+    if uri is not None:
+        run_id = tracking.log_run(uri, args.experiment, f"{card.name}-{card.version}", vars(args), card.evaluation,
+                                  folder=args.out)
+        log(f"logged to MLflow: run {run_id} in experiment {args.experiment!r} at {uri}")
     return card
 
 
@@ -333,20 +351,6 @@ def _generator_version(generator: str = "phantom", hold_out: str = "") -> str:
     if generator != "varied":
         return base
     return f"{base}; varied: {variety.fingerprint()}" + (f"; held out: {hold_out}" if hold_out else "")
-
-
-def _mlflow_hook(args: argparse.Namespace, card: ModelCard) -> None:
-    """Log the run to MLflow when it is installed and MLFLOW_TRACKING_URI is set; otherwise nothing."""
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        return
-    try:
-        import mlflow
-    except ImportError:
-        return
-    with mlflow.start_run(run_name=f"{card.name}-{card.version}"):
-        mlflow.log_params({k: str(v) for k, v in vars(args).items()})
-        mlflow.log_metrics({k: v for k, v in card.evaluation.items() if isinstance(v, float) and np.isfinite(v)})
-        mlflow.log_artifacts(str(args.out))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -104,9 +104,9 @@ def test_bad_labels_are_refused_with_file_and_line(tmp_path: Path) -> None:
         read_labels(tmp_path)
 
 
-def test_eval_reads_the_folder_beside_both_families(folder: Path, capsys) -> None:
+def test_eval_reads_the_folder_beside_both_families(folder: Path, tmp_path: Path, capsys) -> None:
     assert evaluate.main(["--n", "2", "--robust-n", "0", "--ood-n", "0", "--latency-images", "0", "--threads", "1",
-                          "--data", str(folder)]) == 0
+                          "--data", str(folder), "--out", str(tmp_path / "report")]) == 0
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if "independent" in line and "folder" in line)
     assert header.split() == ["training", "independent", "folder"]

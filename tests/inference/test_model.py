@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from inference.training.evaluate import auc, ece, fit_platt, platt, youden_threshold
+from inference.training.metrics import auc, ece, fit_platt, platt, youden_threshold
 from inference.model import NoduleNet, build_network, embed, image_score, lung_region, tta_views
 from inference.training.phantoms import generate_phantom
 from inference.predictor import Detector

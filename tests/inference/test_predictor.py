@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from inference.training.evaluate import POINTING_MARGIN_MM
+from inference.training.metrics import POINTING_MARGIN_MM
 from inference.training.phantoms import generate_phantom, phantom_dataset
 from inference.predictor import DEFAULT_CARD, Detector, ReviewPolicy
 from inference.preprocess import prepare

@@ -15,7 +15,7 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from node.store.db import Job, JobState
-from tests.conftest import finished_jobs, wait_for
+from tests.conftest import audit_events, finished_jobs, wait_for
 
 PROCESSED = {JobState.ENCODED, JobState.SENT}
 
@@ -97,6 +97,18 @@ def test_retrain_gate_promote_and_rollback(make_settings, running_node, phantom_
     artifacts = {a.path for a in client.list_artifacts(first["run_id"], "model")}
     assert {"model/card.json", "model/smartnodule-nodule-1.0.0+ft.2.safetensors"} <= artifacts
     assert registry.champion_version(client, settings) == "1"  # auto_promote is off
+
+    # the child's progress reached the structured log as it came, not when the child ended: the last training step
+    # was logged (parent's clock) before the child wrote its result (child's clock), after which it still calibrated,
+    # registered and ran the gate
+    from datetime import datetime
+
+    progress = [e for e in audit_events(settings) if e["event"] == "retrain_progress"]
+    assert {"data", "train", "gate", "done"} <= {e["phase"] for e in progress}
+    train = [e for e in progress if e["phase"] == "train"]
+    assert [e["done"] for e in train] == [0, 1, 2] and all(e["total"] == 2 for e in train)
+    assert train[-1]["loss"] > 0
+    assert datetime.fromisoformat(train[-1]["timestamp"]).timestamp() < first["finished_at"]
 
     # 2. a candidate made worse on purpose is refused by the gate
     run = run_job(settings, node.sessions, "retrain", force=True,
