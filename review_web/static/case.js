@@ -72,8 +72,10 @@
 
   function resize() {
     const ratio = window.devicePixelRatio || 1;
-    canvas.width = Math.round(stage.clientWidth * ratio);
-    canvas.height = Math.round(stage.clientHeight * ratio);
+    canvas.width = Math.floor(stage.clientWidth * ratio);
+    canvas.height = Math.floor(stage.clientHeight * ratio);
+    canvas.style.width = canvas.width / ratio + "px";  // whole device pixels: 1:1 is exact, never resampled
+    canvas.style.height = canvas.height / ratio + "px";
   }
 
   function draw() {
@@ -107,8 +109,8 @@
   function zoomAt(scale, x, y) {
     const col = (x - view.tx) / view.scale, row = (y - view.ty) / view.scale;
     view.scale = Math.min(Math.max(scale, 0.02), 32);
-    view.tx = x - col * view.scale;
-    view.ty = y - row * view.scale;
+    view.tx = Math.round(x - col * view.scale);  // whole pixels: at 1:1 each source pixel is one screen pixel
+    view.ty = Math.round(y - row * view.scale);
     draw();
   }
   function zoomCentre(scale) { zoomAt(scale, canvas.width / 2, canvas.height / 2); }
