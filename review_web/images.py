@@ -89,7 +89,7 @@ def viewer_pixels(ds: pydicom.Dataset, max_pixels: int) -> ViewerPixels:
     if stored.ndim != 2:
         raise MissingFile(f"the source has decoded shape {stored.shape}, not one grey frame")
     source_rows, source_cols = stored.shape
-    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
+    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)  # exact for any rescale
     reduction = max(1, math.ceil(math.sqrt(source_rows * source_cols / max_pixels)))
     if reduction > 1:
         size = (max(1, source_cols // reduction), max(1, source_rows // reduction))
@@ -97,7 +97,7 @@ def viewer_pixels(ds: pydicom.Dataset, max_pixels: int) -> ViewerPixels:
     lo, hi = float(values.min()), float(values.max())
     integral = bool(np.all(values == np.round(values)))
     slope = 1.0 if integral and hi - lo <= UINT16_LEVELS else max(hi - lo, 1e-6) / UINT16_LEVELS
-    quantised = np.rint((values - np.float32(lo)) / np.float32(slope)).astype("<u2")
+    quantised = np.rint((values - lo) / slope).astype("<u2")
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     lut_shape = str(ds.get("PresentationLUTShape", "")).strip().upper()
     invert = photometric == "MONOCHROME1" or lut_shape == "INVERSE"
