@@ -138,6 +138,16 @@
     draw();
   }
 
+  // While dragging, one window per animation frame: the pointer moves faster than a large image re-windows.
+  let pendingWindow = null;
+  function flushWindow() {
+    if (pendingWindow) { const next = pendingWindow; pendingWindow = null; setWindow(next[0], next[1]); }
+  }
+  function scheduleWindow(centre, width) {
+    if (!pendingWindow) requestAnimationFrame(flushWindow);
+    pendingWindow = [centre, width];
+  }
+
   let drag = null;
   canvas.addEventListener("contextmenu", function (event) { event.preventDefault(); });
   canvas.addEventListener("pointerdown", function (event) {
@@ -159,11 +169,12 @@
       draw();
     } else {  // right: wider, down: brighter (lower level), about one value range per canvas width
       const step = (maxRaw * meta.slope) / canvas.width;
-      setWindow(drag.centre - dy * step * (view.invert ? -1 : 1), drag.width + dx * step);
+      scheduleWindow(drag.centre - dy * step * (view.invert ? -1 : 1), drag.width + dx * step);
     }
     drag.last = point;
   });
   canvas.addEventListener("pointerup", function (event) {
+    flushWindow();
     if (drag && !drag.moved && !drag.pan) mark(canvasPoint(event));
     drag = null;
   });
