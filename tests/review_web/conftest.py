@@ -1,6 +1,7 @@
 """Review web fixtures: a node database with processed phantom cases (real result files), users, an app."""
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from dataclasses import dataclass
@@ -122,6 +123,27 @@ def node(tmp_path, case_files) -> Node:
     index = CaseIndex.from_settings(settings)
     rebuild_index(sessions, index)
     return Node(settings, sessions, index, job_ids, tokens)
+
+
+@pytest.fixture
+def queue_node(node):
+    """The three review cases made an uncertain positive (newest), an out-of-distribution one and another (oldest)."""
+    now = utcnow()
+    with node.sessions.begin() as session:
+        for job_id, reasons, age_min in zip(node.job_ids[:3], ("ap_view", "out_of_distribution", "near_threshold"),
+                                            (300, 90, 5)):
+            job = session.get(Job, job_id)
+            job.review_reasons, job.received_at = reasons, now - timedelta(minutes=age_min)
+    return node
+
+
+def with_card(settings, folder: Path):
+    """`settings` with a model card for the fixture's model (nodulenet 1.2.0), operating threshold 0.50."""
+    card = json.loads((Path(__file__).parents[2] / "inference" / "models" / "card.json").read_text())
+    card.update(name=MODEL.name, version=MODEL.version, threshold=0.5)
+    path = folder / "card.json"
+    path.write_text(json.dumps(card))
+    return settings.model_copy(update={"model": settings.model.model_copy(update={"card": path})})
 
 
 def csrf_of(html: str) -> str:

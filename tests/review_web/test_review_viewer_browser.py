@@ -17,8 +17,9 @@ from PIL import Image
 from inference.training.phantoms import generate_phantom, phantom_dataset
 from node.store.db import Job
 from node.store.review import current_reads
+from review_web.server import WebServer
 from tests.conftest import TEST_OUTPUT
-from tests.review_web.conftest import log_in
+from tests.review_web.conftest import log_in, with_card
 
 pytestmark = pytest.mark.integration
 
@@ -182,3 +183,31 @@ def test_monochrome1_shows_as_its_monochrome2_twin(browser_page, server, node, t
     page.screenshot(path=SHOTS / "06-monochrome1.png")
     assert np.abs(shots[0] - shots[1]).mean() < 1.5
     assert shots[1].std() > 20
+
+
+def test_the_queue_reads_most_urgent_first_and_sorts_by_column(browser_page, queue_node, tmp_path):
+    page, node = browser_page, queue_node
+    oldest, ood, uncertain_positive = node.job_ids[:3]
+    web = WebServer(with_card(node.settings, tmp_path), node.sessions, node.index)
+    web.start()
+    try:
+        base = f"http://{node.settings.web.host}:{node.settings.web.port}"
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        log_in(page, base, "reviewer")
+        page.wait_for_url(f"{base}/queue")
+        assert job_order(page) == [uncertain_positive, ood, oldest]
+        assert page.inner_text(f"tr[data-job='{uncertain_positive}'] .probability") == "0.62 (≥ 0.50)"
+        assert page.inner_text(f"tr[data-job='{oldest}'] .accession") == "A007300"
+        page.screenshot(path=SHOTS / "07-queue-by-priority.png")
+        page.click("th >> text=Age")
+        assert job_order(page) == [uncertain_positive, ood, oldest]  # youngest first
+        page.click("th >> text=Age")
+        assert job_order(page) == [oldest, ood, uncertain_positive]
+        assert page.get_attribute("th.sorted a", "aria-sort") == "descending"
+        page.screenshot(path=SHOTS / "08-queue-oldest-first.png")
+    finally:
+        web.stop()
+
+
+def job_order(page) -> list[int]:
+    return [int(job) for job in page.eval_on_selector_all("#queue tbody tr", "rows => rows.map(r => r.dataset.job)")]

@@ -3,22 +3,19 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import timedelta
-from pathlib import Path
 
 import numpy as np
 import pydicom
-import pytest
 from fastapi.testclient import TestClient
 from structlog.testing import capture_logs
 
 from inference.ood import REASON
 from inference.training.phantoms import generate_phantom, phantom_dataset
 from inference.types import REVIEW_REASON_CODES
-from node.store.db import Job, utcnow
+from node.store.db import Job
 from review_web import images, queue
 from review_web.app import create_app
-from tests.review_web.conftest import PASSWORD, csrf_of
+from tests.review_web.conftest import PASSWORD, csrf_of, with_card
 
 
 def logged_in(settings, node, username: str = "reviewer") -> TestClient:
@@ -85,18 +82,6 @@ def test_priority_puts_uncertain_positives_first_then_out_of_distribution():
     assert [queue.priority(job) for job in cases] == [2, 2, 1, 0]
 
 
-@pytest.fixture
-def queue_node(node):
-    """The three review cases made an uncertain positive (newest), an out-of-distribution one and another (oldest)."""
-    now = utcnow()
-    with node.sessions.begin() as session:
-        for job_id, reasons, age_min in zip(node.job_ids[:3], ("ap_view", "out_of_distribution", "near_threshold"),
-                                            (300, 90, 5)):
-            job = session.get(Job, job_id)
-            job.review_reasons, job.received_at = reasons, now - timedelta(minutes=age_min)
-    return node
-
-
 def rows_of(html: str) -> list[int]:
     return [int(job) for job in re.findall(r'<tr data-job="(\d+)">', html)]
 
@@ -118,12 +103,7 @@ def test_queue_shows_accession_age_priority_and_sorts(queue_node):
 
 def test_the_operating_threshold_stands_beside_the_probability(queue_node, tmp_path):
     node = queue_node
-    card = json.loads((Path(__file__).parents[2] / "inference" / "models" / "card.json").read_text())
-    card.update(name="nodulenet", version="1.2.0", threshold=0.5)
-    path = tmp_path / "card.json"
-    path.write_text(json.dumps(card))
-    settings = node.settings.model_copy(update={"model": node.settings.model.model_copy(update={"card": path})})
-    client = logged_in(settings, node)
+    client = logged_in(with_card(node.settings, tmp_path), node)
     page = client.get("/queue").text
     assert re.search(r"0\.62\s*<span class=\"threshold\">\(≥ 0\.50\)", page)
     assert re.search(r"0\.48\s*<span class=\"threshold\">\(&lt; 0\.50\)", page)
