@@ -282,7 +282,7 @@ def case_page(request: Request, job_id: JobId, user: Annotated[User, Depends(pag
                 similar_job_ids=[other for other, _ in similar])
     return _render(request, "case.html", user, job=job, dataset=ds, outcome=outcome,
                    reads=reads if user.role is Role.ADJUDICATOR else [], similar=similar,
-                   threshold=_web(request).thresholds.get((job.model_name or "", job.model_version or "")),
+                   threshold=queue.threshold_of(job, _web(request).thresholds),
                    priority=queue.PRIORITY_LABELS[queue.priority(job)],
                    has_report=bool(job.results_dir) and (Path(job.results_dir) / "pdf.dcm").is_file())
 

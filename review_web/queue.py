@@ -71,10 +71,15 @@ def model_thresholds(settings: Settings) -> dict[tuple[str, str], float]:
     return {(card.name, card.version): card.threshold}
 
 
+def threshold_of(job: Job, thresholds: dict[tuple[str, str], float]) -> float | None:
+    """The operating threshold of the model that read `job`, None when it is not the card's."""
+    return thresholds.get((job.model_name or "", job.model_version or ""))
+
+
 def queue_rows(items: list[tuple[Job, Outcome]], thresholds: dict[tuple[str, str], float], now: datetime
                ) -> list[QueueRow]:
     return [QueueRow(job, outcome, accession_number(job), (now - job.received_at).total_seconds(), priority(job),
-                     thresholds.get((job.model_name or "", job.model_version or "")))
+                     threshold_of(job, thresholds))
             for job, outcome in items]
 
 
