@@ -19,6 +19,7 @@ PLAN: tuple[tuple[str, list[str]], ...] = (
     ("ingest", ["--n", "60", "--rounds", "3"]),  # the median of three rounds: this VM's disk speed wanders
     ("inference", ["--n", "8"]),
     ("encode", ["--n", "7"]),
+    ("viewer", ["--n", "3"]),
     ("e2e", ["--n", "5"]),
     ("retrieval", ["--n", "5000"]),
     ("sustained", ["--m", "120"]),

@@ -218,6 +218,11 @@ class WebSettings(_Section):
     trusted_proxies: list[IPvAnyNetwork] = []
     max_request_bytes: int = Field(default=64 * 1024, ge=1024)
     health_cache_s: float = Field(default=5.0, ge=0)
+    viewer_max_pixels: int = Field(default=4096 * 4096, ge=256 * 256,
+                                   description="largest image the viewer gets at full resolution; larger ones "
+                                               "are reduced by a whole factor (2 bytes a pixel on the wire)")
+    viewer_cache_images: int = Field(default=4, ge=1, le=64,
+                                     description="decoded images the web app keeps for the viewer")
     # The first administrator, made when the web app starts and no user exists yet (compose: a Docker secret).
     admin_username: str = Field(default="admin", min_length=1, max_length=64)
     admin_password_file: Path | None = None

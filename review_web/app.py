@@ -16,7 +16,7 @@ from typing import Annotated
 
 import pydicom
 import structlog
-from fastapi import APIRouter, Depends, FastAPI, Form, HTTPException, Request
+from fastapi import APIRouter, Depends, FastAPI, Form, HTTPException, Query, Request
 from fastapi import Path as PathParameter
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -28,11 +28,11 @@ from starlette.middleware.sessions import SessionMiddleware
 
 from config.settings import Settings
 from inference.types import ModelIdentity
-from node.store.db import Job
+from node.store.db import Job, utcnow
 from node.store.jobs import TransitionError, requeue_delivery
 from node.cases import similar_jobs
 from retrieval.index import CaseIndex
-from review_web import images
+from review_web import images, queue
 from node.health import CachedHealth, Health, HealthCollector
 from node.store.review import PROCESSED, READING_ROLES, Role, User, current_reads, decide, final_verdict, record_verdict, review_queue
 from review_web.security import (MAX_PASSWORD_LENGTH, MAX_USERNAME_LENGTH, MIN_SECRET_KEY_LENGTH, BodyLimit,
@@ -61,6 +61,8 @@ class WebContext:
     registry: CollectorRegistry
     logins: Counter
     verdicts: Counter
+    pixels: images.PixelCache
+    thresholds: dict[tuple[str, str], float]  # (model name, version): operating threshold
 
 
 class LoginRequired(Exception):
@@ -86,6 +88,8 @@ def create_app(settings: Settings, sessions: sessionmaker, index: CaseIndex | No
         templates=_templates(), registry=registry,
         logins=Counter("smartnodule_web_logins", "Login attempts by outcome", ["outcome"], registry=registry),
         verdicts=Counter("smartnodule_verdicts_recorded", "Verdicts recorded", registry=registry),
+        pixels=images.PixelCache(web.viewer_cache_images, web.viewer_max_pixels),
+        thresholds=queue.model_thresholds(settings),
     )
     app.add_middleware(SessionMiddleware, secret_key=web.secret_key, session_cookie="smartnodule_session",
                        max_age=web.session_max_age_s, same_site="strict", https_only=web.secure_cookies)
@@ -104,6 +108,7 @@ def _templates() -> Jinja2Templates:
     templates = Jinja2Templates(directory=HERE / "templates")
     templates.env.filters["dicom_date"] = lambda value: (
         f"{value[:4]}-{value[4:6]}-{value[6:8]}" if len(value) == 8 and value.isdigit() else value)
+    templates.env.filters["age"] = queue.age_text
     return templates
 
 
@@ -233,10 +238,16 @@ def logout(request: Request) -> RedirectResponse:
 
 
 @pages.get("/queue")
-def queue_page(request: Request, user: Annotated[User, Depends(page_user)]) -> HTMLResponse:
-    with _web(request).sessions() as session:
+def queue_page(request: Request, user: Annotated[User, Depends(page_user)],
+               sort: Annotated[queue.SortKey, Query()] = "priority",
+               order: Annotated[queue.Order, Query()] = "asc") -> HTMLResponse:
+    """The user's queue, most urgent first (`queue.priority`) unless sorted by another column."""
+    ctx = _web(request)
+    with ctx.sessions() as session:
         items = review_queue(session, user)
-    return _render(request, "queue.html", user, items=items)
+    rows = queue.sort_rows(queue.queue_rows(items, ctx.thresholds, utcnow()), sort, order)
+    _audit_read(user, "queue_page", job_ids=[row.job.id for row in rows])
+    return _render(request, "queue.html", user, rows=rows, sort=sort, order=order)
 
 
 def _audit_read(user: User, what: str, **ids) -> None:
@@ -271,6 +282,8 @@ def case_page(request: Request, job_id: JobId, user: Annotated[User, Depends(pag
                 similar_job_ids=[other for other, _ in similar])
     return _render(request, "case.html", user, job=job, dataset=ds, outcome=outcome,
                    reads=reads if user.role is Role.ADJUDICATOR else [], similar=similar,
+                   threshold=queue.threshold_of(job, _web(request).thresholds),
+                   priority=queue.PRIORITY_LABELS[queue.priority(job)],
                    has_report=bool(job.results_dir) and (Path(job.results_dir) / "pdf.dcm").is_file())
 
 
@@ -280,6 +293,22 @@ def case_image(request: Request, job_id: JobId, user: Annotated[User, Depends(pa
     png, _ = images.display_png(images.source_dataset(job))
     _audit_read(user, "image", job_id=job_id, sop_instance_uid=job.sop_instance_uid)
     return Response(png, media_type="image/png")
+
+
+@pages.get("/cases/{job_id}/pixels.json")
+def case_pixels_meta(request: Request, job_id: JobId, user: Annotated[User, Depends(page_user)]) -> JSONResponse:
+    """Geometry, value scaling, polarity and windows of `pixels.raw` (no patient data)."""
+    job = _processed_job(request, job_id)
+    return JSONResponse(_web(request).pixels.get(job).meta())
+
+
+@pages.get("/cases/{job_id}/pixels.raw")
+def case_pixels(request: Request, job_id: JobId, user: Annotated[User, Depends(page_user)]) -> Response:
+    """The source's modality values, full resolution, as rows x cols little-endian uint16 (see pixels.json)."""
+    job = _processed_job(request, job_id)
+    pixels = _web(request).pixels.get(job)
+    _audit_read(user, "pixels", job_id=job_id, sop_instance_uid=job.sop_instance_uid)
+    return Response(pixels.data, media_type="application/octet-stream")
 
 
 @pages.get("/cases/{job_id}/overlay.png")

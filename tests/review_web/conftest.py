@@ -1,7 +1,9 @@
 """Review web fixtures: a node database with processed phantom cases (real result files), users, an app."""
 from __future__ import annotations
 
+import json
 import re
+import shutil
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -20,6 +22,7 @@ from node.cases import rebuild_index
 from retrieval.index import CaseIndex
 from node.store.review import Role
 from review_web.security import create_user
+from review_web.server import WebServer
 from sr_writer.encode import encode_results
 from sr_writer.heatmap import EXPLANATION_FILE, explanation_png
 
@@ -122,5 +125,62 @@ def node(tmp_path, case_files) -> Node:
     return Node(settings, sessions, index, job_ids, tokens)
 
 
+@pytest.fixture
+def queue_node(node):
+    """The three review cases made an uncertain positive (newest), an out-of-distribution one and another (oldest)."""
+    now = utcnow()
+    with node.sessions.begin() as session:
+        for job_id, reasons, age_min in zip(node.job_ids[:3], ("ap_view", "out_of_distribution", "near_threshold"),
+                                            (300, 90, 5)):
+            job = session.get(Job, job_id)
+            job.review_reasons, job.received_at = reasons, now - timedelta(minutes=age_min)
+    return node
+
+
+def with_card(settings, folder: Path):
+    """`settings` with a model card for the fixture's model (nodulenet 1.2.0), operating threshold 0.50."""
+    card = json.loads((Path(__file__).parents[2] / "inference" / "models" / "card.json").read_text())
+    card.update(name=MODEL.name, version=MODEL.version, threshold=0.5)
+    path = folder / "card.json"
+    path.write_text(json.dumps(card))
+    return settings.model_copy(update={"model": settings.model.model_copy(update={"card": path})})
+
+
 def csrf_of(html: str) -> str:
     return re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture
+def browser_page():
+    """A page of a real headless Chromium (Playwright), 1360 x 960, device pixel ratio 1."""
+    if not shutil.which(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1360, "height": 960}, device_scale_factor=1)
+        page.set_default_timeout(15000)
+        yield page
+        browser.close()
+
+
+@pytest.fixture
+def server(node):
+    """The app served by WebServer on the node fixture's web port; yields its base URL."""
+    web = WebServer(node.settings, node.sessions, node.index)
+    web.start()
+    yield f"http://{node.settings.web.host}:{node.settings.web.port}"
+    web.stop()
+
+
+def log_in(page, base: str, username: str) -> None:
+    page.goto(f"{base}/login")
+    page.fill("input[name=username]", username)
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")

@@ -137,14 +137,16 @@ def test_every_read_of_patient_data_is_audited_with_the_user(app, node):
     with node.sessions() as session:
         study = session.get(Job, job_id).study_instance_uid
     with capture_logs() as events:
-        for path in ("", "/image.png", "/overlay.png", "/report.pdf"):
+        for path in ("", "/image.png", "/overlay.png", "/pixels.raw", "/report.pdf"):
             assert client.get(f"/cases/{job_id}{path}").status_code == 200
+        assert client.get("/queue").status_code == 200  # accession numbers: a read of patient data
         for path in ("/api/queue", f"/api/jobs/{job_id}/similar", f"/api/studies/{study}/jobs"):
             assert client.get(path, headers=bearer).status_code == 200
         assert client.get("/cases/999999").status_code == 404  # nothing read, nothing audited
     viewed = [e for e in events if e["event"] == "patient_data_viewed"]
     assert [(e["username"], e["what"]) for e in viewed] == [
-        ("reviewer", "case_page"), ("reviewer", "image"), ("reviewer", "overlay"), ("reviewer", "report_pdf"),
+        ("reviewer", "case_page"), ("reviewer", "image"), ("reviewer", "overlay"), ("reviewer", "pixels"),
+        ("reviewer", "report_pdf"), ("reviewer", "queue_page"),
         ("reviewer2", "api_queue"), ("reviewer2", "api_similar"), ("reviewer2", "api_study_jobs")]
     assert all(e.get("job_id", job_id) == job_id for e in viewed)
     assert job_id in viewed[-1]["job_ids"]
