@@ -243,6 +243,16 @@ class WebSettings(_Section):
         return self
 
 
+class MetricsSettings(_Section):
+    """Prometheus metrics of this process, served at http://host:port/metrics by every role (run, scp, worker,
+    web, scheduler). Two roles on one machine need two ports (e.g. SMARTNODULE_METRICS__PORT=9465 for the second);
+    a port in use stops the start with one line naming metrics.port. Off when the section is missing."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: Port = 9464
+
+
 class AuditSettings(_Section):
     """The audit log: its HMAC key (kept outside the data folder), checkpoints and forwarding to syslog."""
 
@@ -432,6 +442,7 @@ class Settings(BaseSettings):
     results: ResultsSettings = ResultsSettings()
     tls: TLSSettings = TLSSettings()
     web: WebSettings = WebSettings()
+    metrics: MetricsSettings = MetricsSettings()
     audit: AuditSettings = AuditSettings()
     retrieval: RetrievalSettings = RetrievalSettings()
     alerts: AlertSettings = AlertSettings()

@@ -24,6 +24,7 @@ from config.settings import RESULT_OBJECTS, Destination, Settings
 from inference.predictor import Detector
 from inference.preprocess import prepare, read_dataset
 from inference.types import NotApplicable, Unreadable
+from node import metrics
 from node.store.db import DeliveryState, Job, JobState, utcnow
 from node.store.jobs import Claim, TransitionError, ensure_deliveries, transition
 from node.scu import AssociationFailed, send_files
@@ -81,6 +82,7 @@ class Processor:
         timer = StageTimer()
         timer.seconds["queued"] = round(queued_s, 4)
         detector = self._detector()
+        metrics.model_in_service(detector.identity)
         try:
             with timer.stage("read"):
                 source = read_dataset(spool_path)
@@ -122,6 +124,9 @@ class Processor:
             bound.warning("stale_result_discarded", reason="lease lost while processing")
             raise
         self._index.add(claim.job_id, prediction.embedding)
+        metrics.stages(timer.seconds)
+        if not delivery_names(self._settings):  # no destination: ENCODED is where the job ends
+            metrics.finished(JobState.ENCODED)
         bound.info("job_encoded", probability=round(float(prediction.probability), 4),
                    uncertainty=round(float(prediction.uncertainty), 4), positive=bool(prediction.positive),
                    review=bool(prediction.review), model_version=model.version, seconds=timer.seconds)
@@ -154,6 +159,9 @@ class Processor:
         with self._sessions.begin() as session:
             terminal = {} if state is JobState.RECEIVED else {"finished_at": utcnow()}
             transition(session, claim.job_id, claim, state, reason=reason, stage_seconds=timer.json(), **terminal, **values)
+        metrics.stages(timer.seconds)
+        if terminal:
+            metrics.finished(state)
         bound.info(f"job_{state.value.lower()}", reason=reason)
         return state
 
@@ -197,6 +205,7 @@ class Deliverer:
         self._destinations: dict[str, Destination] = {d.name: d for d in settings.destinations}
         self._tls = client_context(settings.tls) if any(d.tls for d in settings.destinations) or any(
             s.tls for s in settings.sources) else None
+        metrics.destinations_known(delivery_names(settings))
 
     def run(self, claim: Claim) -> JobState:
         with self._sessions() as session:
@@ -235,6 +244,11 @@ class Deliverer:
                 transition(session, claim.job_id, claim, JobState.ENCODED,
                            next_attempt_at=utcnow() + timedelta(seconds=delay))
                 state = JobState.ENCODED
+        metrics.stages(timer.seconds)
+        for name, (ok, _, _) in outcomes.items():
+            metrics.delivered(name, ok)
+        if state is not JobState.ENCODED:
+            metrics.finished(state)
         bound.info("job_delivery_finished", state=state.value)
         return state
 

@@ -43,6 +43,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
 from config.settings import Settings
+from node import metrics
 from node.store.jobs import ReceivedInstance, StaleVersion, admit, known_instance, replace_instance
 from node.receive import (DISK_FULL, TOO_LARGE, WRITE_FAILED, ConnectionLimits, GatedAssociationServer, IncomingFiles,
                           inflated_size_exceeds, serve, stream_into)
@@ -222,10 +223,12 @@ class StorageSCP:
         calling_aet = event.assoc.requestor.ae_title
         bound = log.bind(calling_aet=calling_aet, sop_instance_uid=str(request.AffectedSOPInstanceUID))
         try:
-            return self._store(event, bound)
+            status = self._store(event, bound)
         except Exception as exc:  # never let an exception escape into pynetdicom
             bound.exception("instance_refused", reason="internal_error")
-            return _status(OUT_OF_RESOURCES, f"internal error: {type(exc).__name__}")
+            status = _status(OUT_OF_RESOURCES, f"internal error: {type(exc).__name__}")
+        metrics.received(calling_aet, status.Status)
+        return status
 
     def _store(self, event: evt.Event, bound) -> Dataset:
         request = event.request

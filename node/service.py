@@ -1,6 +1,8 @@
 """One node process: the Storage SCP, pipeline workers and a delivery worker around one database.
 
-`smartnodule run` starts all of them; the scale-out roles start a subset. On
+`smartnodule run` starts all of them; the scale-out roles start a subset. Every role serves its Prometheus
+metrics on `[metrics] host:port` (node.metrics), started before the loops and the listeners, so that a
+metrics port in use stops the start before anything listens or claims a job. On
 start, leases held by a dead process of this host are released at once, so a
 node restarted after a crash picks up its RUNNING jobs without waiting for them
 to expire.
@@ -17,6 +19,7 @@ from config.settings import Settings
 from inference.predictor import Detector
 from node.alerts import Alerter
 from node.cases import rebuild_index
+from node.metrics import MetricsServer, model_in_service, serve_metrics
 from node.pipeline import Deliverer, Processor, delivery_names
 from node.scp import StorageSCP
 from node.store.db import open_database
@@ -76,6 +79,7 @@ class Node:
         self._threads: list[WorkLoop] = []
         self.web: WebServer | None = None
         self.alerter: Alerter | None = None
+        self.metrics: MetricsServer | None = None
         self._web, self._alerts = web and settings.web.enabled, alerts
         self._scheduler = Scheduler(settings, self.sessions, self.index) if scheduler and settings.scheduler.enabled else None
 
@@ -93,6 +97,10 @@ class Node:
             ensure_first_admin(self.settings, self.sessions)
         worker = self.settings.worker
         detectors = [self._detector_provider() for _ in range(self._workers)]
+        identity = detectors[0]().identity if detectors else None
+        if identity is not None:
+            model_in_service(identity)
+        self.metrics = serve_metrics(self.settings, self.sessions, identity)
         for index, detector in enumerate(detectors):
             self._threads.append(WorkLoop(
                 f"process-{index}", self.sessions, PROCESS, lease_owner("process", index), worker.lease_s,
@@ -108,7 +116,6 @@ class Node:
         if self.scp is not None:
             self.scp.start()
         if self._web:
-            identity = detectors[0]().identity if detectors else None
             self.web = WebServer(self.settings, self.sessions, self.index, identity)
             self.web.start()
         if self._scheduler is not None:
@@ -122,7 +129,7 @@ class Node:
     def stop(self) -> None:
         if self.scp is not None:
             self.scp.stop()
-        for part in (self.web, self.alerter, self._scheduler):
+        for part in (self.web, self.alerter, self._scheduler, self.metrics):
             if part is not None:
                 part.stop()
         self._stop.set()

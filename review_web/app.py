@@ -33,7 +33,8 @@ from node.store.jobs import TransitionError, requeue_delivery
 from node.cases import similar_jobs
 from retrieval.index import CaseIndex
 from review_web import images, queue
-from node.health import CachedHealth, Health, HealthCollector
+from node import metrics as node_metrics
+from node.health import CachedHealth, Health, HealthCollector, history
 from node.store.review import PROCESSED, READING_ROLES, Role, User, current_reads, decide, final_verdict, record_verdict, review_queue
 from review_web.security import (MAX_PASSWORD_LENGTH, MAX_USERNAME_LENGTH, MIN_SECRET_KEY_LENGTH, BodyLimit,
                                  HashGate, HashingBusy, LoginLimiter, SecurityHeaders, check_password, client_address,
@@ -367,8 +368,20 @@ def _location(row: str, col: str) -> tuple[float, float] | None:
 @pages.get("/health")
 def health_page(request: Request, user: Annotated[User, Depends(admin_user)]) -> HTMLResponse:
     ctx = _web(request)
-    return _render(request, "health.html", user, health=ctx.health(),
-                   destinations=ctx.settings.destinations)
+    hours = history(ctx.settings, ctx.sessions)
+    return _render(request, "health.html", user, health=ctx.health(), destinations=ctx.settings.destinations,
+                   hours=hours, queue_line=_polyline([h.queue_depth for h in hours]),
+                   latency_line=_polyline([h.latency_p95_s for h in hours]))
+
+
+CHART_WIDTH, CHART_HEIGHT = 240, 40
+
+
+def _polyline(values: list[float | None]) -> str:
+    """SVG polyline points of `values` (None: 0) scaled into CHART_WIDTH x CHART_HEIGHT, the largest at the top."""
+    top = max((v for v in values if v), default=0) or 1
+    step = CHART_WIDTH / max(len(values) - 1, 1)
+    return " ".join(f"{i * step:.1f},{CHART_HEIGHT - (v or 0) / top * CHART_HEIGHT:.1f}" for i, v in enumerate(values))
 
 
 @pages.post("/health/resend/{job_id}", dependencies=[Depends(check_csrf)])
@@ -396,7 +409,9 @@ def healthz(request: Request) -> JSONResponse:
 
 @pages.get("/metrics")
 def metrics(request: Request) -> Response:
-    return Response(generate_latest(_web(request).registry), media_type=CONTENT_TYPE_LATEST)
+    """The database gauges and web counters of this app, and this process's node.metrics (as on metrics.port)."""
+    return Response(generate_latest(_web(request).registry) + generate_latest(node_metrics.REGISTRY),
+                    media_type=CONTENT_TYPE_LATEST)
 
 
 @dataclass(frozen=True)

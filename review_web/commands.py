@@ -69,6 +69,7 @@ def cmd_web(args: argparse.Namespace) -> int:
 
     from node.alerts import Alerter
     from node.cases import rebuild_index
+    from node.metrics import serve_metrics
     from retrieval.index import CaseIndex
     from review_web.app import create_app
     from review_web.first_admin import ensure_first_admin
@@ -84,6 +85,7 @@ def cmd_web(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    serve_metrics(settings, sessions)  # [metrics] port (the app's /metrics shows the same); ends with the process
     alerter = Alerter(settings, sessions) if settings.alerts.webhook_url or settings.alerts.mail_to else None
     if alerter is not None:
         alerter.start()

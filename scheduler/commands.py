@@ -50,10 +50,12 @@ def _open(config: Path | None, *, create: bool = False):
 
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
+    from node.metrics import serve_metrics
     from scheduler.service import Scheduler
 
     settings, sessions = _open(args.config, create=True)
     scheduler = Scheduler(settings, sessions)
+    serve_metrics(settings, sessions)  # [metrics] port; ends with the process
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

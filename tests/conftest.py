@@ -36,7 +36,8 @@ def make_settings(tmp_path):
                 **sections.pop("node", {})}
         worker = {"poll_interval_s": 0.05, **sections.pop("worker", {})}
         delivery = {"backoff_initial_s": 0.2, "backoff_max_s": 2.0, **sections.pop("delivery", {})}
-        return load_settings(None, node=node, worker=worker, delivery=delivery,
+        metrics = {"enabled": False, **sections.pop("metrics", {})}  # tests that scrape choose a free port
+        return load_settings(None, node=node, worker=worker, delivery=delivery, metrics=metrics,
                              destinations=sections.pop("destinations", []), **sections)
 
     return factory

@@ -29,6 +29,7 @@ def test_two_receivers_three_workers_process_each_instance_once(postgres_url, tm
                     "SMARTNODULE_NODE__ALLOWED_CALLING_AETS": json.dumps(["STORESCU"]),
                     "SMARTNODULE_WORKER__POLL_INTERVAL_S": "0.05",
                     "SMARTNODULE_MODEL__THREADS": "1",
+                    "SMARTNODULE_METRICS__ENABLED": "false",  # five roles on one machine; tests/node/test_metrics.py scrapes
                     "SMARTNODULE_DESTINATIONS": json.dumps([orthanc.destination("pacs")])}
         try:
             for port in scp_ports:

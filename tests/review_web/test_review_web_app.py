@@ -164,8 +164,9 @@ def test_health_page_api_healthz_metrics_and_resend(client, node):
                                              "problems": ["1 job(s) failed delivery"]}
     metrics = client.get("/metrics").text
     assert 'smartnodule_jobs{state="SENT"} 4.0' in metrics
-    assert 'smartnodule_deliveries_failed{destination="pacs"} 1.0' in metrics
-    assert "smartnodule_queue_depth 0.0" in metrics
+    assert 'smartnodule_jobs_failed_delivery{destination="pacs"} 1.0' in metrics
+    assert 'smartnodule_queue_depth{state="RECEIVED"} 0.0' in metrics and "smartnodule_healthy 0.0" in metrics
+    assert "smartnodule_jobs_finished_total{" in metrics  # this process's node.metrics, as on metrics.port
 
     login(client, "reviewer")
     assert client.get("/health").status_code == 403
