@@ -240,7 +240,8 @@ class HealthCollector:
         yield GaugeMetricFamily("smartnodule_healthy", "1 when the node is ok, 0 when degraded (failed deliveries, "
                                 "disk almost full)", value=1.0 if health.status == "ok" else 0.0)
         yield _labelled("smartnodule_scheduler_last_success_timestamp_seconds",
-                        "Unix time a scheduled job last finished ok (or found a drift breach)", "job",
+                        "Unix time a scheduled job last finished ok (or found a drift breach); the label is not `job`, "
+                        "which Prometheus gives every target", "scheduled_job",
                         health.scheduler_last_success)
         yield _labelled("smartnodule_drift_psi", "Population stability index of the last drift check, by figure",
                         "figure", health.drift_psi)
