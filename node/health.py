@@ -8,9 +8,11 @@ node is `degraded` when a job waits in FAILED_DELIVERY or the data folder's
 disk is almost full. `history` gives the health page the last 24 hours by hour
 (received, queue depth, latency), from the newest `HISTORY_JOBS` job rows only.
 
-CPU: `psutil.cpu_percent(interval=None)` compares with the previous call in the
-process, so the first call answers 0.0 (the health page showed "CPU 0 %") and any
-other caller moves the reference. `CPU` is a daemon thread that measures fixed
+CPU: `psutil.cpu_percent(interval=None)` compares with the previous call of the
+same thread (psutil 7 keys its reference by thread id), so a first call answers 0.0;
+the web app's sync routes run on a pool of threads, and the health page showed
+"CPU 0 %" on every load (measured: 0 % at once and 2 s later with a core busy).
+`CPU` is one daemon thread that measures fixed
 `CPU_SAMPLE_S` windows instead: the figure means "the last 5 s" however often the
 page is read, and is None (shown as "measuring") for the first second only.
 """
@@ -257,6 +259,12 @@ def _labelled(name: str, documentation: str, label: str, values: dict[str, float
     return family
 
 
+def _left_at(row, waiting: list[JobState], settings: Settings) -> datetime | None:
+    """When a job left the queue: finished (without destinations: encoded); None while it waits."""
+    left = row.finished_at or (None if settings.destinations else row.encoded_at)
+    return left if left is not None or row.state in waiting else row.updated_at
+
+
 @dataclass(frozen=True)
 class Hour:
     """One hour of the health page's last 24: instances received, queue depth at its end, receipt-to-done latency."""
@@ -282,13 +290,13 @@ def history(settings: Settings, sessions: sessionmaker, hours: int = 24) -> list
     kept = waiting_states(settings)
     done_state = JobState.SENT if settings.destinations else JobState.ENCODED
     with sessions() as session:
-        rows = session.execute(select(Job.id, Job.state, Job.received_at, Job.encoded_at, Job.finished_at)
+        rows = session.execute(select(Job.id, Job.state, Job.received_at, Job.encoded_at, Job.finished_at,
+                                      Job.updated_at)
                                .order_by(Job.id.desc()).limit(HISTORY_JOBS)).all()
         oldest_id = rows[-1].id if rows else None
         older_waiting = session.scalar(select(func.count()).select_from(Job).where(
             Job.state.in_(kept), Job.id < oldest_id)) if len(rows) == HISTORY_JOBS else 0
-    spans = [(row.received_at, row.finished_at or (None if settings.destinations else row.encoded_at), row.state)
-             for row in rows]
+    spans = [(row.received_at, _left_at(row, kept, settings), row.state) for row in rows]
     spans = [span for span in spans if span[1] is None or span[1] >= first]  # what touches the window
     result = []
     for index in range(hours):

@@ -176,7 +176,8 @@ def test_the_scp_role_passes_its_health_check_and_serves_no_web_app(monkeypatch,
     port, web_port = free_port(), free_port()
     settings = docker_settings(monkeypatch, f"sqlite:///{tmp_path / 'node.db'}",
                                node={"host": "127.0.0.1", "port": port, "data_dir": str(tmp_path / "d")},
-                               web={"port": web_port}, audit={"key_file": str(tmp_path / "audit.key")})
+                               web={"port": web_port}, audit={"key_file": str(tmp_path / "audit.key")},
+                               metrics={"host": "127.0.0.1", "port": free_port()})
     assert settings.web.enabled
     node = running_node(settings, **ROLES["scp"])
     command = compose()["services"]["scp"]["healthcheck"]["test"][1:]

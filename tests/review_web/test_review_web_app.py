@@ -1,6 +1,8 @@
 """The web app through FastAPI's TestClient: login, CSRF, rate limit, headers, pages, API, health, metrics."""
 from __future__ import annotations
 
+import re
+
 import cv2
 import numpy as np
 import pytest
@@ -174,6 +176,8 @@ def test_health_page_api_healthz_metrics_and_resend(client, node):
     login(client, "admin")
     page = client.get("/health")
     assert page.status_code == 200 and "association rejected" in page.text
+    assert 'id="last-24-hours"' in page.text and "<polyline points=" in page.text
+    assert re.search(r'id="cpu">(measuring…|\d+ %)</dd>', page.text)
     failed_job = node.job_ids[4]
     with capture_logs() as events:
         response = client.post(f"/health/resend/{failed_job}", data={"csrf_token": csrf_of(page.text)},
