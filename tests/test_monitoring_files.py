@@ -98,3 +98,17 @@ def test_the_old_misleading_names_are_gone(exported):
     assert "smartnodule_up" not in exported and "smartnodule_deliveries_failed" not in exported
     assert {"smartnodule_healthy", "smartnodule_jobs_failed_delivery", "smartnodule_drift_breaches"} <= exported
     assert REGISTRY.get_sample_value("smartnodule_jobs_finished_total", {"state": "SENT"}) is not None
+
+
+def test_the_metrics_section_is_on_as_shipped_off_when_missing_and_strict(tmp_path):
+    from config.settings import SettingsError, load_settings
+
+    shipped = load_settings(None).metrics
+    assert (shipped.enabled, shipped.host, shipped.port) == (True, "127.0.0.1", 9464)
+    bare = tmp_path / "bare.toml"
+    bare.write_text("[node]\naccept_any_calling_ae = true\n")
+    assert load_settings(bare).metrics.enabled is False  # a file without the section opens no port
+    with pytest.raises(SettingsError, match=r"metrics\.port: Input should be less than or equal to 65535"):
+        load_settings(bare, metrics={"port": 70000})
+    with pytest.raises(SettingsError, match=r"metrics\.path: Extra inputs are not permitted"):
+        load_settings(bare, metrics={"path": "/m"})

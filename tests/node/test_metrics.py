@@ -14,7 +14,7 @@ from node.metrics import serve_metrics
 from node.orthanc_peer import free_port
 from node.scu import send_files
 from node.store.db import JobState
-from tests.conftest import all_jobs, finished_jobs, poll
+from tests.conftest import finished_jobs, poll
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
