@@ -36,7 +36,9 @@ def value(samples, metric: str, /, **labels) -> float:
 
 def test_a_stored_instance_moves_the_counters_of_the_scraped_node(make_settings, running_node, phantom_files):
     port = free_port()
-    settings = make_settings(metrics={"enabled": True, "port": port})
+    closed = free_port()  # a destination nobody answers on: one attempt, then FAILED_DELIVERY
+    settings = make_settings(metrics={"enabled": True, "port": port}, delivery={"max_attempts": 1},
+                             destinations=[{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": closed}])
     node = running_node(settings, workers=1)
     _, before = scrape(port)
 
@@ -44,24 +46,28 @@ def test_a_stored_instance_moves_the_counters_of_the_scraped_node(make_settings,
                           calling_aet="STORESCU")
     assert result.stored
     [job] = poll(lambda: finished_jobs(node.sessions, 1), 120, "the job")
-    assert job.state is JobState.ENCODED  # no destination: results stay
-    finished = ("smartnodule_jobs_finished_total", (("state", "ENCODED"),))  # counted just after the row's commit
+    assert job.state is JobState.FAILED_DELIVERY
+    finished = ("smartnodule_jobs_finished_total", (("state", "FAILED_DELIVERY"),))  # counted after the commit
     text, after = poll(lambda: (lambda got: got if got[1].get(finished, 0) > before.get(finished, 0) else None)(
         scrape(port)), 30, "the finished job's counter")
 
     received = {"calling_ae": "STORESCU", "status": "0x0000"}
     assert value(after, "smartnodule_instances_received_total", **received) == \
         value(before, "smartnodule_instances_received_total", **received) + 1
-    assert value(after, "smartnodule_jobs_finished_total", state="ENCODED") == \
-        value(before, "smartnodule_jobs_finished_total", state="ENCODED") + 1
-    for stage in ("queued", "read", "preprocess", "predict", "encode"):
+    assert value(after, "smartnodule_jobs_finished_total", state="FAILED_DELIVERY") == \
+        value(before, "smartnodule_jobs_finished_total", state="FAILED_DELIVERY") + 1
+    failed = {"destination": "pacs", "status": "failed"}
+    assert value(after, "smartnodule_deliveries_total", **failed) == value(before, "smartnodule_deliveries_total", **failed) + 1
+    for stage in ("queued", "read", "preprocess", "predict", "encode", "deliver"):
         assert value(after, "smartnodule_stage_seconds_count", stage=stage) == \
             value(before, "smartnodule_stage_seconds_count", stage=stage) + 1
     model = {"name": job.model_name, "version": job.model_version, "sha256": job.model_sha256}
     assert value(after, "smartnodule_model_info", **model) == 1
-    assert value(after, "smartnodule_jobs", state="ENCODED") == 1  # the database gauges, read at scrape time
-    assert ("smartnodule_queue_depth", (("state", "RECEIVED"),)) in after
-    assert value(after, "smartnodule_healthy") == 1
+    # the database gauges, read at scrape time
+    assert value(after, "smartnodule_jobs", state="FAILED_DELIVERY") == 1
+    assert value(after, "smartnodule_jobs_failed_delivery", destination="pacs") == 1
+    assert value(after, "smartnodule_healthy") == 0
+    assert ("smartnodule_queue_depth", (("state", "ENCODED"),)) in after
     assert 'smartnodule_stage_seconds_bucket{le="0.01",stage="predict"}' in text
     assert "smartnodule_up" not in text and "smartnodule_deliveries_failed" not in text
     # labels carry AE titles, states and stages: never a UID of what was received
