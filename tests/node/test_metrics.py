@@ -93,3 +93,41 @@ def test_a_metrics_port_in_use_is_one_clear_error(make_settings, running_node, t
         f"error: metrics.port {port} on 127.0.0.1 cannot be used (Address already in use); two roles on one machine "
         f"need different ports, e.g. SMARTNODULE_METRICS__PORT={port + 1}")
     assert "scp_started" not in done.stderr  # nothing listened
+
+
+@pytest.mark.parametrize("role", ["scheduler", "web"])
+def test_the_scheduler_and_web_roles_serve_metrics_too(role, tmp_path):
+    """The roles that do not go through node.service.Node: `smartnodule scheduler` and `smartnodule web`."""
+    from datetime import timedelta
+
+    from node.store.db import open_database, utcnow
+    from node.store.runs import Outcome, SchedulerRun
+
+    data = tmp_path / "var"
+    data.mkdir()
+    finished = utcnow() - timedelta(hours=1)
+    with open_database(f"sqlite:///{data / 'smartnodule.db'}").begin() as session:
+        session.add(SchedulerRun(job="reindex", started_at=finished, finished_at=finished, outcome=Outcome.OK))
+    port = free_port()
+    config = tmp_path / "node.toml"
+    config.write_text(f'[node]\ndata_dir = "{data}"\naccept_any_calling_ae = true\n'
+                      f'[metrics]\nenabled = true\nport = {port}\n'
+                      f'[web]\nenabled = true\nport = {free_port()}\nsecret_key = "{"k" * 48}"\n'
+                      '[scheduler]\ndrift = ""\nretrain = ""\nreindex = ""\nretention = ""\necho = ""\nbackup = ""\n')
+    process = subprocess.Popen([sys.executable, "-m", "node.cli", role, "--config", str(config)], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def answered():
+            try:
+                return scrape(port)
+            except OSError:
+                assert process.poll() is None, f"the {role} role exited with {process.returncode}"
+                return None
+
+        text, samples = poll(answered, 120, f"the {role} role's metrics")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert value(samples, "smartnodule_scheduler_last_success_timestamp_seconds", scheduled_job="reindex") == \
+        pytest.approx(finished.timestamp(), abs=1e-3)
+    assert value(samples, "smartnodule_healthy") == 1 and "process_resident_memory_bytes" in text
