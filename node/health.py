@@ -14,7 +14,8 @@ the web app's sync routes run on a pool of threads, and the health page showed
 "CPU 0 %" on every load (measured: 0 % at once and 2 s later with a core busy).
 `CPU` is one daemon thread that measures fixed
 `CPU_SAMPLE_S` windows instead: the figure means "the last 5 s" however often the
-page is read, and is None (shown as "measuring") for the first second only.
+page is read, and is None (shown as "measuring") only in the first second after
+the web app or metrics listener started.
 """
 from __future__ import annotations
 
@@ -51,12 +52,15 @@ class CpuSampler:
         self._percent: float | None = None
         self._thread: threading.Thread | None = None
 
-    def percent(self) -> float | None:
+    def start(self) -> None:
         with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._sample, name="cpu-sampler", daemon=True)
                 self._thread.start()
-            return self._percent
+
+    def percent(self) -> float | None:
+        self.start()
+        return self._percent
 
     def _sample(self) -> None:
         interval = 1.0  # a first figure soon after start, then steady windows
@@ -204,6 +208,7 @@ class CachedHealth:
     def __init__(self, settings: Settings, sessions: sessionmaker, identity: ModelIdentity | None, ttl_s: float
                  ) -> None:
         self._args, self._ttl = (settings, sessions, identity), ttl_s
+        CPU.start()  # the app or listener starts now: its first page or scrape finds a measured CPU figure
         self._lock = threading.Lock()
         self._health: Health | None = None
         self._at = 0.0
