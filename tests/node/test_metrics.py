@@ -13,7 +13,7 @@ from config.settings import SettingsError
 from node.metrics import serve_metrics
 from node.orthanc_peer import free_port
 from node.scu import send_files
-from node.store.db import JobState
+from node.store.db import TERMINAL, JobState
 from tests.conftest import finished_jobs, poll
 
 pytestmark = pytest.mark.integration
@@ -38,6 +38,7 @@ def test_a_stored_instance_moves_the_counters_of_the_scraped_node(make_settings,
     port = free_port()
     closed = free_port()  # a destination nobody answers on: one attempt, then FAILED_DELIVERY
     settings = make_settings(metrics={"enabled": True, "port": port}, delivery={"max_attempts": 1},
+                             web={"health_cache_s": 0},  # the database gauges as of each scrape
                              destinations=[{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": closed}])
     node = running_node(settings, workers=1)
     _, before = scrape(port)
@@ -45,7 +46,7 @@ def test_a_stored_instance_moves_the_counters_of_the_scraped_node(make_settings,
     [result] = send_files(phantom_files[:1], host="127.0.0.1", port=settings.node.port, called_aet="SMARTNODULE",
                           calling_aet="STORESCU")
     assert result.stored
-    [job] = poll(lambda: finished_jobs(node.sessions, 1), 120, "the job")
+    [job] = poll(lambda: finished_jobs(node.sessions, 1, TERMINAL), 120, "the job")
     assert job.state is JobState.FAILED_DELIVERY
     finished = ("smartnodule_jobs_finished_total", (("state", "FAILED_DELIVERY"),))  # counted after the commit
     text, after = poll(lambda: (lambda got: got if got[1].get(finished, 0) > before.get(finished, 0) else None)(
