@@ -82,7 +82,8 @@ def model_card(cache: Path = CACHE) -> tuple[Path, str]:
 def node_env(port: int, data_dir: Path, **settings: object) -> dict[str, str]:
     """Environment for a `smartnodule` subprocess: port, data dir, STORESCU allowed, plus `SECTION__KEY=value`."""
     env = {**DCMTK_ENV, "SMARTNODULE_NODE__PORT": str(port), "SMARTNODULE_NODE__DATA_DIR": str(data_dir),
-           "SMARTNODULE_NODE__ALLOWED_CALLING_AETS": json.dumps([CALLING_AET])}
+           "SMARTNODULE_NODE__ALLOWED_CALLING_AETS": json.dumps([CALLING_AET]),
+           "SMARTNODULE_METRICS__ENABLED": "false"}  # several roles on this machine would share metrics.port
     for key, value in settings.items():
         env[f"SMARTNODULE_{key.upper()}"] = value if isinstance(value, str) else json.dumps(value)
     return env

@@ -193,7 +193,8 @@ def profile(n: int, size: int) -> dict:
     files = phantoms(n, size)
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-profile-"))
     port = free_port()
-    settings = load_settings(None, node={"port": port, "data_dir": str(work), "allowed_calling_aets": ["STORESCU"]})
+    settings = load_settings(None, node={"port": port, "data_dir": str(work), "allowed_calling_aets": ["STORESCU"]},
+                             metrics={"enabled": False})
     try:
         with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
             configure_logging(settings.log_dir)  # the console handler writes to /dev/null, as in the subprocess

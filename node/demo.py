@@ -52,7 +52,7 @@ def run_demo(count: int = 4, size: int = 2048, keep_running: bool = False, workd
     destinations = [orthanc.destination()] if orthanc else []
     web = {"enabled": True, "host": "127.0.0.1", "port": web_port, "secret_key": secrets.token_urlsafe(48)}
     settings = load_settings(None, node={"port": node_port, "data_dir": str(workdir / "node")},
-                             destinations=destinations, web=web)
+                             destinations=destinations, web=web, metrics={"port": free_port()})
     node = Node(settings)
     password = secrets.token_urlsafe(12)
     add_user(node.sessions, DEMO_REVIEWER, Role.REVIEWER, password, actor="demo")

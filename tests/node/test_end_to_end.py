@@ -132,7 +132,8 @@ def test_sigkill_after_acknowledgement_loses_nothing_and_duplicates_nothing(orth
            "SMARTNODULE_NODE__ALLOWED_CALLING_AETS": json.dumps(["STORESCU"]),
            "SMARTNODULE_DESTINATIONS": json.dumps([orthanc.destination()]),
            "SMARTNODULE_DELIVERY__BACKOFF_INITIAL_S": "0.2",
-           "SMARTNODULE_WORKER__POLL_INTERVAL_S": "0.05"}
+           "SMARTNODULE_WORKER__POLL_INTERVAL_S": "0.05",
+           "SMARTNODULE_METRICS__PORT": str(free_port())}  # the shipped file serves metrics; not on a shared port
     command = [sys.executable, "-m", "node.cli", "run"]
 
     def start_node():
