@@ -8,14 +8,14 @@ import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
-from pydicom import Dataset, dcmread
+from pydicom import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian, RLELossless, generate_uid
 from pynetdicom import AE, _config
-from pynetdicom.dsutils import create_file_meta
-from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, Verification
+from pynetdicom.dsutils import create_file_meta, split_dataset
+from pynetdicom.sop_class import Verification
 
 from inference.training.phantoms import generate_phantom, phantom_dataset
 
@@ -77,15 +77,14 @@ def rle_pixel_bomb(side: int, seed: int = 9902) -> Dataset:
     return ds
 
 
-def store_file(port: int, path: Path, transfer_syntax: str, calling_aet: str = "STORESCU",
-               timeout_s: float = 30.0) -> Dataset | None:
-    """C-STORE the file at `path` as it is (pynetdicom's chunked send: never decoded here); the response or None."""
+def store_file(port: int, path: Path, calling_aet: str = "STORESCU", timeout_s: float = 30.0) -> Dataset | None:
+    """C-STORE the file at `path` as it is (pynetdicom's chunked send: never decoded here), in the presentation
+    context its file meta names; the response, or None when there was none or no context was accepted."""
+    meta, _ = split_dataset(path)
     previous = _config.STORE_SEND_CHUNKED_DATASET
     _config.STORE_SEND_CHUNKED_DATASET = True
     try:
-        sop_class = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"]).SOPClassUID \
-            if transfer_syntax != DeflatedExplicitVRLittleEndian else DigitalXRayImageStorageForPresentation
-        return _store(port, path, sop_class, transfer_syntax, calling_aet, timeout_s)
+        return _store(port, path, meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID, calling_aet, timeout_s)
     finally:
         _config.STORE_SEND_CHUNKED_DATASET = previous
 
@@ -105,6 +104,8 @@ def _store(port: int, payload: Dataset | Path, sop_class: str, transfer_syntax: 
         return None
     try:
         response = assoc.send_c_store(payload)
+    except ValueError:  # no accepted presentation context for the SOP class
+        return None
     finally:
         if assoc.is_established:
             assoc.release()

@@ -36,7 +36,6 @@ from pathlib import Path
 
 import psutil
 from pydicom import dcmread
-from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 from sqlalchemy import create_engine, text
@@ -597,7 +596,7 @@ def deflate_bomb(workdir: Path, scale: Scale) -> Result:
     bomb = write_deflate_bomb(workdir / "deflate-bomb.dcm", 1 << 30)
 
     def attack(node: NodeProcess, result: Result) -> set[str]:
-        response = store_file(node.port, bomb, DeflatedExplicitVRLittleEndian)
+        response = store_file(node.port, bomb)
         status = None if response is None else int(response.Status)
         result.check(status == OUT_OF_RESOURCES, f"deflate bomb answered {status}, expected 0xA700")
         result.check(refusals(node, "instance_refused", "inflated_too_large") == 1, "no inflated_too_large refusal")

@@ -119,7 +119,7 @@ def test_a_deflate_bomb_is_refused_before_it_is_inflated(receiver, tmp_path):
     node = receiver(node={"max_instance_mb": 1})
     bomb = write_deflate_bomb(tmp_path / "bomb.dcm", 24 << 20)
     assert bomb.stat().st_size < 100 << 10
-    response = store_file(node.settings.node.port, bomb, DeflatedExplicitVRLittleEndian)
+    response = store_file(node.settings.node.port, bomb)
     assert response.Status == 0xA700 and "inflated" in response.ErrorComment
     assert all_jobs(node.sessions) == [] and spooled_files(node) == []
     assert [e["reason"] for e in events(node, "instance_refused")] == ["inflated_too_large"]
@@ -128,7 +128,7 @@ def test_a_deflate_bomb_is_refused_before_it_is_inflated(receiver, tmp_path):
 def test_a_deflated_instance_within_the_limits_is_stored(receiver, tmp_path):
     node = receiver(node={"max_instance_mb": 1})
     fine = write_deflate_bomb(tmp_path / "fine.dcm", 512 << 10)
-    response = store_file(node.settings.node.port, fine, DeflatedExplicitVRLittleEndian)
+    response = store_file(node.settings.node.port, fine)
     assert response.Status == 0x0000
     [job] = all_jobs(node.sessions)
     assert job.transfer_syntax_uid == DeflatedExplicitVRLittleEndian

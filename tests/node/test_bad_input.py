@@ -15,13 +15,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-from pynetdicom import AE, _config
-from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 
 from node.store.db import Job, JobState
 from tests.conftest import STORESCU, audit_events, finished_jobs, require_binary, wait_for
 from tests.data.make_bad_corpus import BadCase, build_corpus
+from tests.hostile import echo, store_file
 
 pytestmark = pytest.mark.integration
 BAD_INPUT_INSTANCES = int(os.environ.get("BAD_INPUT_INSTANCES", "1000"))
@@ -32,37 +31,9 @@ BAD_INPUT_INSTANCES = int(os.environ.get("BAD_INPUT_INSTANCES", "1000"))
 RSS_GROWTH_BOUND_MB = 96
 
 
-@pytest.fixture
-def chunked_sender(monkeypatch):
-    """pynetdicom streams a file's bytes as they are (the file meta picks the presentation context)."""
-    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
-
-
-def send_pynetdicom(path: Path, port: int, meta: tuple[str, str]) -> int | None:
-    """C-STORE one file on its own association; the status, or None when no context was accepted."""
-    ae = AE(ae_title="SMARTNODULE_SCU")
-    ae.add_requested_context(*meta)
-    assoc = ae.associate("127.0.0.1", port, ae_title="SMARTNODULE")
-    assert assoc.is_established, "association refused"
-    try:
-        response = assoc.send_c_store(path)
-    except ValueError:  # no accepted presentation context for the SOP class
-        return None
-    finally:
-        assoc.release()
-    return int(response.Status) if "Status" in response else None
-
-
 def send_storescu(path: Path, port: int) -> subprocess.CompletedProcess:
     return subprocess.run([require_binary(STORESCU), "-v", "-aet", "STORESCU", "-aec", "SMARTNODULE",
                            "127.0.0.1", str(port), str(path)], capture_output=True, text=True, timeout=60)
-
-
-def file_meta(path: Path) -> tuple[str, str]:
-    from pynetdicom.dsutils import split_dataset
-
-    meta, _ = split_dataset(path)
-    return str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
 
 
 def send_case(case: BadCase, port: int) -> int | None:
@@ -73,17 +44,12 @@ def send_case(case: BadCase, port: int) -> int | None:
             return None
         assert done.returncode == 0, done.stderr
         return 0x0000
-    return send_pynetdicom(case.path, port, file_meta(case.path))
+    return status_of(store_file(port, case.path))
 
 
-def echo(port: int) -> int:
-    ae = AE(ae_title="SMARTNODULE_SCU")
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port, ae_title="SMARTNODULE")
-    assert assoc.is_established
-    status = assoc.send_c_echo()
-    assoc.release()
-    return int(status.Status)
+def status_of(response) -> int | None:
+    """The C-STORE status of a `tests.hostile` response; None when there was none (no context accepted)."""
+    return None if response is None else int(response.Status)
 
 
 def job_for(sessions, sop_uid: str) -> Job | None:
@@ -112,8 +78,7 @@ def assert_outcome(case: BadCase, status: int | None, job: Job | None, events: l
                    for e in events), f"{case.name}: no {event} in the audit log"
 
 
-def test_bad_corpus_interleaved_with_good_studies(make_settings, running_node, phantom_files, tmp_path,
-                                                  chunked_sender):
+def test_bad_corpus_interleaved_with_good_studies(make_settings, running_node, phantom_files, tmp_path):
     settings = make_settings(node={"max_instance_mb": 16})
     node = running_node(settings)
     port = settings.node.port
@@ -123,9 +88,9 @@ def test_bad_corpus_interleaved_with_good_studies(make_settings, running_node, p
     for index, case in enumerate(cases):
         statuses[case.name] = send_case(case, port)
         if index % 3 == 2 and (path := next(good, None)) is not None:
-            assert send_pynetdicom(path, port, file_meta(path)) == 0x0000, path.name
+            assert status_of(store_file(port, path)) == 0x0000, path.name
     for path in good:
-        assert send_pynetdicom(path, port, file_meta(path)) == 0x0000, path.name
+        assert status_of(store_file(port, path)) == 0x0000, path.name
 
     stored = [c for c in cases if c.state is not None]
     jobs = wait_for(lambda: finished_jobs(node.sessions, len(stored) + len(phantom_files)), 240,
@@ -140,7 +105,7 @@ def test_bad_corpus_interleaved_with_good_studies(make_settings, running_node, p
     good_uids = {j.sop_instance_uid for j in jobs} - {c.sop_instance_uid for c in cases}
     assert len(good_uids) == len(phantom_files)
     assert all(by_uid[uid].state is JobState.ENCODED and by_uid[uid].probability is not None for uid in good_uids)
-    assert echo(port) == 0x0000
+    assert echo(port, 30)
 
 
 def test_ct_image_is_refused_at_presentation_context_by_storescu(make_settings, running_node, tmp_path):
@@ -154,7 +119,7 @@ def test_ct_image_is_refused_at_presentation_context_by_storescu(make_settings, 
     assert job_for(node.sessions, case.sop_instance_uid) is None
 
 
-def test_repeated_bad_input_keeps_memory_bounded(make_settings, running_node, tmp_path, chunked_sender):
+def test_repeated_bad_input_keeps_memory_bounded(make_settings, running_node, tmp_path):
     node = running_node(make_settings())
     port = node.settings.node.port
     process = psutil.Process()
@@ -164,7 +129,7 @@ def test_repeated_bad_input_keeps_memory_bounded(make_settings, running_node, tm
         cases = [c for c in build_corpus(tmp_path / "round", round_=round_, huge_mb=0)
                  if c.sender == "pynetdicom" and c.state != "ENCODED"]  # no model runs
         for case in cases:
-            assert send_pynetdicom(case.path, port, file_meta(case.path)) == case.status, case.name
+            assert status_of(store_file(port, case.path)) == case.status, case.name
         return len(cases)
 
     def settled() -> bool:
@@ -186,4 +151,4 @@ def test_repeated_bad_input_keeps_memory_bounded(make_settings, running_node, tm
     growth_mb = (process.memory_info().rss - baseline) / 2 ** 20
     print(f"\n{sent} bad instances in {round_} rounds: RSS growth {growth_mb:.1f} MB (bound {RSS_GROWTH_BOUND_MB} MB)")
     assert growth_mb < RSS_GROWTH_BOUND_MB
-    assert echo(port) == 0x0000
+    assert echo(port, 30)

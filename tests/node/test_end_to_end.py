@@ -13,8 +13,8 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
-from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
+from node.scu import send_files
 from node.store.db import JobState, open_database
 from node.orthanc_peer import OrthancPeer, free_port, orthanc_available
 from tests.conftest import STORESCU, TEST_OUTPUT, all_jobs, audit_events, finished_jobs, require_binary, wait_for
@@ -105,7 +105,7 @@ def test_storescu_compressed_instance_is_accepted_and_processed(
     assert dcmread(os.path.join(job.results_dir, "sr.dcm")).StudyInstanceUID == dcmread(path).StudyInstanceUID
 
 
-def test_dataset_without_pixel_data_is_acknowledged_then_skipped(make_settings, running_node):
+def test_dataset_without_pixel_data_is_acknowledged_then_skipped(make_settings, running_node, tmp_path):
     node = running_node(make_settings())
     ds = Dataset()
     ds.SOPClassUID = DigitalXRayImageStorageForPresentation
@@ -113,12 +113,10 @@ def test_dataset_without_pixel_data_is_acknowledged_then_skipped(make_settings, 
     ds.Modality, ds.PatientName, ds.PatientID = "DX", "NO^PIXELS", "NP1"
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ae = AE(ae_title="SMARTNODULE_SCU")
-    ae.add_requested_context(DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", node.settings.node.port, ae_title="SMARTNODULE")
-    status = assoc.send_c_store(ds)
-    assoc.release()
-    assert status.Status == 0x0000
+    ds.save_as(tmp_path / "no_pixels.dcm", enforce_file_format=True)
+    [result] = send_files([tmp_path / "no_pixels.dcm"], host="127.0.0.1", port=node.settings.node.port,
+                          called_aet="SMARTNODULE", calling_aet="SMARTNODULE_SCU")
+    assert result.status == 0x0000
     [job] = wait_for(lambda: finished_jobs(node.sessions, 1), 60, message="the job to finish")
     assert job.state is JobState.SKIPPED
     assert "pixel" in job.reason.lower()

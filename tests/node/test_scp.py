@@ -5,9 +5,8 @@ import subprocess
 
 import pytest
 from pydicom import dcmread
-from pynetdicom import AE
-from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 
+from node.scu import send_files
 from node.store.db import Job, JobState
 from tests.conftest import ECHOSCU, STORESCU, all_jobs, audit_events, require_binary
 
@@ -79,12 +78,8 @@ def test_calling_ae_not_allowed_is_rejected_at_association(receiver, phantom_fil
 
 def test_instance_over_the_size_limit_is_refused_out_of_resources(receiver, phantom_files):
     node = receiver(node={"max_instance_mb": 0.01})
-    ae = AE(ae_title="SMARTNODULE_SCU")
-    ae.add_requested_context(DigitalXRayImageStorageForPresentation)
-    assoc = ae.associate("127.0.0.1", node.settings.node.port, ae_title="SMARTNODULE")
-    assert assoc.is_established
-    status = assoc.send_c_store(dcmread(phantom_files[0]))
-    assoc.release()
-    assert status.Status == 0xA700
-    assert "larger than" in status.ErrorComment
+    [result] = send_files([phantom_files[0]], host="127.0.0.1", port=node.settings.node.port,
+                          called_aet="SMARTNODULE", calling_aet="SMARTNODULE_SCU")
+    assert result.status == 0xA700
+    assert "larger than" in result.comment
     assert jobs(node) == []

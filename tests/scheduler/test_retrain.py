@@ -14,27 +14,18 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
+from node.scu import send_files
 from node.store.db import Job, JobState
 from tests.conftest import audit_events, finished_jobs, wait_for
 
+pytestmark = pytest.mark.integration
 PROCESSED = {JobState.ENCODED, JobState.SENT}
 
 
 def _send(settings, files):
-    """C-STORE with plain pynetdicom, in the files' own transfer syntax."""
-    from pynetdicom import AE
-
-    datasets = [dcmread(f) for f in files]
-    ae = AE(ae_title="STORESCU")
-    for sop_class in {str(ds.SOPClassUID) for ds in datasets}:
-        ae.add_requested_context(sop_class, [str(datasets[0].file_meta.TransferSyntaxUID)])
-    assoc = ae.associate("127.0.0.1", settings.node.port, ae_title=settings.node.ae_title)
-    assert assoc.is_established
-    try:
-        statuses = [assoc.send_c_store(ds).Status for ds in datasets]
-    finally:
-        assoc.release()
-    assert statuses == [0] * len(datasets)
+    results = send_files(list(files), host="127.0.0.1", port=settings.node.port, called_aet=settings.node.ae_title,
+                         calling_aet="STORESCU")
+    assert [r.status for r in results] == [0] * len(files)
 
 
 def _truth(path: str) -> tuple[bool, tuple[float, float] | None]:
