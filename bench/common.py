@@ -1,4 +1,4 @@
-"""Shared helpers of the benchmarks: DCMTK tools, waiting for a port, the phantom cache, a model card, tables.
+"""Shared helpers of the benchmarks: DCMTK tools, waiting for a port, the phantom cache, the shipped model card, tables.
 
 Phantoms are generated once per size and seed under `CACHE` (2048 px takes about
 a second each) and reused by every benchmark and every run.
@@ -52,31 +52,21 @@ def phantoms(count: int, size: int = 2048, seed0: int = SEED0, cache: Path = CAC
     return paths
 
 
-def model_card(cache: Path = CACHE) -> tuple[Path, str]:
-    """The shipped model card, or (until it lands) a card for a randomly initialised network; (path, description)."""
+def model_card() -> tuple[Path, str]:
+    """The shipped model card (path, description): a benchmark measures the model the node serves, so a missing
+    card or weights file ends the benchmark with one line instead of measuring something else."""
     from inference.predictor import DEFAULT_CARD
 
-    if DEFAULT_CARD.is_file():
-        return DEFAULT_CARD, "shipped card"
-    card_path = cache / "random-card" / "card.json"
-    if not card_path.is_file():
-        import torch
+    def missing(path: Path) -> SystemExit:
+        return SystemExit(f"bench: the shipped model is missing ({path} not found); benchmarks measure the shipped "
+                          "model only: restore inference/models/ from the repository")
 
-        from inference.model import TTA_DESCRIPTION, architecture_of, build_network, save_weights
-        from inference.model_card import Calibration, ModelCard, save_card, sha256_file
-        from inference.training.train import PREPROCESSING
-
-        torch.manual_seed(0)
-        net = build_network({"backbone": "resnet10t", "width": 64, "fine_width": 32}).eval()
-        card_path.parent.mkdir(parents=True, exist_ok=True)
-        weights = card_path.with_name("random.safetensors")
-        save_weights(net, str(weights))
-        save_card(ModelCard(
-            name="bench-random", version="0.0.0", weights_file=weights.name, weights_sha256=sha256_file(weights),
-            architecture=architecture_of(net), input_size=512, preprocessing=PREPROCESSING, threshold=0.5,
-            calibration=Calibration("identity", 1.0, 0.0), review={"margin": 0.1, "max_uncertainty": 0.15},
-            tta=TTA_DESCRIPTION, location_source="heatmap"), card_path)
-    return card_path, "random init resnet10t (shipped card missing)"
+    if not DEFAULT_CARD.is_file():
+        raise missing(DEFAULT_CARD)
+    weights = DEFAULT_CARD.parent / json.loads(DEFAULT_CARD.read_text())["weights_file"]
+    if not weights.is_file():
+        raise missing(weights)
+    return DEFAULT_CARD, "shipped card"
 
 
 def node_env(port: int, data_dir: Path, **settings: object) -> dict[str, str]:

@@ -1,8 +1,7 @@
 """Inference alone: preprocessing, prediction with and without Grad-CAM, batch sizes and faster CPU paths.
 
-The detector is the shipped model card (`Detector.load()`), or a randomly
-initialised network of the same build while no card is shipped (the JSON says
-which). For each cached 2048 px phantom: `dcmread`, `prepare`, `probability`
+The detector is the shipped model card (`Detector.load()`; the benchmark stops
+with one line when it is missing). For each cached 2048 px phantom: `dcmread`, `prepare`, `probability`
 (the two TTA views, no Grad-CAM) and `predict` (with Grad-CAM), in float32.
 Then the forward pass alone per image at batch 1, 4 and 8 for float32 and the
 faster paths (channels_last; TorchScript trace + freeze + optimize_for_inference;

@@ -40,7 +40,7 @@ def nearest_cases(sessions: sessionmaker, index: CaseIndex, embedding: np.ndarra
     with sessions() as session:
         jobs = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(ids)))}
         verdicts = outcomes(session, ids)
-    return [(n.job_id, SimilarCase(study_date=jobs[n.job_id].received_at.date().isoformat(),
+    return [(n.job_id, SimilarCase(received_on=jobs[n.job_id].received_at.date().isoformat(),
                                    probability=min(max(jobs[n.job_id].probability or 0.0, 0.0), 1.0),
                                    verdict=verdicts[n.job_id].label,
                                    similarity=min(max(n.similarity, 0.0), 1.0)))

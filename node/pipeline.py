@@ -11,10 +11,10 @@ import json
 import shutil
 import time
 from io import BytesIO
-from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import structlog
@@ -63,14 +63,21 @@ def backoff_s(attempt: int, initial: float, ceiling: float) -> float:
     return min(ceiling, initial * 2 ** (attempt - 1))
 
 
+class ModelInService(Protocol):
+    """The model for the next job. A worker calls it once per job, so a promoted or rolled-back model takes
+    effect between jobs without a restart."""
+
+    def __call__(self) -> Detector: ...
+
+
 class Processor:
     """Validate, prepare, predict, explain and encode one claimed job."""
 
-    def __init__(self, settings: Settings, sessions: sessionmaker, detector: Callable[[], Detector],
+    def __init__(self, settings: Settings, sessions: sessionmaker, detector: ModelInService,
                  index: CaseIndex) -> None:
         self._settings = settings
         self._sessions = sessions
-        self._detector = detector  # called once per job: the model in service may change between jobs
+        self._detector = detector
         self._index = index
 
     def run(self, claim: Claim) -> JobState:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Protocol
 
 import structlog
 from sqlalchemy.orm import sessionmaker
@@ -20,7 +21,7 @@ from inference.predictor import Detector
 from node.alerts import Alerter
 from node.cases import rebuild_index
 from node.metrics import MetricsServer, model_in_service, serve_metrics
-from node.pipeline import Deliverer, Processor, delivery_names
+from node.pipeline import Deliverer, ModelInService, Processor, delivery_names
 from node.scp import StorageSCP
 from node.store.db import open_database
 from node.store.jobs import DELIVER, PROCESS, Claim, TransitionError, claim, lease_owner, release_dead_leases
@@ -32,6 +33,15 @@ from scheduler.registry import ChampionWatcher
 from scheduler.service import Scheduler
 
 log = structlog.get_logger(__name__)
+
+
+class ModelLoader(Protocol):
+    """Loads one worker's model when the node starts (called once per worker) and returns how that worker gets
+    the model for each job."""
+
+    def __call__(self) -> ModelInService: ...
+
+
 class WorkLoop(threading.Thread):
     """Claims one kind of work and runs it until stopped."""
 
@@ -62,7 +72,7 @@ class Node:
 
     def __init__(self, settings: Settings, *, scp: bool = True, workers: int | None = None, scheduler: bool = True,
                  deliver: bool = True, web: bool = True, alerts: bool = True,
-                 detector_provider: Callable[[], Callable[[], Detector]] | None = None) -> None:
+                 model_loader: ModelLoader | None = None) -> None:
         self.settings = settings
         for folder in (settings.node.data_dir, settings.spool_dir, settings.results_dir):
             folder.mkdir(mode=0o750, parents=True, exist_ok=True)
@@ -74,7 +84,7 @@ class Node:
         self.scp = StorageSCP(settings, self.sessions, self.spool) if scp else None
         self._workers = settings.worker.count if workers is None else workers
         self._deliver = deliver
-        self._detector_provider = detector_provider or self._model_in_service
+        self._model_loader = model_loader or self._model_in_service
         self._stop = threading.Event()
         self._threads: list[WorkLoop] = []
         self.web: WebServer | None = None
@@ -83,7 +93,7 @@ class Node:
         self._web, self._alerts = web and settings.web.enabled, alerts
         self._scheduler = Scheduler(settings, self.sessions, self.index) if scheduler and settings.scheduler.enabled else None
 
-    def _model_in_service(self) -> Callable[[], Detector]:
+    def _model_in_service(self) -> ModelInService:
         """One worker's model: the registry's champion when the learning loop is on, else the configured card."""
         if self.settings.scheduler.enabled:
             return ChampionWatcher(self.settings).current
@@ -96,7 +106,7 @@ class Node:
         if self._web:
             ensure_first_admin(self.settings, self.sessions)
         worker = self.settings.worker
-        detectors = [self._detector_provider() for _ in range(self._workers)]
+        detectors = [self._model_loader() for _ in range(self._workers)]
         identity = detectors[0]().identity if detectors else None
         if identity is not None:
             model_in_service(identity)

@@ -483,7 +483,7 @@ def api_similar(request: Request, job_id: JobId, user: Annotated[User, Depends(a
     _processed_job(request, job_id)
     similar = _similar(request, job_id)
     _audit_read(user, "api_similar", job_id=job_id, job_ids=[other for other, _ in similar])
-    return [SimilarJob(other, case.study_date, case.probability, case.verdict, case.similarity)
+    return [SimilarJob(other, case.received_on, case.probability, case.verdict, case.similarity)
             for other, case in similar]
 
 

@@ -31,9 +31,12 @@ _REQUIRED_SOURCE_ATTRIBUTES = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUI
 
 @dataclass(frozen=True)
 class SimilarCase:
-    """A past case that looks like this one, with the expert's verdict if there is one."""
+    """A past case that looks like this one, with the expert's verdict if there is one.
 
-    study_date: str
+    `received_on` is the day the node received it (ISO date), not its DICOM Study Date.
+    """
+
+    received_on: str
     probability: float
     verdict: str | None
     similarity: float
@@ -41,8 +44,8 @@ class SimilarCase:
     def __post_init__(self) -> None:
         _check_unit_interval("SimilarCase.probability", self.probability)
         _check_unit_interval("SimilarCase.similarity", self.similarity)
-        if not isinstance(self.study_date, str):
-            raise TypeError(f"SimilarCase.study_date must be a str, got {self.study_date!r}")
+        if not isinstance(self.received_on, str):
+            raise TypeError(f"SimilarCase.received_on must be a str, got {self.received_on!r}")
         if self.verdict is not None and not isinstance(self.verdict, str):
             raise TypeError(f"SimilarCase.verdict must be a str or None, got {self.verdict!r}")
 

@@ -89,7 +89,7 @@ def render_report_pdf(source: pydicom.Dataset, image: PreparedImage, prediction:
         story += [
             Paragraph("Similar past cases", heading),
             _table([("Received", "AI probability", "Expert verdict", "Similarity")]
-                   + [(_date(case.study_date), percent(case.probability),
+                   + [(_date(case.received_on), percent(case.probability),
                        case.verdict or "not reviewed", f"{case.similarity:.2f}")
                       for case in similar_cases],
                    body, col_widths=(44 * mm, 40 * mm, 56 * mm, 40 * mm), header=True),

@@ -20,6 +20,36 @@ STORESCU = "/usr/bin/storescu"
 ECHOSCU = "/usr/bin/echoscu"
 
 
+# Fixtures that start or reach a real peer (a node with its DICOM listener, PostgreSQL, Orthanc, Chromium). A test
+# that needs one, directly or through another fixture, must carry the integration mark.
+PEER_FIXTURES = frozenset({"running_node", "postgres_server", "postgres_url", "orthanc", "pacs", "tls_storescp",
+                           "browser_page"})
+
+
+def _peer_refused(what: str):
+    def refuse(*_args, **_kwargs):
+        pytest.fail(f"this test {what}: mark it @pytest.mark.integration (or module-level pytestmark)", pytrace=False)
+    return refuse
+
+
+@pytest.fixture(autouse=True)
+def _peers_only_in_integration_tests(request, monkeypatch):
+    """`pytest -m "not integration"` is the fast, peer-free subset: a test without the mark fails when it needs a
+    peer fixture, opens a DICOM association or listener (pynetdicom), or starts Orthanc."""
+    if request.node.get_closest_marker("integration") is not None:
+        return
+    used = sorted(PEER_FIXTURES.intersection(request.fixturenames))
+    if used:
+        _peer_refused(f"uses the peer fixture(s) {', '.join(used)}")()
+    from pynetdicom import AE
+
+    from node.orthanc_peer import OrthancPeer
+
+    monkeypatch.setattr(AE, "associate", _peer_refused("opens a DICOM association"))
+    monkeypatch.setattr(AE, "start_server", _peer_refused("starts a DICOM listener"))
+    monkeypatch.setattr(OrthancPeer, "start", _peer_refused("starts Orthanc"))
+
+
 def require_binary(path: str) -> str:
     if not shutil.which(path):
         pytest.skip(f"{path} is not installed (make test installs it as root)")
@@ -138,9 +168,12 @@ def postgres_server() -> str:
 
 
 @pytest.fixture
-def postgres_url(postgres_server):
+def postgres_url(request, postgres_server):
     """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
     import uuid
+
+    if request.node.get_closest_marker("integration") is None:  # reached through getfixturevalue: not in fixturenames
+        _peer_refused("uses PostgreSQL")()
 
     from sqlalchemy import create_engine, text
 

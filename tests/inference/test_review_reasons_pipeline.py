@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import pydicom
+import pytest
 
 from inference.training import eval_family as ef
 from inference.training.phantoms import generate_phantom, phantom_dataset
 from node.store.db import JobState
 from node.scu import send_files
 from tests.conftest import finished_jobs, wait_for
+
+pytestmark = pytest.mark.integration
 
 
 def test_out_of_distribution_and_portable_ap_images_reach_review_with_their_reasons(make_settings, running_node,

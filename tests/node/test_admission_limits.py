@@ -15,6 +15,8 @@ from tests.conftest import ECHOSCU, all_jobs, audit_events, finished_jobs, requi
 from tests.hostile import (closed_by_peer, echo, pdu_length_bomb, rle_pixel_bomb, silent_connections, small_instance,
                            store, store_file, write_deflate_bomb)
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture
 def receiver(make_settings, running_node):

@@ -20,7 +20,7 @@ def instance(n: int) -> ReceivedInstance:
         calling_aet="STORESCU", calling_host="127.0.0.1", spool_path=f"/spool/{n}.dcm", size_bytes=100)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
 def sessions(request, tmp_path):
     """The same queue on the embedded database and on the scale-out one."""
     if request.param == "sqlite":

@@ -10,7 +10,7 @@ from alembic.script import ScriptDirectory
 from node.store.db import MIGRATIONS, Base, open_database
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
 def database_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'node.db'}"

@@ -26,7 +26,7 @@ from node.store.db import TERMINAL, JobState
 from tests.conftest import STORESCU, require_binary, wait_for
 from tests.data.make_messy_corpus import put_raw
 from tests.faults.suite import NodeProcess, settled
-from tests.node.test_bad_input import chunked_sender, file_meta, send_pynetdicom  # noqa: F401  (fixture)
+from tests.hostile import store_file
 from tests.node.test_end_to_end import orthanc  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.integration
@@ -107,7 +107,7 @@ def written_files(node: NodeProcess) -> dict[Path, str]:
 
 
 def test_no_patient_data_in_logs_console_database_or_audit(
-        orthanc, tmp_path, chunked_sender):  # noqa: F811  (fixtures imported above)
+        orthanc, tmp_path):  # noqa: F811  (fixture imported above)
     files, secrets = marked_files(tmp_path / "in")
     workdir = tmp_path / "run"
     workdir.mkdir()
@@ -122,7 +122,7 @@ def test_no_patient_data_in_logs_console_database_or_audit(
         done = subprocess.run([require_binary(STORESCU), "-nh", "-aet", "STORESCU", "-aec", "SMARTNODULE",
                                "127.0.0.1", str(node.port), *map(str, stored)], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
-        assert send_pynetdicom(files["unparseable"], node.port, file_meta(files["unparseable"])) == 0xC000
+        assert store_file(node.port, files["unparseable"]).Status == 0xC000
         sessions = node.open_database()
         uids = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): role
                 for role, p in files.items() if role != "unparseable"}

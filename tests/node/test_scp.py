@@ -10,6 +10,8 @@ from node.scu import send_files
 from node.store.db import Job, JobState
 from tests.conftest import ECHOSCU, STORESCU, all_jobs, audit_events, require_binary
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture
 def receiver(make_settings, running_node):

@@ -118,6 +118,7 @@ def test_user_management_commands_change_the_user_end_sessions_and_are_audited(t
     assert not any(first_token in json.dumps(e) or new_token in json.dumps(e) for e in audit_events(tmp_path))
 
 
+@pytest.mark.integration
 def test_the_web_role_stopped_by_sigterm_closes_the_audit_file_with_a_checkpoint(tmp_path):
     port = free_port()
     config = tmp_path / "node.toml"

@@ -53,7 +53,7 @@ def test_retrain_gate_promote_and_rollback(make_settings, running_node, phantom_
     settings = make_settings(registry={"min_new_verdicts": 4, "heldout_percent": 34, "eval_phantoms": 4,
                                        "fine_tune_phantoms": 2, "fine_tune_steps": 2, "fine_tune_batch": 2,
                                        "watch_interval_s": 0.2, "auto_promote": False})
-    node = running_node(settings, detector_provider=lambda: ChampionWatcher(settings).current, deliver=False)
+    node = running_node(settings, model_loader=lambda: ChampionWatcher(settings).current, deliver=False)
     _send(settings, phantom_files)
     jobs = wait_for(lambda: finished_jobs(node.sessions, len(phantom_files), PROCESSED), 180, 0.5, "processed jobs")
     assert {j.model_version for j in jobs} == {"1.0.0"}

@@ -111,6 +111,7 @@ def test_retention_deletes_only_old_finished_cases(make_settings):
     assert all((settings.spool_dir / f"1.2.3.{i}.dcm").exists() for i in (1, 2, 3))
 
 
+@pytest.mark.integration
 def test_echo_records_round_trip_and_failure(make_settings):
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
