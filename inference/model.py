@@ -13,6 +13,7 @@ from inference import torch_setup  # noqa: F401  (must precede timm)
 
 import numpy as np
 import timm
+from timm.models import FeatureListNet
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,7 +45,7 @@ class ModelOutput:
     decoder_features: torch.Tensor
     deep_features: torch.Tensor
     mid_features: torch.Tensor
-    fine_features: tuple[torch.Tensor, torch.Tensor] = ()  # the encoder's stride-2 and stride-4 maps
+    fine_features: tuple[torch.Tensor, ...] = ()  # the encoder's stride-2 and stride-4 maps
 
 
 def _conv_bn(cin: int, cout: int, k: int = 3) -> nn.Sequential:
@@ -57,7 +58,10 @@ class NoduleNet(nn.Module):
     def __init__(self, backbone: str = "resnet18", width: int = 64, fine_width: int = 32) -> None:
         super().__init__()
         self.backbone = backbone
-        self.encoder = timm.create_model(backbone, features_only=True, in_chans=1, pretrained=False, out_indices=(0, 1, 2, 3))
+        encoder = timm.create_model(backbone, features_only=True, in_chans=1, pretrained=False, out_indices=(0, 1, 2, 3))
+        if not isinstance(encoder, FeatureListNet):
+            raise ValueError(f"backbone {backbone!r} gives no feature list ({type(encoder).__name__})")
+        self.encoder = encoder
         reductions = self.encoder.feature_info.reduction()
         if reductions != [2, 4, 8, 16]:
             raise ValueError(f"backbone {backbone!r} gives strides {reductions}, need [2, 4, 8, 16]")
@@ -69,10 +73,11 @@ class NoduleNet(nn.Module):
         self.reduce4 = nn.Conv2d(width, fine_width, 1)
         self.lat2 = nn.Conv2d(c2, fine_width, 1)
         self.smooth2 = _conv_bn(fine_width, fine_width)
-        self.head = nn.Sequential(_conv_bn(fine_width, fine_width), nn.Conv2d(fine_width, OUT_CHANNELS, 1))
-        with torch.no_grad():
-            self.head[-1].bias.zero_()
-            self.head[-1].bias[HEATMAP] = -2.19  # CenterNet prior: p ~ 0.1 everywhere at start
+        last = nn.Conv2d(fine_width, OUT_CHANNELS, 1)
+        prior = torch.zeros(OUT_CHANNELS)
+        prior[HEATMAP] = -2.19  # CenterNet prior: p ~ 0.1 everywhere at start
+        last.bias = nn.Parameter(prior)
+        self.head = nn.Sequential(_conv_bn(fine_width, fine_width), last)
         self.embedding_dim = c16
 
     def forward(self, x: torch.Tensor) -> ModelOutput:

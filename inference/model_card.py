@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 CARD_SCHEMA = 1
 
@@ -29,6 +29,13 @@ class Calibration:
         return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
 
 
+class ReviewThresholds(TypedDict, total=False):
+    """The card's `review` entry: `inference.predictor.ReviewPolicy`'s thresholds (its defaults where absent)."""
+
+    margin: float
+    max_uncertainty: float
+
+
 @dataclass(frozen=True)
 class ModelCard:
     """Everything the node needs to load, identify and trust one checkpoint."""
@@ -42,7 +49,7 @@ class ModelCard:
     preprocessing: str
     threshold: float
     calibration: Calibration
-    review: dict[str, float]
+    review: ReviewThresholds
     tta: str
     location_source: str  # "heatmap" or "gradcam"
     training: dict[str, Any] = field(default_factory=dict)

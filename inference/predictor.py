@@ -25,7 +25,7 @@ import torch
 from config.settings import ModelSettings
 from inference import torch_setup
 from inference.gradcam import explained_forward
-from inference.model import LUNG, RADIUS, build_network, embed, image_score, load_weights, model_coord, tta_views
+from inference.model import LUNG, RADIUS, NoduleNet, build_network, embed, image_score, load_weights, model_coord, tta_views
 from inference.model_card import ModelCard, load_card, verify_weights
 from inference.ood import REASON as OOD_REASON
 from inference.ood import FeatureDensity, load_density, pooled_features
@@ -70,7 +70,7 @@ class ReviewPolicy:
 class Detector:
     """A loaded, verified model; `predict` is safe to call repeatedly from one thread."""
 
-    def __init__(self, card: ModelCard, net: torch.nn.Module, device: torch.device, review: ReviewPolicy,
+    def __init__(self, card: ModelCard, net: NoduleNet, device: torch.device, review: ReviewPolicy,
                  density: FeatureDensity | None = None) -> None:
         self.card, self.net, self.device, self.review, self.density = card, net, device, review, density
         self.identity = ModelIdentity(card.name, card.version, card.weights_sha256)
@@ -87,7 +87,8 @@ class Detector:
         dev = torch_setup.select_device(device)
         net = load_weights(build_network(card.architecture), str(weights)).to(dev).eval()
         if dev.type == "cpu":  # 1.26x faster on these CPUs, same outputs within 1e-6 (bench/inference.py)
-            net = net.to(memory_format=torch.channels_last)
+            # Module.to takes memory_format at run time; torch's overloads leave it out
+            net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         for p in net.parameters():
             p.requires_grad_(False)
         density = load_density(card_path, card.ood) if card.ood else None
@@ -134,11 +135,11 @@ class Detector:
                                                   EXPLAIN_METHOD)
         p, unc = self._calibrated(scores)
         positive = p >= self.card.threshold
-        ood = None
+        ood, out_of_distribution = None, False
         if self.density is not None:
             ood = float(self.density.score(pooled_features(out.deep_features[:1]))[0])
-        reasons = self.review.reasons(p, self.card.threshold, unc, ood is not None and ood > self.density.threshold,
-                                      image.quality_flags)
+            out_of_distribution = ood > self.density.threshold
+        reasons = self.review.reasons(p, self.card.threshold, unc, out_of_distribution, image.quality_flags)
         cam_np = cam[0].cpu().numpy()
         w = out.maps.shape[-1]
         peak = int(np.argmax(cam_np)) if self.card.location_source == "gradcam" else int(idx[0])

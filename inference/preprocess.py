@@ -121,7 +121,7 @@ def model_map_to_source(model_map: np.ndarray, source_shape: tuple[int, int], in
     to the source geometry: crop the letterbox content, resize bilinearly. Returns float32."""
     if model_map.ndim != 2 or model_map.shape[0] != model_map.shape[1]:
         raise ValueError(f"model_map must be a square 2-D array, got shape {model_map.shape}")
-    m = model_map.astype(np.float32, copy=False)
+    m: np.ndarray = model_map.astype(np.float32, copy=False)
     if m.shape[0] != input_size:
         m = cv2.resize(m, (input_size, input_size), interpolation=cv2.INTER_LINEAR)
     lb = letterbox(source_shape, input_size)
@@ -307,7 +307,12 @@ def _modality(ds: pydicom.Dataset, stored: np.ndarray) -> np.ndarray:
 
 
 def _first(value: object) -> float:
-    return float(value[0]) if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else float(value)
+    """The first number of a DS or IS element that may hold several."""
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        value = value[0]
+    if not isinstance(value, (int, float, str)):
+        raise TypeError(f"not a number: {type(value).__name__}")
+    return float(value)
 
 
 def _window_linear(values: np.ndarray, centre: float, width: float) -> np.ndarray:

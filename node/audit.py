@@ -60,13 +60,13 @@ _LEGACY_SUFFIX = re.compile(r', "chain": "([0-9a-f]{64})"}$')
 _PATIENT_KEYS = frozenset({"patient_name", "patient_id", "patient_birth_date", "PatientName", "PatientID", "PatientBirthDate"})
 
 
-def _drop_patient_data(_logger, _method, event_dict: dict) -> dict:
+def _drop_patient_data(_logger: object, _method: str, event_dict: structlog.typing.EventDict) -> structlog.typing.EventDict:
     for key in _PATIENT_KEYS.intersection(event_dict):
         del event_dict[key]
     return event_dict
 
 
-_SHARED = [
+_SHARED: list[structlog.typing.Processor] = [
     structlog.contextvars.merge_contextvars,
     structlog.stdlib.add_log_level,
     structlog.stdlib.add_logger_name,

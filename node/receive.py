@@ -63,6 +63,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import cast
 
 import structlog
 from pynetdicom import AE, dimse_messages, evt
@@ -127,7 +128,7 @@ class BulkReadSocket(AssociationSocket):
             if nr_read == len(buffer):
                 buffer.extend(bytes(min(nr_bytes - nr_read, PREALLOCATE_MAX)))
             with memoryview(buffer) as view, view[nr_read:] as free:
-                got = self.socket.recv_into(free, len(free))
+                got = self.socket.recv_into(free, len(free)) if self.socket is not None else 0  # None: closed
             if not got:  # connection closed: return what arrived
                 del buffer[nr_read:]
                 return buffer
@@ -187,22 +188,29 @@ class ConnectionGate:
                 sock.do_handshake()
             header = _read_exactly(sock, PDU_HEADER, deadline)
             if len(header) < PDU_HEADER:
-                return refuse_connection("closed_before_request", peer, sock, level="info")
+                refuse_connection("closed_before_request", peer, sock, level="info")
+                return None
             pdu_type, _, length = struct.unpack(">BBL", header)
             if pdu_type != A_ASSOCIATE_RQ:
-                return refuse_connection("not_an_association_request", peer, sock)
+                refuse_connection("not_an_association_request", peer, sock)
+                return None
             if length > self.limits.max_request_length:
                 _send_quietly(sock, A_ABORT_INVALID_PDU)
-                return refuse_connection("pdu_too_large", peer, sock, pdu_length=length, limit=self.limits.max_request_length)
+                refuse_connection("pdu_too_large", peer, sock, pdu_length=length, limit=self.limits.max_request_length)
+                return None
             body = _read_exactly(sock, length, deadline)
             if len(body) < length:
-                return refuse_connection("closed_before_request", peer, sock, level="info")
+                refuse_connection("closed_before_request", peer, sock, level="info")
+                return None
         except (TimeoutError, socket.timeout):
-            return refuse_connection("association_request_timeout", peer, sock, timeout_s=self.limits.request_timeout_s)
+            refuse_connection("association_request_timeout", peer, sock, timeout_s=self.limits.request_timeout_s)
+            return None
         except ssl.SSLError as exc:
-            return refuse_connection("tls_handshake_failed", peer, sock, error=type(exc).__name__)
+            refuse_connection("tls_handshake_failed", peer, sock, error=type(exc).__name__)
+            return None
         except OSError as exc:
-            return refuse_connection("connection_error", peer, sock, level="info", error=type(exc).__name__)
+            refuse_connection("connection_error", peer, sock, level="info", error=type(exc).__name__)
+            return None
         sock.settimeout(None)  # blocking again, as pynetdicom's accepted sockets are
         return sock, bytes(header + body)
 
@@ -262,7 +270,7 @@ class BulkReadRequestHandler(RequestHandler):
                 return
             self.request, first_pdu = admitted
             assoc = self._create_association()
-            sock = assoc.dul.socket
+            sock = cast(BulkReadSocket, assoc.dul.socket)  # made on our socket above, never None here
             sock.__class__ = BulkReadSocket  # adds methods; its state is set here
             sock.max_pdu_length = gate.limits.max_pdu_length
             sock.prefetched = first_pdu
@@ -274,8 +282,9 @@ class BulkReadRequestHandler(RequestHandler):
 
 def serve(ae: AE, address: tuple[str, int], evt_handlers: list, limits: ConnectionLimits) -> GatedAssociationServer:
     """Listen on `address` in background threads, as `ae.start_server(address, block=False)` does, gated."""
-    server = ae.make_server(address, evt_handlers=evt_handlers, server_class=GatedAssociationServer,
-                            request_handler=BulkReadRequestHandler)
+    server = cast(GatedAssociationServer, ae.make_server(address, evt_handlers=evt_handlers,
+                                                         server_class=GatedAssociationServer,
+                                                         request_handler=BulkReadRequestHandler))
     server.gate = ConnectionGate(limits)
     thread = threading.Thread(target=server.serve_forever, daemon=True,
                               name=f"AcceptorServer@{datetime.now():%Y%m%d%H%M%S}")
@@ -391,4 +400,5 @@ def stream_into(files: IncomingFiles | None) -> None:
 
     Process-wide, as pynetdicom's chunked-receive setting is.
     """
-    dimse_messages.NamedTemporaryFile = files if files is not None else tempfile.NamedTemporaryFile
+    # pynetdicom calls it as NamedTemporaryFile(...); IncomingFiles has that call shape, not its overloads
+    dimse_messages.NamedTemporaryFile = files if files is not None else tempfile.NamedTemporaryFile  # type: ignore[assignment]

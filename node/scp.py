@@ -25,6 +25,7 @@ import shutil
 import struct
 from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 import structlog
 from pydicom import dcmread
@@ -32,7 +33,8 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
-from pynetdicom.sop_class import (
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # names generated at import, no stubs
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
     DigitalXRayImageStorageForProcessing,
@@ -174,11 +176,14 @@ class StorageSCP:
         """Admission control before negotiation: the called AE title, the sender's host, and room in the spool."""
         self._sweep_incoming()
         requestor = event.assoc.requestor
-        calling_aet = requestor.primitive.calling_ae_title
+        request = requestor.primitive
+        if request is None:  # pynetdicom hands EVT_REQUESTED the A-ASSOCIATE request it received
+            raise RuntimeError("association requested without an A-ASSOCIATE request")
+        calling_aet = request.calling_ae_title
         source = self._settings.source(calling_aet)
         node = self._settings.node
         reason = None
-        if node.require_called_ae_title and requestor.primitive.called_ae_title.strip() != node.ae_title.strip():
+        if node.require_called_ae_title and request.called_ae_title.strip() != node.ae_title.strip():
             reason, rejection = "called_ae_not_recognized", REJECT_CALLED_AE_NOT_RECOGNIZED
         elif source is not None and source.hosts and requestor.address not in source.hosts:
             reason, rejection = "host_not_allowed", REJECT_CALLING_AE_NOT_RECOGNIZED
@@ -219,7 +224,7 @@ class StorageSCP:
         return SUCCESS
 
     def _on_store(self, event: evt.Event) -> Dataset:
-        request = event.request
+        request = cast(C_STORE, event.request)  # the C-STORE handler's request
         calling_aet = event.assoc.requestor.ae_title
         bound = log.bind(calling_aet=calling_aet, sop_instance_uid=str(request.AffectedSOPInstanceUID))
         try:
@@ -231,7 +236,7 @@ class StorageSCP:
         return status
 
     def _store(self, event: evt.Event, bound) -> Dataset:
-        request = event.request
+        request = cast(C_STORE, event.request)  # the C-STORE handler's request
         temp_path: Path = event.dataset_path
         failure = self._incoming.failure(temp_path)
         if failure is not None:

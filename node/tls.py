@@ -19,6 +19,8 @@ def server_context(tls: TLSSettings) -> ssl.SSLContext:
     """The listener's context: our certificate; client certificates verified, and required when configured."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if tls.certificate is None or tls.private_key is None:  # TLSSettings refuses this when TLS is enabled
+        raise ValueError("tls.certificate and tls.private_key are required for a TLS listener")
     context.load_cert_chain(tls.certificate, tls.private_key)
     if tls.ca_certificates is not None:
         context.load_verify_locations(cafile=tls.ca_certificates)

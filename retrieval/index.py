@@ -85,12 +85,13 @@ class CaseIndex:
             elif vector.shape[1] != self._index.d:
                 raise ValueError(f"embedding has dimension {vector.shape[1]}, the index {self._index.d}")
             ids = np.array([job_id], dtype=np.int64)
-            self._index.remove_ids(ids)
+            # faiss's Python wrapper takes an id array here; its stubs list only the C++ IDSelector overload
+            self._index.remove_ids(ids)  # type: ignore[arg-type]
             self._index.add_with_ids(vector, ids)
-            if not isinstance(self._index, faiss.IndexIVF) and self._index.ntotal > self._settings.ivf_threshold:
+            if isinstance(self._index, faiss.IndexIDMap2) and self._index.ntotal > self._settings.ivf_threshold:
                 self._index = self._ivf(*_contents(self._index))
                 log.info("retrieval_index_switched_to_ivf", cases=self._index.ntotal)
-            self._save()
+            self._save(self._index)
 
     def rebuild_from(self, ids: np.ndarray, vectors: np.ndarray | None) -> None:
         """Replace the whole index with `vectors` (rows, unit length) under job `ids`, and persist it."""
@@ -107,7 +108,7 @@ class CaseIndex:
             else:
                 self._index = self._flat(vectors.shape[1])
                 self._index.add_with_ids(vectors, ids)
-            self._save()
+            self._save(self._index)
 
     def search(self, embedding: np.ndarray | bytes, k: int, exclude_job_id: int | None = None
                ) -> list[Neighbour]:
@@ -156,12 +157,12 @@ class CaseIndex:
         if isinstance(index, faiss.IndexIVF):
             index.nprobe = self._settings.nprobe
 
-    def _save(self) -> None:
+    def _save(self, index: faiss.Index) -> None:
         self._folder.mkdir(parents=True, exist_ok=True)
         fd, temp = tempfile.mkstemp(dir=self._folder, prefix=".cases-", suffix=".tmp")
         os.close(fd)
         try:
-            faiss.write_index(self._index, temp)
+            faiss.write_index(index, temp)
             with open(temp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(temp, self._folder / INDEX_FILE)

@@ -285,7 +285,7 @@ def case_page(request: Request, job_id: JobId, user: Annotated[User, Depends(pag
                    reads=reads if user.role is Role.ADJUDICATOR else [], similar=similar,
                    threshold=queue.threshold_of(job, _web(request).thresholds),
                    priority=queue.PRIORITY_LABELS[queue.priority(job)],
-                   has_report=bool(job.results_dir) and (Path(job.results_dir) / "pdf.dcm").is_file())
+                   has_report=bool(job.results_dir and (Path(job.results_dir) / "pdf.dcm").is_file()))
 
 
 @pages.get("/cases/{job_id}/image.png")

@@ -19,13 +19,13 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from datetime import timedelta
 from ipaddress import IPv4Network, IPv6Network, ip_address
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import anyio
 import anyio.to_thread
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import delete, select
+from sqlalchemy import CursorResult, delete, select
 from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -109,7 +109,9 @@ def csrf_token(session: dict) -> str:
 
 def csrf_valid(session: dict, submitted: str | None) -> bool:
     expected = session.get("csrf")
-    return bool(expected and submitted) and hmac.compare_digest(expected, submitted)
+    if not isinstance(expected, str) or not expected or not submitted:
+        return False
+    return hmac.compare_digest(expected, submitted)
 
 
 class LoginLimiter:
@@ -250,7 +252,8 @@ def end_session(session: Session, token: str) -> None:
 
 def end_all_sessions(session: Session, user: User) -> int:
     """End every login of `user` (password change, disable, token rotation); returns how many ended."""
-    return session.execute(delete(WebSession).where(WebSession.user_id == user.id)).rowcount
+    ended = cast(CursorResult, session.execute(delete(WebSession).where(WebSession.user_id == user.id)))  # DML result
+    return ended.rowcount
 
 
 class BodyLimit:

@@ -118,8 +118,8 @@ def build_reference(card_path: Path | None, out: Path, n: int = 120, size: int =
         rows.append({"probability": p.probability, "uncertainty": p.uncertainty, **image_stats(ds, prepared)})
         embeddings.append(p.embedding)
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(
-        out, **{k: np.array([r[k] for r in rows]) for k in rows[0]},
+    np.savez_compressed(  # numpy's stub checks **arrays against allow_pickle: bool
+        out, **{k: np.array([r[k] for r in rows]) for k in rows[0]},  # type: ignore[arg-type]
         embeddings=np.stack(embeddings).astype(np.float16),
         meta=np.array(json.dumps({"model": detector.identity.name, "version": detector.identity.version,
                                   "weights_sha256": detector.identity.weights_sha256, "n": n, "size": size,
@@ -193,9 +193,9 @@ def compare(settings: Settings, reference: dict, cases: list[dict]) -> dict:
             report["breaches"].append(f"{name}: KS p {p:.3g} < {cfg.drift_ks_p_min} (D {d:.3f})")
     with_header = [c for c in cases if "rows" in c]
     if len(with_header) >= cfg.drift_min_cases:
-        ref_cats = {"manufacturer": [str(m) for m in reference["manufacturer"]],
-                    "size": [f"{r}x{c}" for r, c in zip(reference["rows"], reference["cols"])],
-                    "bits_stored": [int(b) for b in reference["bits_stored"]]}
+        ref_cats: dict[str, list] = {"manufacturer": [str(m) for m in reference["manufacturer"]],
+                                     "size": [f"{r}x{c}" for r, c in zip(reference["rows"], reference["cols"])],
+                                     "bits_stored": [int(b) for b in reference["bits_stored"]]}
         cur_cats = {"manufacturer": [c["manufacturer"] for c in with_header],
                     "size": [f"{c['rows']}x{c['cols']}" for c in with_header],
                     "bits_stored": [c["bits_stored"] for c in with_header]}

@@ -137,8 +137,10 @@ def versions(settings: Settings, mlflow_client=None) -> list[dict]:
                     "source": v.source} for v in found), key=lambda v: int(v["version"]))
 
 
-def promote(settings: Settings, version: str, *, approved_by: str, force: bool = False, mlflow_client=None) -> str:
-    """Make `version` champion (the old one becomes previous-champion); returns the old champion version.
+def promote(settings: Settings, version: str, *, approved_by: str, force: bool = False,
+            mlflow_client=None) -> str | None:
+    """Make `version` champion (the old one becomes previous-champion); returns the old champion version (None when
+    there was none).
 
     Refused (RegistryError) unless the version is ready and passed the gate, or `force`.
     """

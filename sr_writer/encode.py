@@ -209,5 +209,5 @@ def _validate(source: pydicom.Dataset, image: PreparedImage, prediction: Predict
 
 def _check_unit_interval(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) \
-            or not math.isfinite(value) or not 0 <= value <= 1:
+            or not math.isfinite(value) or not 0 <= float(value) <= 1:
         raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")

@@ -51,7 +51,8 @@ _OPPOSITE = str.maketrans("LRAPHF", "RLPAFH")
 
 def level_colour(value: float) -> tuple[int, int, int]:
     """RGB of a Grad-CAM value on the colour bar: yellow (low) through orange to red (high)."""
-    return tuple(int(c) for c in _colour_map(np.array([[value]], np.float32))[0, 0])
+    red, green, blue = (int(c) for c in _colour_map(np.array([[value]], np.float32))[0, 0])
+    return red, green, blue
 
 
 def explanation_layer(heatmap: np.ndarray, location: Location | None, *,
@@ -188,7 +189,7 @@ def build_heatmap_sc(source: pydicom.Dataset, image: PreparedImage, prediction: 
     )
     # Patient Orientation is Type 2C: the source's value (rows and columns keep their
     # direction when scaled), or empty when the source has none.
-    sc.PatientOrientation = orientation or ""
+    sc.PatientOrientation = orientation or []
     sc.BurnedInAnnotation = "YES"
     sc.DerivationDescription = "Grad-CAM contours of the AI nodule model on the source image"
     return sc

@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime
 import io
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from xml.sax.saxutils import escape
 
 import cv2
@@ -273,13 +273,13 @@ def _pairs(rows: list[tuple[str, str]]) -> list[tuple[str, str, str, str]]:
     return [(*padded[i], *padded[i + 1]) for i in range(0, len(padded), 2)]
 
 
-def _table(rows: list[tuple[str, ...]], style: ParagraphStyle, *, col_widths: tuple[float, ...],
+def _table(rows: Sequence[tuple[str, ...]], style: ParagraphStyle, *, col_widths: tuple[float, ...],
            header: bool = False) -> Table:
     table = Table([[Paragraph(escape(cell), style) for cell in row] for row in rows],
                   colWidths=col_widths)
-    commands = [("GRID", (0, 0), (-1, -1), 0.3, colors.grey),
-                ("VALIGN", (0, 0), (-1, -1), "TOP"),
-                ("TOPPADDING", (0, 0), (-1, -1), 1), ("BOTTOMPADDING", (0, 0), (-1, -1), 2)]
+    commands: list[tuple[Any, ...]] = [("GRID", (0, 0), (-1, -1), 0.3, colors.grey),
+                                       ("VALIGN", (0, 0), (-1, -1), "TOP"),
+                                       ("TOPPADDING", (0, 0), (-1, -1), 1), ("BOTTOMPADDING", (0, 0), (-1, -1), 2)]
     if header:
         commands.append(("BACKGROUND", (0, 0), (-1, 0), colors.lightgrey))
     else:

@@ -154,9 +154,8 @@ def _clean_element(element: DataElement, path: str, recode: Callable[[str], str]
     cleaned = [_clean_value(element.VR, element.tag, v, problems) for v in values]
     for problem in dict.fromkeys(problems):
         warnings.append(f"{where}: {problem}")
-    if element.VR == "PN":
-        cleaned = [PersonName(v) for v in cleaned]
-    value: object = cleaned[0] if len(cleaned) == 1 else (cleaned or "")
+    kept: list[str] | list[PersonName] = [PersonName(v) for v in cleaned] if element.VR == "PN" else cleaned
+    value: object = kept[0] if len(kept) == 1 else (kept or "")
     return DataElement(element.tag, element.VR, value)
 
 

@@ -132,6 +132,8 @@ def _image_result(prediction: Prediction, *, review: bool) -> hd.sr.ContainerCon
 def _nodule_group(source: pydicom.Dataset, prediction: Prediction, *, review: bool,
                   uid_root: str) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """TID 1501 group of the nodule: the probability INFERRED FROM the circle, then the uncertainty."""
+    if prediction.location is None:
+        raise ValueError("a positive prediction has a location")
     model = prediction.model
     algorithm = hd.sr.AlgorithmIdentification(
         name=model.name, version=model.version, manufacturer=MANUFACTURER,

@@ -40,7 +40,7 @@ def is_uid(value: object) -> bool:
 
 def check_uid_root(uid_root: object) -> str:
     """`uid_root` when it can prefix our UIDs; ValueError naming the problem otherwise."""
-    if not is_uid(uid_root):
+    if not isinstance(uid_root, str) or not is_uid(uid_root):
         raise ValueError(f"uid_root is not a DICOM UID (digits and dots, no leading zeros): {uid_root!r}")
     if len(uid_root) > MAX_UID_ROOT_LENGTH:
         raise ValueError(f"uid_root must be at most {MAX_UID_ROOT_LENGTH} characters to leave room "
