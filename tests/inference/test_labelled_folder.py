@@ -104,6 +104,7 @@ def test_bad_labels_are_refused_with_file_and_line(tmp_path: Path) -> None:
         read_labels(tmp_path)
 
 
+@pytest.mark.slow  # the model over dozens of images
 def test_eval_reads_the_folder_beside_both_families(folder: Path, tmp_path: Path, capsys) -> None:
     assert evaluate.main(["--n", "2", "--robust-n", "0", "--ood-n", "0", "--latency-images", "0", "--threads", "1",
                           "--data", str(folder), "--out", str(tmp_path / "report")]) == 0

@@ -52,6 +52,7 @@ def _scores(net: torch.nn.Module, images: torch.Tensor) -> np.ndarray:
         return torch.cat([image_score(net(images[i : i + 8]).maps)[0] for i in range(0, len(images), 8)]).numpy()
 
 
+@pytest.mark.slow  # the model over dozens of images
 def test_shipped_model_beats_a_random_network() -> None:
     """20 held-out phantoms (seeds no training used), nodules 10-30 mm at gain 2."""
     det = Detector.load(device="cpu", threads=2)

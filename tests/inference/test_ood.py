@@ -64,6 +64,7 @@ def _score(detector: Detector, case: ef.EvalCase, body_part: str = "CHEST") -> f
     return detector.predict(prepare(ef.case_dataset(case, body_part=body_part), input_size=detector.input_size)).ood_score
 
 
+@pytest.mark.slow  # the model over dozens of images
 def test_ood_score_is_higher_off_chest_and_on_inverted_or_rotated_chests(detector: Detector) -> None:
     familiar = [_score(detector, training_case(900_001 + 2 * i, 512)) for i in range(3)]
     chest = training_case(900_011, 512)

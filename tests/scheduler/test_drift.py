@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from node.store.db import Job, JobState, utcnow
 from node.store.db import open_database as _open_database
@@ -53,6 +54,7 @@ def _window(settings, sessions, detector, seeds, **shift):
                             embedding=np.asarray(p.embedding, np.float32).tobytes()))
 
 
+@pytest.mark.slow  # the model over dozens of images
 def test_shifted_window_breaches_and_unshifted_passes(make_settings, tmp_path):
     import torch
 
