@@ -411,7 +411,7 @@ class _EnvSource(EnvSettingsSource):
     """The environment, as pydantic-settings reads it, with the variable named when a list or table in it is not
     JSON (pydantic-settings names only the section)."""
 
-    def decode_complex_value(self, field_name: str, field: FieldInfo | None, value: Any) -> Any:
+    def decode_complex_value(self, field_name: str, field: FieldInfo, value: Any) -> Any:
         try:
             return super().decode_complex_value(field_name, field, value)
         except ValueError as exc:
@@ -533,10 +533,11 @@ class Settings(BaseSettings):
         return self.scheduler.backup_dir or self.node.data_dir / "backups"
 
 
-def load_settings(path: Path | str | None = None, **overrides: dict) -> Settings:
+def load_settings(path: Path | str | None = None, **overrides: dict | list) -> Settings:
     """Read `path` (default: the shipped `config/node.toml`), apply the environment, validate.
 
-    `overrides` are section dicts merged over the file (used by the CLI and tests).
+    `overrides` are section dicts (a list for `destinations` and `sources`) merged over the file (used by the CLI and
+    tests).
     """
     path = Path(path) if path is not None else DEFAULT_CONFIG
     try:

@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TypedDict
 
 import structlog
 
@@ -23,11 +24,22 @@ def _host_port(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-# What each way of running the node starts (node.service.Node's switches). The scale-out roles never serve the web
-# app (that is `smartnodule web`, whatever web.enabled says) nor send alerts (the web role does, once).
-ROLES = {"run": dict(),
-         "scp": dict(workers=0, deliver=False, scheduler=False, web=False, alerts=False),
-         "worker": dict(scp=False, scheduler=False, web=False, alerts=False)}
+class NodeParts(TypedDict, total=False):
+    """node.service.Node's switches: what one way of running the node starts."""
+
+    scp: bool
+    workers: int | None
+    deliver: bool
+    scheduler: bool
+    web: bool
+    alerts: bool
+
+
+# The scale-out roles never serve the web app (that is `smartnodule web`, whatever web.enabled says) nor send
+# alerts (the web role does, once).
+ROLES: dict[str, NodeParts] = {"run": NodeParts(),
+                               "scp": NodeParts(workers=0, deliver=False, scheduler=False, web=False, alerts=False),
+                               "worker": NodeParts(scp=False, scheduler=False, web=False, alerts=False)}
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -36,7 +48,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     configure_logging(settings.log_dir, audit_settings=settings.audit)
-    roles = dict(ROLES[args.command])
+    roles = ROLES[args.command].copy()
     if args.command == "run" and args.workers is not None:
         roles["workers"] = args.workers
     node = Node(settings, **roles)

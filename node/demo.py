@@ -17,6 +17,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Set
 from pathlib import Path
 
 from pydicom import dcmread
@@ -115,7 +116,7 @@ def _study_of(instance_ids: list[str], client) -> str:
     return client.instances.get_parent_study_id(instance_ids[0])
 
 
-def _wait_for_jobs(node: Node, expected: int, done: set[JobState], timeout_s: float, what: str) -> list[Job]:
+def _wait_for_jobs(node: Node, expected: int, done: Set[JobState], timeout_s: float, what: str) -> list[Job]:
     deadline = time.monotonic() + timeout_s
     with tqdm(total=expected, desc=what, unit="study") as progress:
         while True:
@@ -148,6 +149,8 @@ def _print_table(jobs: list[Job], orthanc: OrthancPeer | None) -> None:
 
 
 def _where(job: Job, orthanc: OrthancPeer | None) -> str:
+    if job.results_dir is None:  # not processed: nothing to point at
+        return ""
     sr_path = Path(job.results_dir) / "sr.dcm"
     if orthanc is None or job.state is not JobState.SENT:
         return str(sr_path.parent)

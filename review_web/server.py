@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import TypedDict
 
 import structlog
 import uvicorn
@@ -18,8 +19,18 @@ log = structlog.get_logger(__name__)
 START_TIMEOUT_S = 30.0
 # uvicorn would believe X-Forwarded-For from 127.0.0.1 (proxy_headers); the app decides itself, from
 # web.trusted_proxies only (review_web.security.client_address).
-UVICORN_OPTIONS = dict(log_config=None, access_log=False, log_level="warning", proxy_headers=False,
-                       server_header=False)
+class UvicornOptions(TypedDict):
+    """The keyword arguments both ways of serving the app give uvicorn (`uvicorn.Config`, `uvicorn.run`)."""
+
+    log_config: None
+    access_log: bool
+    log_level: str
+    proxy_headers: bool
+    server_header: bool
+
+
+UVICORN_OPTIONS = UvicornOptions(log_config=None, access_log=False, log_level="warning", proxy_headers=False,
+                                 server_header=False)
 
 
 class WebServer:

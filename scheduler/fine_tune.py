@@ -39,11 +39,15 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from inference.training import progress
 from scheduler.fine_tune_contract import AdjudicatedCase, ContractError, FineTuneManifest, FineTuneResult, Progress
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -54,7 +58,8 @@ class Reporter:
 
     def __init__(self, interval_s: float, mode: str = "auto") -> None:
         self.interval_s, self.mode = interval_s, mode
-        self.name, self.total, self.bar = "", 0, None
+        self.name, self.total = "", 0
+        self.bar: tqdm | None = None
         self.started = self.last = 0.0
 
     def phase(self, name: str, total: int) -> None:
@@ -66,9 +71,10 @@ class Reporter:
 
     def step(self, done: int, loss: float | None = None) -> None:
         now = time.time()
-        self.bar.update(done - self.bar.n)
-        if loss is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
         if done in (1, self.total) or now - self.last >= self.interval_s:
             self._emit(done, loss, now)
 
@@ -215,8 +221,8 @@ def fine_tune(manifest: FineTuneManifest, report: Reporter) -> FineTuneResult:
             batch = augment(batch, gen)
             parts = losses(net, batch)
             loss = optimise_step(net, opt, parts)
-            for k, v in {**parts, "loss": loss}.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            for name, v in {**parts, "loss": loss}.items():
+                sums[name] = sums.get(name, 0.0) + float(v.detach())
             report.step(step + 1, float(loss.detach()))
             if (step + 1) % block == 0 or step + 1 == steps:
                 n = (step % block) + 1

@@ -71,7 +71,7 @@ def adjudicated_cases(settings: Settings, sessions: sessionmaker) -> list[Adjudi
         if outcome.status is not Status.FINAL or not Path(jobs[job_id].spool_path).is_file():
             continue
         clicks = [(v.location_row, v.location_col) for v in job_reads
-                  if v.nodule_present == outcome.nodule_present and v.location_row is not None]
+                  if v.nodule_present == outcome.nodule_present and v.location_row is not None and v.location_col is not None]
         location = (sum(c[0] for c in clicks) / len(clicks), sum(c[1] for c in clicks) / len(clicks)) if clicks else None
         uid = jobs[job_id].sop_instance_uid
         cases.append(AdjudicatedCase(
@@ -141,18 +141,22 @@ def stream_child(args: list[str], log_path: Path, timeout_s: float) -> None:
             [sys.executable, *args], cwd=REPO_ROOT,
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1) as proc:
         timed_out = threading.Event()
-        timer = threading.Timer(timeout_s, lambda: (timed_out.set(), proc.kill()))
+        def kill() -> None:
+            timed_out.set()
+            proc.kill()
+
+        timer = threading.Timer(timeout_s, kill)
         timer.start()
 
         def drain_stderr() -> None:
-            for line in proc.stderr:
+            for line in proc.stderr or ():  # a pipe (stderr=PIPE)
                 out.write(line)
                 stderr_lines[:] = [*stderr_lines[-19:], line.rstrip()]
 
         drainer = threading.Thread(target=drain_stderr, name="fine-tune-stderr", daemon=True)
         drainer.start()
         try:
-            for line in proc.stdout:
+            for line in proc.stdout or ():  # a pipe (stdout=PIPE)
                 out.write(line)
                 _log_progress(line)
             proc.wait()
@@ -219,7 +223,7 @@ def retention(settings: Settings, sessions: sessionmaker, **_) -> tuple[Outcome,
 def echo(settings: Settings, sessions: sessionmaker, **_) -> tuple[Outcome, dict]:
     """C-ECHO every destination; failed when any does not answer success."""
     from pynetdicom import AE
-    from pynetdicom.sop_class import Verification
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # names generated at import, no stubs
 
     results = {}
     for dest in settings.destinations:

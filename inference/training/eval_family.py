@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 import pydicom
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 SEED_BASE = 7_000_000  # seeds of this family (its own range; the training family uses other generators)
 MU_WATER = 0.019  # per mm
@@ -108,7 +108,7 @@ def _ellipsoid(body: _Body, cu: float, cv: float, au: float, av: float, depth: f
 
 def _draw(body: _Body, curves: list[np.ndarray], width_mm: float, blur_mm: float) -> np.ndarray:
     """Polylines given in anatomical mm, drawn `width_mm` wide and blurred; float32 in [0, 1]."""
-    canvas = np.zeros((body.rows, body.cols), np.float32)
+    canvas: np.ndarray = np.zeros((body.rows, body.cols), np.float32)
     scale = 8  # cv2 fixed-point subpixel bits: 3
     thick = max(1, int(round(width_mm / body.spacing)))
     for uv in curves:
@@ -259,7 +259,7 @@ def _place_findings(body: _Body, rng: np.random.Generator, mask: np.ndarray, cou
 
 def _form_image(rng: np.random.Generator, thick: np.ndarray, spacing: float, bits: int) -> np.ndarray:
     """Detector counts -> log -> vendor processing -> stored values (bright = dense), float in [0, 2^bits - 1]."""
-    counts = rng.uniform(800.0, 6000.0) * np.exp(-MU_WATER * thick)
+    counts: np.ndarray = rng.uniform(800.0, 6000.0) * np.exp(-MU_WATER * thick)
     counts += rng.uniform(0.05, 0.35) * cv2.GaussianBlur(counts, (0, 0), 40.0 / spacing)  # scatter
     counts = np.maximum(counts + rng.normal(0.0, 1.0, counts.shape) * np.sqrt(counts), 1.0)
     counts = cv2.GaussianBlur(counts.astype(np.float32), (0, 0), rng.uniform(0.3, 0.9))
@@ -395,7 +395,7 @@ def case_dataset(case: EvalCase, *, body_part: str | None = None) -> pydicom.Dat
     sop = generate_uid(entropy_srcs=["smartnodule-evalfamily", str(case.seed), case.body_part, str(case.pixels.shape),
                                      str(int(case.pixels.sum() % 1_000_003))])
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = _DX_CLASS, sop
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = UID(_DX_CLASS), UID(sop)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = pydicom.Dataset()
     ds.file_meta = meta

@@ -81,12 +81,12 @@ def _hit(rc: tuple[float, float], truth: Truth) -> bool:
 
 def read_image(detector, image: PreparedImage, truth: Truth) -> Read:
     prediction, spot = detector.read(image)
-    cam_peak = np.unravel_index(int(np.argmax(prediction.heatmap)), prediction.heatmap.shape)
+    cam_row, cam_col = (float(v) for v in np.unravel_index(int(np.argmax(prediction.heatmap)), prediction.heatmap.shape))
     return Read(truth=truth, probability=prediction.probability, positive=prediction.positive,
                 threshold=float("nan") if prediction.threshold is None else prediction.threshold, review=prediction.review,
                 reasons=prediction.review_reasons,
                 ood_score=float("nan") if prediction.ood_score is None else prediction.ood_score,
-                detection_hit=_hit((spot.row, spot.col), truth), explanation_hit=_hit(cam_peak, truth))
+                detection_hit=_hit((spot.row, spot.col), truth), explanation_hit=_hit((cam_row, cam_col), truth))
 
 
 def read_dataset_case(detector, ds, truth: Truth) -> Read:

@@ -79,8 +79,8 @@ def score_heldout(net: NoduleNet, split: str, n: int, input_size: int, device: t
     for s in progress.bar(progress_mode, loader, total=len(loader), desc=f"scoring {split} ({n} phantoms)", unit="batch"):
         r = score_batch(net, s["image"].to(device), cam_target)
         cols["view_scores"].append(r["view_scores"].cpu().numpy())
-        cols["heatmap_rc"].append(model_coord(r["heatmap_rc"].cpu().numpy()))
-        cols["gradcam_rc"].append(model_coord(r["gradcam_rc"].cpu().numpy()))
+        cols["heatmap_rc"].append(np.asarray(model_coord(r["heatmap_rc"].cpu().numpy())))
+        cols["gradcam_rc"].append(np.asarray(model_coord(r["gradcam_rc"].cpu().numpy())))
         cols["pred_radius"].append(r["radius"].cpu().numpy() * HEAD_STRIDE)
         cols["labels"].append(s["label"].numpy())
         cols["diameter_mm"].append(s["diameter_mm"].numpy())
@@ -172,7 +172,9 @@ def latency(detector, n: int, size: int) -> dict:
         detector.predict(image)
         t3 = time.perf_counter()
         if i:  # the first image warms up
-            prep.append(t1 - t0), pred.append(t2 - t1), full.append(t3 - t2)
+            prep.append(t1 - t0)
+            pred.append(t2 - t1)
+            full.append(t3 - t2)
     return {
         "latency_predict_s": statistics.median(pred),
         "latency_explain_s": statistics.median(full),

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import csv
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+from torch.utils.data import Dataset
 
 from inference.preprocess import letterbox, prepare, prepare_array, read_dataset, source_to_model
 from inference.types import PreparedImage, Unreadable
@@ -167,7 +169,7 @@ def load_prepared(path: str | Path, input_size: int) -> PreparedImage:
     return prepare(read_dataset(path), input_size=input_size)
 
 
-def labelled_sample(image: PreparedImage, present: bool, spots: list[tuple[float, float, float | None]],
+def labelled_sample(image: PreparedImage, present: bool, spots: Sequence[tuple[float, float, float | None]],
                     input_size: int) -> dict:
     """Training sample of a labelled image: image label; a Gaussian heatmap target at each spot
     (source row, col, radius px or None) when given; no lung mask.
@@ -196,11 +198,12 @@ def labelled_sample(image: PreparedImage, present: bool, spots: list[tuple[float
         heat[min(out - 1, max(0, round(r))), min(out - 1, max(0, round(c)))] = 1.0
         radii.append(radius_hm)
     with_radius = bool(radii) and all(r is not None for r in radii)
+    first_radius = radii[0] if with_radius else None
     return {
         "image": torch.from_numpy(np.ascontiguousarray(image.model_input, np.float32))[None],
         "heat": torch.from_numpy(heat)[None],
         "lung": torch.zeros((1, out, out)),
-        "log_radius": torch.tensor(math.log(max(radii[0], 0.5)) if with_radius else 0.0),
+        "log_radius": torch.tensor(math.log(max(first_radius, 0.5)) if first_radius is not None else 0.0),
         "label": torch.tensor(float(present)),
         "heat_valid": torch.tensor(float(not present or bool(spots))),
         "lung_valid": torch.tensor(0.0),
@@ -215,7 +218,7 @@ def spots_of(item: LabelledImage) -> list[tuple[float, float, float]]:
     return [(*b.centre, b.radius) for b in item.boxes]
 
 
-class LabelledFolder:
+class LabelledFolder(Dataset):
     """A torch map-style dataset of a labelled folder's training samples (prepared on access)."""
 
     def __init__(self, folder: str | Path, input_size: int, csv_path: str | Path | None = None) -> None:

@@ -18,13 +18,15 @@ import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import pydicom
+from numpy.typing import ArrayLike
 from pydicom.dataset import FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from inference.preprocess import _window_linear, default_window, prepare_array
 
@@ -101,7 +103,7 @@ def _smooth(img: np.ndarray, sigma_px: float) -> np.ndarray:
     return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
-def _poly(frame: _Frame, pts_mm: list[tuple[float, float]] | np.ndarray) -> np.ndarray:
+def _poly(frame: _Frame, pts_mm: ArrayLike) -> np.ndarray:
     return np.round(frame.points(np.asarray(pts_mm, np.float64))).astype(np.int32)
 
 
@@ -253,10 +255,10 @@ def _attenuation(rng: np.random.Generator, size: int, spacing: float
     # trachea and main bronchi
     airway = np.zeros((size, size), np.float32)
     carina = (p["heart_x"] * 0.1, 88.0)
-    for seg, w_mm in (([(0, -150), (0, 30), carina], 16), ([carina, (-36, 112)], 11),
-                      ([carina, (38, 118)], 10)):
-        cv2.polylines(airway, [_poly(frame, seg)], False, float(w_mm * MU_TISSUE * 0.8),
-                      max(1, int(w_mm * px_mm)))
+    for airway_path, airway_mm in (([(0, -150), (0, 30), carina], 16), ([carina, (-36, 112)], 11),
+                                   ([carina, (38, 118)], 10)):
+        cv2.polylines(airway, [_poly(frame, airway_path)], False, float(airway_mm * MU_TISSUE * 0.8),
+                      max(1, int(airway_mm * px_mm)))
     att -= _smooth(airway, 2.5 * px_mm)
 
     # stomach gas bubble under the left dome
@@ -468,7 +470,7 @@ def phantom_dataset(phantom: Phantom, *, monochrome1: bool = False, patient_name
                                                              hour=8 + phantom.seed % 10)
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPClassUID = UID(sop_class)
     meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
@@ -533,7 +535,7 @@ def phantom_truth(phantom: Phantom) -> str:
     return f"synthetic phantom: nodule {n.diameter_mm:.1f} mm at row {n.row:.0f}, col {n.col:.0f}"
 
 
-def write_phantom_series(out_dir: str | Path, count: int, seed0: int, size: int = 2048, **kw: object
+def write_phantom_series(out_dir: str | Path, count: int, seed0: int, size: int = 2048, **kw: Any
                          ) -> list[Path]:
     """Write `count` phantoms (seeds seed0...) as DICOM files, one study each; returns the paths.
 

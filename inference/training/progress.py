@@ -10,6 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 MODES = ("auto", "always", "never")
 
@@ -26,7 +30,7 @@ def enabled(mode: str) -> bool:
 
 
 def bar(mode: str, iterable: Iterable | None = None, *, total: float | None = None, desc: str = "",
-        unit: str = "it", **kwargs):
+        unit: str = "it", **kwargs) -> tqdm:
     """A tqdm bar on stderr (a silent pass-through when `mode` says no bar)."""
     from tqdm import tqdm
 

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from inference.model import HEAD_STRIDE, heatmap_coord
 from inference.preprocess import letterbox, source_to_model
-from inference.training.phantoms import generate_phantom, phantom_model_input
+from inference.training.phantoms import Phantom, generate_phantom, phantom_model_input
 from inference.training.variety import check_kinds, finding_count, generate_varied
 
 SPLITS = {"calibration": 1_000_000, "test": 2_000_000, "train": 10_000_000}
@@ -162,7 +162,7 @@ class TrainStream(Dataset):
         if positive and dmin is not None:
             diameter = float(np.random.default_rng(seed).uniform(dmin, 30.0))
         if self.generator == "varied":
-            p = generate_varied(seed, self.input_size, findings=finding_count(seed) if positive else 0,
+            p: Phantom = generate_varied(seed, self.input_size, findings=finding_count(seed) if positive else 0,
                                 exclude=self.hold_out, gain=gain, min_diameter_mm=dmin)
         else:
             p = generate_phantom(seed, size=self.input_size, nodule=positive, gain=gain, diameter_mm=diameter)

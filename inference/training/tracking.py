@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -36,7 +37,7 @@ def _experiment(client, uri: str, name: str) -> str:
 
 
 def log_run(uri: str, experiment: str, run_name: str, params: dict, metrics: dict[str, float],
-            files: list[Path] = (), folder: Path | None = None) -> str:
+            files: Sequence[Path] = (), folder: Path | None = None) -> str:
     """One finished MLflow run with `params` (as text), the finite `metrics`, `files` and every file of `folder`
     as artifacts; returns its run id."""
     from mlflow.entities import Metric, Param

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import functools
 import math
+import operator
 import os
 import platform
 import shutil
@@ -46,7 +48,8 @@ from inference.training.metrics import fit_platt, json_safe, platt, youden_thres
 from inference.training.labelled_folder import LabelledFolder
 from inference.model import (HEATMAP, LUNG, RADIUS, TTA_DESCRIPTION, NoduleNet, architecture_of, build_network, image_score,
                              load_weights, save_weights)
-from inference.model_card import Calibration, ModelCard, load_card, save_card, sha256_file, verify_weights
+from inference.model_card import (Calibration, ModelCard, ReviewThresholds, load_card, save_card, sha256_file,
+                                  verify_weights)
 from inference.training.samples import HELD_OUT_GAIN, SPLITS, Curriculum, TrainStream, worker_init
 
 PREPROCESSING = (
@@ -97,7 +100,7 @@ LOSS_WEIGHTS = {"focal": 1.0, "lung": 0.5, "radius": 0.1, "image": 0.1}
 
 def optimise_step(net: torch.nn.Module, opt: torch.optim.Optimizer, parts: dict[str, torch.Tensor]) -> torch.Tensor:
     """One optimiser step on the weighted sum of `parts` (gradients clipped at norm 5); returns that sum."""
-    loss = sum(LOSS_WEIGHTS[k] * v for k, v in parts.items())
+    loss = functools.reduce(operator.add, (LOSS_WEIGHTS[k] * v for k, v in parts.items()))
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
@@ -188,12 +191,14 @@ def train(args: argparse.Namespace) -> ModelCard:
     net = net.to(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        net = net.to(memory_format=torch.channels_last)
+        # Module.to takes memory_format at run time; torch's overloads leave it out
+        net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     curriculum = Curriculum()
     budget = args.minutes * 60
     t0 = time.time()
     prefetch = _prefetch(args) if args.workers else None
+    stream: TrainStream | LabelledFolder
     if args.data is None:
         hold_out = tuple(k for k in args.hold_out.split(",") if k)
         stream, sampler = TrainStream(args.input_size, t0, budget, curriculum, generator=args.generator,
@@ -261,14 +266,14 @@ def train(args: argparse.Namespace) -> ModelCard:
     del loader
     log(f"training ended after {train_s:.0f} s, {step} steps, {fresh} fresh images")
     net.eval()
-    net = net.to(memory_format=torch.contiguous_format)
+    net = net.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]  # as above
 
     t1 = time.time()
     cal = score_heldout(net, "calibration", args.calib_n, args.input_size, device, args.workers,
                         progress_mode=args.progress)
     a, b = fit_platt(cal.view_scores.mean(axis=1), cal.labels)
     threshold = youden_threshold(platt(cal.view_scores.mean(axis=1), a, b), cal.labels)
-    review = {"margin": 0.1, "max_uncertainty": 0.15}
+    review = ReviewThresholds(margin=0.1, max_uncertainty=0.15)
     cal_figs = summarize(cal, a, b, threshold, **review)
     location_source = "gradcam" if cal_figs["pointing_gradcam"] > cal_figs["pointing_heatmap"] else "heatmap"
     n_cmp = min(200, args.calib_n)

@@ -29,7 +29,6 @@ collimated with the image.
 from __future__ import annotations
 
 import hashlib
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +63,7 @@ class VariedPhantom(Phantom):
 def fingerprint() -> str:
     """The varied generator's identity: sha256 prefixes of its modules (it has no version constant)."""
     names = ("variety", "variety_body", "variety_acquisition", "variety_devices", "variety_findings")
-    files = [Path(sys.modules[f"inference.training.{n}"].__file__) for n in names]
+    files = [Path(__file__).with_name(f"{n}.py") for n in names]  # all in this folder
     return ", ".join(f"{f.name} {hashlib.sha256(f.read_bytes()).hexdigest()[:16]}" for f in files)
 
 

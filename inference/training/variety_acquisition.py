@@ -124,10 +124,10 @@ def expose(seed_rngs: dict[str, np.random.Generator], att: np.ndarray, spacing: 
     if on.noise:
         corr = n.uniform(0.0, 1.2)
         if corr > 0.3:  # correlated (scintillator spread) noise, renormalised to unit variance
-            noise = _smooth(noise, corr) * (2.0 * math.sqrt(math.pi) * corr)
+            noise = (_smooth(noise, corr) * (2.0 * math.sqrt(math.pi) * corr)).astype(np.float32, copy=False)
         if n.random() < 0.3:  # row or column banding of the read-out
             axis = int(n.integers(2))
-            band = n.uniform(0.05, 0.3) * n.standard_normal(att.shape[axis]).astype(np.float32)
+            band = n.uniform(0.05, 0.3) * n.standard_normal(size=(att.shape[axis],)).astype(np.float32)
             noise += band[:, None] if axis == 0 else band[None, :]
     electronic = n.uniform(0.0, 1e-3) ** 2 if on.noise else 0.0  # read-out noise, in unattenuated signal units
     log_sig = -np.log(np.maximum(signal, 1e-6))

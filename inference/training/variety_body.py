@@ -127,6 +127,10 @@ def _obese(rng: np.random.Generator, att: np.ndarray, px_mm: float) -> np.ndarra
     return MU_TISSUE * (rng.uniform(40, 90) * band + rng.uniform(20, 50) * body)
 
 
+def _point(xy: np.ndarray) -> tuple[float, float]:
+    return float(xy[0]), float(xy[1])
+
+
 def render(seed: int, size: int, spacing: float, *, habitus: bool, soft_tissue: bool, limbs: bool, ap: bool,
            tag: int) -> Body:
     """Draw one varied body at `size` x `size` render pixels of `spacing` mm (standard anatomy)."""
@@ -172,6 +176,6 @@ def render(seed: int, size: int, spacing: float, *, habitus: bool, soft_tissue: 
              "subclavian_l": (70.0, 22.0), "neck": (0.0, -110.0), "apex_heart": (heart_c[0] + p["heart_w"] * 0.7,
                                                                                heart_c[1] + 20),
              "stomach": (65.0, dome + p["dome_l_drop"] + 30), "lateral_r": (-p["half_width"] + 15, p["base"] - 40)}
-    landmarks = {k: tuple(float(v) for v in frame.points(np.array(pt, np.float64))) for k, pt in marks.items()}
+    landmarks = {k: _point(frame.points(np.array(pt, np.float64))) for k, pt in marks.items()}
     return Body(att=att.astype(np.float32), zones=zones, landmarks=landmarks, scale=float(scale), habitus=kind,
                 breasts=breasts)

@@ -79,13 +79,13 @@ def add_devices(rng: np.random.Generator, att: np.ndarray, spacing: float, marks
               5, 0.5)
         drawn.append("nasogastric tube")
     if rng.random() < (0.1 if ap else 0.06):
-        side = -1 if rng.random() < 0.8 else 1
-        c, r = marks["subclavian_l" if side < 0 else "subclavian_r"]
-        c += -side * rng.uniform(10, 30) * px_mm
+        sign = -1 if rng.random() < 0.8 else 1
+        c, r = marks["subclavian_l" if sign < 0 else "subclavian_r"]
+        c += -sign * rng.uniform(10, 30) * px_mm
         w, h = rng.uniform(40, 55) * px_mm, rng.uniform(35, 50) * px_mm
         box = cv2.ellipse2Poly((int(c), int(r)), (int(w / 2), int(h / 2)), int(rng.uniform(-30, 30)), 0, 360, 10)
         can = np.zeros_like(att)
-        cv2.fillPoly(can, [box], float(rng.uniform(2.5, 4.0)))
+        cv2.fillPoly(can, [np.asarray(box, np.int32)], float(rng.uniform(2.5, 4.0)))
         att += cv2.GaussianBlur(can, (0, 0), 1.0)
         for target in ("svc", "apex_heart")[:int(rng.integers(1, 3))]:
             _line(att, _curve((c, r), _jitter(rng, marks["svc"], 25, px_mm), _jitter(rng, marks[target], 15, px_mm)),

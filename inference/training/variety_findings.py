@@ -156,10 +156,10 @@ def add_mimics(rng: np.random.Generator, att: np.ndarray, zones: np.ndarray, spa
         drawn.append("vessel end-on")
     if rng.random() < 0.3:
         c0, r0 = landmarks["lateral_r"]
-        for side in (-1, 1):
+        for sign in (-1, 1):
             for _ in range(int(rng.integers(2, 7))):
-                col = c0 if side < 0 else 2 * landmarks["carina"][0] - c0
-                col += side * rng.uniform(10, 60) * px_mm
+                col = c0 if sign < 0 else 2 * landmarks["carina"][0] - c0
+                col += sign * rng.uniform(10, 60) * px_mm
                 row = r0 - rng.uniform(0, 90) * px_mm
                 d = rng.uniform(2, 5)
                 _paste(att, (MU_BONE_EXCESS * d * _disk(d / 2 * px_mm, 0.4)).astype(np.float32), row, col)

@@ -56,6 +56,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
+from typing import IO
 
 import structlog
 from sqlalchemy import text
@@ -245,7 +246,9 @@ class _Writer:
 
     def __init__(self, fileobj) -> None:
         self._out = _HashingWriter(fileobj)
-        self._tar = tarfile.open(fileobj=self._out, mode="w", format=tarfile.PAX_FORMAT, copybufsize=CHUNK)
+        # TarFile takes copybufsize through tarfile.open's keywords; typeshed's overloads leave it out
+        self._tar = tarfile.open(fileobj=self._out, mode="w", format=tarfile.PAX_FORMAT,  # type: ignore[call-overload]
+                                 copybufsize=CHUNK)
         self._files: list[list] = []
         self._parts: dict[str, list[int]] = {}
 
@@ -347,15 +350,23 @@ def _dumpable(url: str) -> tuple[str | None, str]:
     return None, f"a {backend} database, which this backup does not cover"
 
 
+def _sqlite_file(url: str) -> str:
+    """The file a SQLite URL names; BackupError for one without a file (in memory)."""
+    database = make_url(url).database
+    if not database:
+        raise BackupError("a SQLite database URL without a file (in memory) cannot be backed up or restored")
+    return database
+
+
 def _sqlite_files(url: str) -> set[Path]:
-    path = Path(make_url(url).database).resolve()
+    path = Path(_sqlite_file(url)).resolve()
     return {path, *(path.with_name(path.name + suffix) for suffix in ("-wal", "-shm", "-journal"))}
 
 
 def _dump(url: str, dialect: str, target: Path) -> str | None:
     """Snapshot the database at `url` into the file `target`; its Alembic revision (None: no alembic table)."""
     if dialect == "sqlite":
-        source = sqlite3.connect(make_url(url).database, timeout=30)
+        source = sqlite3.connect(_sqlite_file(url), timeout=30)
         copy = sqlite3.connect(target)
         try:
             source.backup(copy)  # all pages in one step: one consistent snapshot
@@ -445,7 +456,7 @@ def verify(archive: Path) -> dict:
                     raise BackupError(f"{archive} is damaged, cut short, or not a SmartNodule backup (no manifest "
                                       "found at its end)")
                 manifest_member = members[-1]
-                raw = tar.extractfile(manifest_member).read()
+                raw = _member_file(tar, manifest_member).read()
         except tarfile.TarError as exc:
             raise BackupError(f"{archive} is damaged or not a tar archive ({exc})") from None
         try:
@@ -559,7 +570,7 @@ def _targets(manifest: dict, settings: Settings) -> dict[str, tuple[Path | str, 
 
     Names are checked like untrusted input: relative, no `..`, resolved under their root.
     """
-    targets = {}
+    targets: dict[str, tuple[Path | str, int]] = {}
     for name, _, _ in manifest["files"]:
         path = PurePosixPath(name)
         if path.is_absolute() or ".." in path.parts or len(path.parts) < 2:
@@ -587,7 +598,7 @@ def _database_target(member: Path, settings: Settings) -> tuple[Path | str, int]
         setting = "node.database_url" if member.stem == "node" else "registry.tracking_uri"
         raise BackupError(f"the archive holds a {archived} {member.stem} database, but {setting} names a {dialect} "
                           "database: set it to the same kind of database")
-    return (url, 0) if dialect == "postgresql" else (Path(make_url(url).database), 0o600)
+    return (url, 0) if dialect == "postgresql" else (Path(_sqlite_file(url)), 0o600)
 
 
 def _occupied(manifest: dict, settings: Settings, keep: set[Path]) -> list[str]:
@@ -598,8 +609,8 @@ def _occupied(manifest: dict, settings: Settings, keep: set[Path]) -> list[str]:
         found.append(f"the data folder {data_dir} is not empty")
     for stem, dialect in manifest["databases"].items():
         url = getattr(settings, DATABASES[stem])
-        if dialect == "sqlite" and Path(make_url(url).database).is_file() \
-                and not Path(make_url(url).database).resolve().is_relative_to(data_dir.resolve()):
+        if dialect == "sqlite" and Path(_sqlite_file(url)).is_file() \
+                and not Path(_sqlite_file(url)).resolve().is_relative_to(data_dir.resolve()):
             found.append(f"the {stem} database {make_url(url).database} exists")
         elif dialect == "postgresql" and _postgres_tables(url):
             found.append(f"the {stem} database has tables")
@@ -637,13 +648,21 @@ def _clear(manifest: dict, settings: Settings, keep: set[Path]) -> None:
         shutil.rmtree(artifacts)
 
 
+def _member_file(tar: tarfile.TarFile, member: tarfile.TarInfo) -> IO[bytes]:
+    """The bytes of a regular-file member; BackupError for anything else (a link, a folder, a device)."""
+    source = tar.extractfile(member)
+    if source is None:
+        raise BackupError(f"archive member {member.name!r} is not a regular file")
+    return source
+
+
 def _write(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path, sha256: str, mode: int) -> None:
     """Stream one member to a temp file beside `target`, check its sha256 again, rename it into place."""
     target.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.name}.restore-{os.getpid()}")
     digest = hashlib.sha256()
     try:
-        with tar.extractfile(member) as source, open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode),
+        with _member_file(tar, member) as source, open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode),
                                                       "wb") as out:
             while chunk := source.read(CHUNK):
                 digest.update(chunk)

@@ -228,7 +228,10 @@ def _alembic_config() -> AlembicConfig:
 
 def head_revision() -> str:
     """The newest schema revision this code knows."""
-    return ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    if head is None:
+        raise RuntimeError(f"no migration in {MIGRATIONS / 'versions'}")
+    return head
 
 
 def is_known_revision(revision: str) -> bool:

@@ -79,6 +79,7 @@ def test_no_file_no_admin_and_an_unusable_file_is_refused_naming_the_setting(nod
         load_settings(None, web={"admin_password_file": str(tmp_path / "missing")})
 
 
+@pytest.mark.integration  # the web role as a process (uvicorn)
 def test_the_web_role_makes_the_admin_from_the_variable_compose_sets(tmp_path):
     port = free_port()
     secret = tmp_path / "admin-password"
