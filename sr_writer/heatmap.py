@@ -189,7 +189,7 @@ def build_heatmap_sc(source: pydicom.Dataset, image: PreparedImage, prediction: 
     )
     # Patient Orientation is Type 2C: the source's value (rows and columns keep their
     # direction when scaled), or empty when the source has none.
-    sc.PatientOrientation = orientation or []
+    sc.add_new("PatientOrientation", "CS", orientation or "")  # empty: a str, where the attribute is typed as a list
     sc.BurnedInAnnotation = "YES"
     sc.DerivationDescription = "Grad-CAM contours of the AI nodule model on the source image"
     return sc
