@@ -22,7 +22,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -257,7 +257,7 @@ class HealthCollector:
                                     value=health.drift_breaches)
 
 
-def _labelled(name: str, documentation: str, label: str, values: dict[str, float]) -> GaugeMetricFamily:
+def _labelled(name: str, documentation: str, label: str, values: Mapping[str, float]) -> GaugeMetricFamily:
     family = GaugeMetricFamily(name, documentation, labels=[label])
     for key, value in values.items():
         family.add_metric([key], value)

@@ -15,6 +15,7 @@ AE titles, destination names, states, stages, job names and model identity only:
 from __future__ import annotations
 
 from collections.abc import Iterable
+from wsgiref.simple_server import WSGIServer
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
@@ -109,7 +110,7 @@ class MetricsServer:
         self.registry = CollectorRegistry()
         self.registry.register(_Events())
         self.registry.register(HealthCollector(CachedHealth(settings, sessions, identity, settings.web.health_cache_s)))
-        self._httpd = None
+        self._httpd: WSGIServer | None = None
 
     def start(self) -> None:
         try:

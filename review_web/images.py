@@ -89,7 +89,7 @@ def viewer_pixels(ds: pydicom.Dataset, max_pixels: int) -> ViewerPixels:
     if stored.ndim != 2:
         raise MissingFile(f"the source has decoded shape {stored.shape}, not one grey frame")
     source_rows, source_cols = stored.shape
-    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)  # exact for any rescale
+    values: np.ndarray = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)  # exact for any rescale
     reduction = max(1, math.ceil(math.sqrt(source_rows * source_cols / max_pixels)))
     if reduction > 1:
         size = (max(1, source_cols // reduction), max(1, source_rows // reduction))
