@@ -36,7 +36,7 @@ from config.settings import Settings
 from inference.types import ModelIdentity
 from node.store.db import Delivery, DeliveryState, Job, JobState, utcnow
 from node.store.review import open_reviews
-from node.store.runs import Outcome, SchedulerRun, latest_drift
+from node.store.runs import RunOutcome, SchedulerRun, latest_drift
 
 DISK_LOW_FRACTION = 0.05
 LATENCY_WINDOW = timedelta(hours=1)
@@ -139,7 +139,7 @@ def collect_health(settings: Settings, sessions: sessionmaker, identity: ModelId
                                  .order_by(Job.encoded_at.desc(), Job.id.desc()).limit(1)).first()
         reviews = open_reviews(session)
         successes = session.execute(select(SchedulerRun.job, func.max(SchedulerRun.finished_at))
-                                    .where(SchedulerRun.outcome.in_([Outcome.OK, Outcome.BREACH]))
+                                    .where(SchedulerRun.outcome.in_([RunOutcome.OK, RunOutcome.BREACH]))
                                     .group_by(SchedulerRun.job)).all()
     not_processed: dict[str, int] = {}
     for state, reason in reasons:

@@ -21,7 +21,7 @@ import structlog
 from config.settings import Settings
 from inference.model_card import load_card
 from node.store.db import Job
-from node.store.review import Outcome
+from node.store.review import CaseStanding
 
 log = structlog.get_logger(__name__)
 
@@ -35,7 +35,7 @@ Order = Literal["asc", "desc"]
 @dataclass(frozen=True)
 class QueueRow:
     job: Job
-    outcome: Outcome
+    outcome: CaseStanding
     accession: str
     age_s: float
     priority: int
@@ -76,7 +76,7 @@ def threshold_of(job: Job, thresholds: dict[tuple[str, str], float]) -> float | 
     return thresholds.get((job.model_name or "", job.model_version or ""))
 
 
-def queue_rows(items: list[tuple[Job, Outcome]], thresholds: dict[tuple[str, str], float], now: datetime
+def queue_rows(items: list[tuple[Job, CaseStanding]], thresholds: dict[tuple[str, str], float], now: datetime
                ) -> list[QueueRow]:
     return [QueueRow(job, outcome, accession_number(job), (now - job.received_at).total_seconds(), priority(job),
                      threshold_of(job, thresholds))

@@ -68,8 +68,8 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
 
 
 def cmd_job(args: argparse.Namespace) -> int:
-    from node.store.runs import Outcome
-    from scheduler.jobs import JOBS
+    from node.store.runs import RunOutcome
+    from scheduler.tasks import JOBS
     from scheduler.service import run_job
 
     if args.name not in JOBS:
@@ -80,7 +80,7 @@ def cmd_job(args: argparse.Namespace) -> int:
     run = run_job(settings, sessions, args.name, trigger="manual", **kwargs)
     print(json.dumps({"job": run.job, "outcome": run.outcome.value, "summary": json.loads(run.summary or "{}")},
                      indent=2, default=str))
-    return {Outcome.OK: 0, Outcome.BREACH: 1}.get(run.outcome, 2)
+    return {RunOutcome.OK: 0, RunOutcome.BREACH: 1}.get(run.outcome, 2)
 
 
 def cmd_model_list(args: argparse.Namespace) -> int:

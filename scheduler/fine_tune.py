@@ -2,7 +2,7 @@
 
 Runs as a separate process with one torch thread so the node keeps serving.
 The manifest (`scheduler.fine_tune_contract.FineTuneManifest`, written by
-`scheduler.jobs.retrain`) carries the settings, the champion's card, the
+`scheduler.tasks.retrain`) carries the settings, the champion's card, the
 adjudicated cases (spool DICOM, final verdict, click location) split into
 training and held-out, and the phantom seeds. Steps:
 

@@ -1,6 +1,6 @@
 """Owns the contract between the scheduled retrain and its fine-tune child: what goes in, what comes back, progress.
 
-`scheduler.jobs.retrain` writes a `FineTuneManifest` (the node's settings, the
+`scheduler.tasks.retrain` writes a `FineTuneManifest` (the node's settings, the
 champion, the adjudicated cases, the knobs of this run) to a JSON file and starts
 `python -m scheduler.fine_tune MANIFEST`. The child reads it back validated,
 prints one `Progress` JSON line on stdout per step of its work (the parent logs

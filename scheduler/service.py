@@ -1,6 +1,6 @@
 """The node's background scheduler: APScheduler 3 BackgroundScheduler, job store in the node's database.
 
-`Scheduler(settings, sessions, index)` adds each job of `scheduler.jobs.JOBS` whose
+`Scheduler(settings, sessions, index)` adds each job of `scheduler.tasks.JOBS` whose
 schedule in `[scheduler]` is not empty (crontab or "every N[smhd]"), replacing
 the stored definition, so the settings file stays the one home of every
 schedule. Every run is a row of `scheduler_runs` (outcome ok / failed /
@@ -18,9 +18,9 @@ from sqlalchemy.orm import sessionmaker
 
 from config.settings import Settings, trigger_of
 from node.store.db import utcnow
-from node.store.runs import Outcome, SchedulerRun
+from node.store.runs import RunOutcome, SchedulerRun
 from retrieval.index import CaseIndex
-from scheduler.jobs import JOBS
+from scheduler.tasks import JOBS
 
 log = structlog.get_logger(__name__)
 
@@ -32,7 +32,7 @@ def run_job(settings: Settings, sessions: sessionmaker, name: str, trigger: str 
     if name not in JOBS:
         raise ValueError(f"job must be one of {', '.join(JOBS)}, got {name!r}")
     with sessions.begin() as session:
-        run = SchedulerRun(job=name, started_at=utcnow(), outcome=Outcome.RUNNING, trigger=trigger)
+        run = SchedulerRun(job=name, started_at=utcnow(), outcome=RunOutcome.RUNNING, trigger=trigger)
         session.add(run)
         session.flush()
         run_id = run.id
@@ -41,7 +41,7 @@ def run_job(settings: Settings, sessions: sessionmaker, name: str, trigger: str 
     try:
         outcome, summary = JOBS[name](settings, sessions, **kwargs)
     except Exception as exc:
-        outcome, summary = Outcome.FAILED, {"error": f"{type(exc).__name__}: {exc}"[:1000],
+        outcome, summary = RunOutcome.FAILED, {"error": f"{type(exc).__name__}: {exc}"[:1000],
                                             "traceback": traceback.format_exc()[-3000:]}
         bound.error("scheduled_job_failed", error=summary["error"])
     with sessions.begin() as session:

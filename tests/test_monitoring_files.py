@@ -15,7 +15,7 @@ import yaml
 from node.health import CachedHealth, HealthCollector
 from node.metrics import REGISTRY, _Events
 from node.store.db import open_database, utcnow
-from node.store.runs import Outcome, SchedulerRun
+from node.store.runs import RunOutcome, SchedulerRun
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS = ROOT / "docker" / "prometheus"
@@ -58,7 +58,7 @@ def exported(make_settings) -> set[str]:
     sessions = open_database(settings.database_url)
     with sessions.begin() as session:
         session.add(SchedulerRun(job="drift", started_at=utcnow() - timedelta(minutes=1), finished_at=utcnow(),
-                                 outcome=Outcome.BREACH, summary=json.dumps(
+                                 outcome=RunOutcome.BREACH, summary=json.dumps(
                                      {"figures": {"probability": {"psi": 0.31}}, "breaches": ["probability: PSI"]})))
     names = set()
     for collector in (_Events(), HealthCollector(CachedHealth(settings, sessions, None, 0))):

@@ -96,7 +96,7 @@ class Status(str, enum.Enum):
 
 
 @dataclass(frozen=True)
-class Outcome:
+class CaseStanding:
     """Where a case stands: status, the verdict (final or provisional, else None), who has read it."""
 
     status: Status
@@ -111,21 +111,21 @@ class Outcome:
         return "present" if self.nodule_present else "absent"
 
 
-def decide(reads: Iterable[Verdict]) -> Outcome:
+def decide(reads: Iterable[Verdict]) -> CaseStanding:
     """Apply the final-verdict rule to the current reads of one case (reads by other roles are ignored)."""
     reads = sorted((v for v in reads if v.role in READING_ROLES), key=lambda v: (v.created_at, v.id))
     readers = frozenset(v.reviewer for v in reads)
     values = {v.nodule_present for v in reads}
     if not reads:
-        return Outcome(Status.UNREAD, None, readers)
+        return CaseStanding(Status.UNREAD, None, readers)
     if len(reads) == 1:
-        return Outcome(Status.PROVISIONAL, reads[0].nodule_present, readers)
+        return CaseStanding(Status.PROVISIONAL, reads[0].nodule_present, readers)
     if len(values) == 1:
-        return Outcome(Status.FINAL, values.pop(), readers)
+        return CaseStanding(Status.FINAL, values.pop(), readers)
     adjudications = [v for v in reads if v.role is Role.ADJUDICATOR]
     if adjudications:
-        return Outcome(Status.FINAL, adjudications[-1].nodule_present, readers)
-    return Outcome(Status.NEEDS_ADJUDICATION, None, readers)
+        return CaseStanding(Status.FINAL, adjudications[-1].nodule_present, readers)
+    return CaseStanding(Status.NEEDS_ADJUDICATION, None, readers)
 
 
 def current_reads(session: Session, job_ids: Iterable[int]) -> dict[int, list[Verdict]]:
@@ -139,12 +139,12 @@ def current_reads(session: Session, job_ids: Iterable[int]) -> dict[int, list[Ve
     return reads
 
 
-def final_verdict(session: Session, job_id: int) -> Outcome:
+def final_verdict(session: Session, job_id: int) -> CaseStanding:
     """Where the case of `job_id` stands under the final-verdict rule (module docstring)."""
     return decide(current_reads(session, [job_id])[job_id])
 
 
-def outcomes(session: Session, job_ids: Iterable[int]) -> dict[int, Outcome]:
+def outcomes(session: Session, job_ids: Iterable[int]) -> dict[int, CaseStanding]:
     """`final_verdict` of many jobs in one query."""
     return {job_id: decide(reads) for job_id, reads in current_reads(session, job_ids).items()}
 
@@ -171,14 +171,14 @@ def record_verdict(session: Session, job_id: int, user: User, *, nodule_present:
     return verdict
 
 
-def awaits(outcome: Outcome, user: User) -> bool:
+def awaits(outcome: CaseStanding, user: User) -> bool:
     """Whether the case belongs in `user`'s review queue (never in an administrator's)."""
     if user.role not in READING_ROLES or outcome.status is Status.FINAL or user.username in outcome.readers:
         return False
     return outcome.status is not Status.NEEDS_ADJUDICATION or user.role is Role.ADJUDICATOR
 
 
-def review_queue(session: Session, user: User) -> list[tuple[Job, Outcome]]:
+def review_queue(session: Session, user: User) -> list[tuple[Job, CaseStanding]]:
     """The processed jobs flagged for review that await `user`'s read, oldest first."""
     jobs = list(session.scalars(select(Job).where(Job.review_required.is_(True), Job.state.in_(PROCESSED))
                                 .order_by(Job.received_at, Job.id)))

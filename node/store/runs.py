@@ -17,7 +17,7 @@ from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
 from node.store.db import Base, utcnow
 
 
-class Outcome(str, enum.Enum):
+class RunOutcome(str, enum.Enum):
     RUNNING = "running"
     OK = "ok"
     FAILED = "failed"
@@ -33,7 +33,7 @@ class SchedulerRun(Base):
     job: Mapped[str] = mapped_column(String(32), index=True)
     started_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     finished_at: Mapped[datetime | None]
-    outcome: Mapped[Outcome] = mapped_column(Enum(Outcome, native_enum=False, length=16))
+    outcome: Mapped[RunOutcome] = mapped_column(Enum(RunOutcome, native_enum=False, length=16))
     trigger: Mapped[str] = mapped_column(String(16), default="schedule")
     summary: Mapped[str | None] = mapped_column(Text)  # JSON
 
@@ -51,7 +51,7 @@ def latest_drift(sessions: sessionmaker) -> dict | None:
     """The newest finished drift run for the health page: outcome, when, summary (None: never ran)."""
     with sessions() as session:
         run = session.scalars(select(SchedulerRun).where(SchedulerRun.job == "drift",
-                                                         SchedulerRun.outcome != Outcome.RUNNING)
+                                                         SchedulerRun.outcome != RunOutcome.RUNNING)
                               .order_by(SchedulerRun.id.desc()).limit(1)).first()
         if run is None:
             return None

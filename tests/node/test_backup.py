@@ -319,13 +319,13 @@ def test_cli_backup_and_restore(node_folder, tmp_path, capsys):
 
 
 def test_scheduled_backup_keeps_the_newest(node_folder):
-    from node.store.runs import Outcome
+    from node.store.runs import RunOutcome
     from scheduler.service import run_job
 
     settings = node_folder.model_copy(update={"scheduler": node_folder.scheduler.model_copy(update={"backup_keep": 2})})
     sessions = open_database(settings.database_url)
     runs = [run_job(settings, sessions, "backup") for _ in range(3)]
-    assert all(run.outcome is Outcome.OK for run in runs)
+    assert all(run.outcome is RunOutcome.OK for run in runs)
     kept = sorted(settings.backup_dir.glob("smartnodule-backup-*.tar"))
     assert [Path(json.loads(run.summary)["archive"]) for run in runs[1:]] == kept
     assert json.loads(runs[-1].summary)["removed"] == [Path(json.loads(runs[0].summary)["archive"]).name]

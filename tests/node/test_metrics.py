@@ -102,13 +102,13 @@ def test_the_scheduler_and_web_roles_serve_metrics_too(role, tmp_path):
     from datetime import timedelta
 
     from node.store.db import open_database, utcnow
-    from node.store.runs import Outcome, SchedulerRun
+    from node.store.runs import RunOutcome, SchedulerRun
 
     data = tmp_path / "var"
     data.mkdir()
     finished = utcnow() - timedelta(hours=1)
     with open_database(f"sqlite:///{data / 'smartnodule.db'}").begin() as session:
-        session.add(SchedulerRun(job="reindex", started_at=finished, finished_at=finished, outcome=Outcome.OK))
+        session.add(SchedulerRun(job="reindex", started_at=finished, finished_at=finished, outcome=RunOutcome.OK))
     port = free_port()
     config = tmp_path / "node.toml"
     config.write_text(f'[node]\ndata_dir = "{data}"\naccept_any_calling_ae = true\n'

@@ -141,7 +141,7 @@ def test_web_role_sees_a_case_added_by_a_worker(tmp_path, embeddings):
 
 
 def test_scheduler_reindex_rebuilds_the_instance_the_root_passed(tmp_path, embeddings, make_settings):
-    from scheduler.jobs import reindex
+    from scheduler.tasks import reindex
     from scheduler.service import Scheduler, _run_stored
 
     settings = make_settings()

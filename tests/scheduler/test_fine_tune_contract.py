@@ -16,7 +16,7 @@ import structlog
 
 from scheduler.fine_tune_contract import (AdjudicatedCase, ContractError, FineTuneManifest, FineTuneResult, GateFigures,
                                           Progress)
-from scheduler.jobs import REPO_ROOT, stream_child
+from scheduler.tasks import REPO_ROOT, stream_child
 
 
 def _manifest(make_settings, tmp_path: Path) -> FineTuneManifest:

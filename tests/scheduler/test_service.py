@@ -15,7 +15,7 @@ from sqlalchemy import select
 from node.store.backup import verify
 from node.store.db import Job, JobState, utcnow
 from node.store.db import open_database as _open_database
-from node.store.runs import Outcome, SchedulerRun
+from node.store.runs import RunOutcome, SchedulerRun
 from tests.conftest import wait_for
 
 
@@ -48,24 +48,24 @@ def test_trigger_parsing():
 def test_failing_job_is_recorded_and_runs_again(make_settings, monkeypatch):
     from structlog.testing import capture_logs
 
-    from scheduler import jobs
+    from scheduler import tasks
     from scheduler.service import Scheduler
 
-    off = {name: "" for name in jobs.JOBS}
+    off = {name: "" for name in tasks.JOBS}
     settings = make_settings(scheduler={**off, "reindex": "every 1s", "backup": "every 1s"})
     sessions = open_database(settings)
 
     def broken(settings, sessions, **_):
         raise RuntimeError("index disk gone")
 
-    monkeypatch.setitem(jobs.JOBS, "reindex", broken)
+    monkeypatch.setitem(tasks.JOBS, "reindex", broken)
     scheduler = Scheduler(settings, sessions)
     with capture_logs() as logs:
         scheduler.start()
         try:
             assert set(scheduler.jobs()) == {"reindex", "backup"}
-            wait_for(lambda: len([r for r in _runs(sessions, "reindex") if r.outcome is Outcome.FAILED]) >= 2
-                     and len([r for r in _runs(sessions, "backup") if r.outcome is Outcome.OK]) >= 2, 20, 0.2,
+            wait_for(lambda: len([r for r in _runs(sessions, "reindex") if r.outcome is RunOutcome.FAILED]) >= 2
+                     and len([r for r in _runs(sessions, "backup") if r.outcome is RunOutcome.OK]) >= 2, 20, 0.2,
                      "two failed reindex runs and two backups")
         finally:
             scheduler.stop()
@@ -106,7 +106,7 @@ def test_retention_deletes_only_old_finished_cases(make_settings):
         session.add_all(rows)
     run = run_job(settings, sessions, "retention")
     summary = json.loads(run.summary)
-    assert run.outcome is Outcome.OK and summary["spool_files_deleted"] == 1 and summary["result_folders_deleted"] == 1
+    assert run.outcome is RunOutcome.OK and summary["spool_files_deleted"] == 1 and summary["result_folders_deleted"] == 1
     assert not (settings.spool_dir / "1.2.3.0.dcm").exists()
     assert all((settings.spool_dir / f"1.2.3.{i}.dcm").exists() for i in (1, 2, 3))
 
@@ -133,7 +133,7 @@ def test_echo_records_round_trip_and_failure(make_settings):
         server.shutdown()
     result = json.loads(run.summary)["destinations"]
     assert result["peer"]["ok"] and result["peer"]["round_trip_ms"] > 0
-    assert not result["gone"]["ok"] and run.outcome is Outcome.FAILED
+    assert not result["gone"]["ok"] and run.outcome is RunOutcome.FAILED
 
 
 def test_cli_subcommands(make_settings, tmp_path, capsys):

@@ -1,4 +1,6 @@
-"""The scheduled jobs. Each takes (settings, sessions) and returns (outcome, summary dict).
+"""The scheduler's tasks (APScheduler jobs; the DICOM job queue is node/store/jobs.py).
+
+Each takes (settings, sessions) and returns (RunOutcome, summary dict).
 
 drift: `scheduler.drift.check`, alert on breach. retrain: fine-tune in a child
 process when enough new adjudicated cases exist (a `FineTuneManifest` in, a
@@ -30,7 +32,7 @@ from node.cases import rebuild_index
 from node.store.backup import backup as take_backup, prune as prune_backups
 from node.store.db import Job, JobState, utcnow
 from node.store.review import PROCESSED, Status, Verdict, current_reads, decide
-from node.store.runs import Outcome
+from node.store.runs import RunOutcome
 from node.tls import client_context, tls_args
 from retrieval.index import CaseIndex
 from scheduler import registry
@@ -41,13 +43,13 @@ log = structlog.get_logger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def drift(settings: Settings, sessions: sessionmaker, **_) -> tuple[Outcome, dict]:
+def drift(settings: Settings, sessions: sessionmaker, **_) -> tuple[RunOutcome, dict]:
     report = check(settings, sessions)
     if report.get("breaches"):
         _alert(settings, sessions, "drift", f"model drift: {len(report['breaches'])} breach(es)",
                "; ".join(report["breaches"]))
-        return Outcome.BREACH, report
-    return Outcome.OK, report
+        return RunOutcome.BREACH, report
+    return RunOutcome.OK, report
 
 
 def _alert(settings: Settings, sessions: sessionmaker, key: str, summary: str, detail: str) -> None:
@@ -88,7 +90,7 @@ def verdict_watermark(settings: Settings) -> int:
 
 
 def retrain(settings: Settings, sessions: sessionmaker, *, force: bool = False, overrides: dict | None = None,
-            **_) -> tuple[Outcome, dict]:
+            **_) -> tuple[RunOutcome, dict]:
     """Fine-tune on the adjudicated cases in a child process when enough are new (or `force`).
 
     `overrides` are FineTuneManifest fields (steps, lr, flip_labels, ...); an unknown one is refused.
@@ -98,7 +100,7 @@ def retrain(settings: Settings, sessions: sessionmaker, *, force: bool = False, 
     watermark = verdict_watermark(settings)
     new = sum(c.verdict_id > watermark for c in cases)
     if new < settings.registry.min_new_verdicts and not force:
-        return Outcome.OK, {"status": "waiting", "new_adjudicated": new, "needed": settings.registry.min_new_verdicts}
+        return RunOutcome.OK, {"status": "waiting", "new_adjudicated": new, "needed": settings.registry.min_new_verdicts}
     mv = registry.client(settings).get_model_version(settings.registry.model_name, champion)
     champion_card = registry.shipped_card(settings) if mv.tags.get("shipped") == "true" \
         else registry.download(settings, champion)
@@ -126,7 +128,7 @@ def retrain(settings: Settings, sessions: sessionmaker, *, force: bool = False, 
         summary["promoted"] = True
     log.info("candidate_trained", version=result.registry_version, card_version=result.card_version,
              gate_passed=result.gate_passed, promoted=summary.get("promoted", False))
-    return Outcome.OK, summary
+    return RunOutcome.OK, summary
 
 
 def stream_child(args: list[str], log_path: Path, timeout_s: float) -> None:
@@ -183,12 +185,12 @@ def _log_progress(line: str) -> None:
 
 # --- housekeeping -------------------------------------------------------------------------------------------
 
-def reindex(settings: Settings, sessions: sessionmaker, index: CaseIndex | None = None, **_) -> tuple[Outcome, dict]:
+def reindex(settings: Settings, sessions: sessionmaker, index: CaseIndex | None = None, **_) -> tuple[RunOutcome, dict]:
     """Rebuild the case index through its owner's instance (`index`, from the composition root) when there is one."""
-    return Outcome.OK, {"cases": rebuild_index(sessions, CaseIndex.from_settings(settings) if index is None else index)}
+    return RunOutcome.OK, {"cases": rebuild_index(sessions, CaseIndex.from_settings(settings) if index is None else index)}
 
 
-def retention(settings: Settings, sessions: sessionmaker, **_) -> tuple[Outcome, dict]:
+def retention(settings: Settings, sessions: sessionmaker, **_) -> tuple[RunOutcome, dict]:
     """Delete the spool file and results of SENT / SKIPPED / REJECTED jobs finished before the retention limit.
 
     The job rows stay (with their figures and verdicts); a purged case no longer
@@ -216,11 +218,11 @@ def retention(settings: Settings, sessions: sessionmaker, **_) -> tuple[Outcome,
                 freed += sum(p.stat().st_size for p in results.rglob("*") if p.is_file())
                 shutil.rmtree(results)
                 folders += 1
-    return Outcome.OK, {"jobs_considered": len(rows), "spool_files_deleted": files, "result_folders_deleted": folders,
+    return RunOutcome.OK, {"jobs_considered": len(rows), "spool_files_deleted": files, "result_folders_deleted": folders,
                         "bytes_freed": freed, "cutoff": cutoff.isoformat()}
 
 
-def echo(settings: Settings, sessions: sessionmaker, **_) -> tuple[Outcome, dict]:
+def echo(settings: Settings, sessions: sessionmaker, **_) -> tuple[RunOutcome, dict]:
     """C-ECHO every destination; failed when any does not answer success."""
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # names generated at import, no stubs
@@ -247,15 +249,15 @@ def echo(settings: Settings, sessions: sessionmaker, **_) -> tuple[Outcome, dict
     failed = [name for name, r in results.items() if not r["ok"]]
     if failed:
         _alert(settings, sessions, "echo_failed", f"C-ECHO failed: {', '.join(failed)}", json.dumps(results))
-    return (Outcome.FAILED if failed else Outcome.OK), {"destinations": results}
+    return (RunOutcome.FAILED if failed else RunOutcome.OK), {"destinations": results}
 
 
-def backup(settings: Settings, sessions: sessionmaker, **_) -> tuple[Outcome, dict]:
+def backup(settings: Settings, sessions: sessionmaker, **_) -> tuple[RunOutcome, dict]:
     """One archive of everything the node holds (`node.store.backup`, as `smartnodule backup`) into
     `scheduler.backup_dir`; the newest `scheduler.backup_keep` archives are kept."""
     manifest = take_backup(settings, settings.backup_dir)
     removed = prune_backups(settings.backup_dir, settings.scheduler.backup_keep)
-    return Outcome.OK, {"archive": str(manifest.path), "bytes": manifest.size_bytes, "files": manifest.files,
+    return RunOutcome.OK, {"archive": str(manifest.path), "bytes": manifest.size_bytes, "files": manifest.files,
                         "schema_revision": manifest.schema_revision, "skipped": list(manifest.skipped),
                         "removed": [path.name for path in removed]}
 
