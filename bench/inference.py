@@ -2,7 +2,8 @@
 
 The detector is the shipped model card (`Detector.load()`; the benchmark stops
 with one line when it is missing). For each cached 2048 px phantom: `dcmread`, `prepare`, `probability`
-(the two TTA views, no Grad-CAM) and `predict` (with Grad-CAM), in float32.
+(the lung segmentation where the card ships one, the two TTA views, no Grad-CAM) and `predict`
+(with Grad-CAM), in float32.
 Then the forward pass alone per image at batch 1, 4 and 8 for float32 and the
 faster paths (channels_last; TorchScript trace + freeze + optimize_for_inference;
 torch.compile with --compile),
@@ -45,10 +46,11 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
     return time.perf_counter() - start, value
 
 
-def probabilities(detector: Detector, forward: Forward, x: torch.Tensor) -> np.ndarray:
-    """Calibrated probability per image of a (B,1,S,S) batch, the same TTA and calibration as the detector."""
+def probabilities(detector: Detector, forward: Forward, x: torch.Tensor, region: torch.Tensor | None) -> np.ndarray:
+    """Calibrated probability per image of a (B,1,S,S) batch, the same TTA, lung region and calibration as the
+    detector (`region`: of every TTA view, None: the network's own lung field)."""
     with torch.inference_mode():
-        scores, _ = image_score(forward(tta_views(x)).float())
+        scores, _ = image_score(forward(tta_views(x)).float(), region)
     views = scores.double().numpy().reshape(2, -1)  # originals first, then their flipped copies
     return np.array([detector.card.calibration.probability(float(s)) for s in views.mean(axis=0)])
 
@@ -95,7 +97,7 @@ def main() -> int:
     files = phantoms(n, 2048)
 
     cl_detector = Detector(detector.card, copy.deepcopy(detector.net).to(memory_format=torch.channels_last),
-                           detector.device, detector.review)
+                           detector.device, detector.review, detector.density, detector.lungs)
     warm = prepare(dcmread(files[0]), input_size=detector.input_size)
     detector.predict(warm)
     cl_detector.predict(warm)
@@ -131,16 +133,18 @@ def main() -> int:
     ])
 
     inputs = torch.stack([torch.from_numpy(np.asarray(i.model_input, dtype=np.float32))[None] for i in images])
+    fields = [detector.lung_field(i)[1] for i in images]  # each (2,H,W): original view, flipped view
     paths = forwards(detector, inputs[:1], args.compile)
     rows, per_image, diffs = [], {}, {}
     for batch in BATCHES:
         x = inputs[:batch]
+        region = None if fields[0] is None else torch.cat([torch.stack([f[v] for f in fields[:batch]]) for v in (0, 1)])
         times: dict[str, list[float]] = {name: [] for name in paths}
         for forward in paths.values():
-            probabilities(detector, forward, x)  # warm-up (the JIT's profiling runs, inductor's compile)
+            probabilities(detector, forward, x, region)  # warm-up (the JIT's profiling runs, inductor's compile)
         for _ in range(args.reps):  # the paths in turn, so load spikes hit them alike
             for name, forward in paths.items():
-                t, p = timed(lambda: probabilities(detector, forward, x))
+                t, p = timed(lambda: probabilities(detector, forward, x, region))
                 times[name].append(t)
                 diffs[name, batch] = max(diffs.get((name, batch), 0.0), float(np.abs(p - ref_p[:batch]).max()))
         for name in paths:

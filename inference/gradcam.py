@@ -18,14 +18,42 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from inference.model import ModelOutput, NoduleNet, image_score, lung_region
+from inference.model import HEATMAP, ModelOutput, NoduleNet, image_score, restricted
 
 TARGETS = {"head": "head_features", "decoder": "decoder_features", "encoder": "deep_features",
            "encoder8": "mid_features"}
 METHODS = ("gradcam", "hirescam")
 
 
-def gradcam(out: ModelOutput, score: torch.Tensor, target: str = "head", method: str = "gradcam") -> torch.Tensor:
+CROP_MARGIN8 = 12  # stride-8 px around the peak the explanation's backward pass sees (its support is about 8)
+
+
+def _cam(features: torch.Tensor, grads: torch.Tensor, size: torch.Size, method: str, region: torch.Tensor
+         ) -> torch.Tensor:
+    """Grad-CAM or HiResCAM of features and their gradients, at `size`, inside `region`, in [0, 1] (B,H,W)."""
+    weights = grads.float().mean(dim=(2, 3), keepdim=True) if method == "gradcam" else grads.float()
+    cam = F.relu((weights * features.float()).sum(dim=1, keepdim=True))
+    if cam.shape[-2:] != size:
+        cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
+    cam = cam[:, 0] * region
+    peak = cam.flatten(1).amax(dim=1).clamp_min(1e-12)
+    return (cam / peak[:, None, None]).detach()
+
+
+def _check(target: str, method: str) -> None:
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {tuple(TARGETS)}, got {target!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def _region(maps: torch.Tensor, region: torch.Tensor | None) -> torch.Tensor:
+    """The (B,H,W) bool region of the image score at the maps' size (`inference.model.restricted`)."""
+    return torch.isfinite(restricted(maps.detach(), region))
+
+
+def gradcam(out: ModelOutput, score: torch.Tensor, target: str = "head", method: str = "gradcam",
+            region: torch.Tensor | None = None) -> torch.Tensor:
     """Grad-CAM for each image of a batch, (B, H, W) at the output maps' resolution, in [0, 1].
 
     `out` must come from a forward pass with gradients enabled; `score` is (B,)
@@ -34,53 +62,70 @@ def gradcam(out: ModelOutput, score: torch.Tensor, target: str = "head", method:
     weighs each channel by its spatially averaged gradient (Selvaraju et al.);
     "hirescam" multiplies gradient and activation element-wise before the sum
     over channels (Draelos and Carin 2020), which keeps where the evidence is.
+    The map is zero outside `region` (as in `inference.model.image_score`).
     """
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {tuple(TARGETS)}, got {target!r}")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    _check(target, method)
     features = getattr(out, TARGETS[target])
     (grads,) = torch.autograd.grad(score.sum(), features)
-    weights = grads.float().mean(dim=(2, 3), keepdim=True) if method == "gradcam" else grads.float()
-    cam = F.relu((weights * features.float()).sum(dim=1, keepdim=True))
-    size = out.maps.shape[-2:]
-    if cam.shape[-2:] != size:
-        cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
-    cam = cam[:, 0] * lung_region(out.maps.detach())
-    peak = cam.flatten(1).amax(dim=1).clamp_min(1e-12)
-    return (cam / peak[:, None, None]).detach()
+    return _cam(features, grads, out.maps.shape[-2:], method, _region(out.maps, region)[:len(score)])
 
 
-def explained_forward(net: NoduleNet, x: torch.Tensor, n_explain: int, target: str = "head", method: str = "gradcam"
-                      ) -> tuple[ModelOutput, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _crop_grads8(net: NoduleNet, plain: ModelOutput, i: int, peak: int) -> torch.Tensor:
+    """Gradient of image i's heatmap logit at flat map index `peak` w.r.t. its stride-8 features (1,C,H8,W8).
+
+    The logit depends on the stride-8 features within about 8 px of the peak (the decoder's and the last
+    encoder stage's receptive field), so the rest of the network is re-run on a crop of CROP_MARGIN8 px
+    around it, aligned to the stride-16 grid; outside the crop the gradient is exactly zero, and inside it
+    equals the full pass's (the crop's padded borders lie outside the peak's receptive field).
+    """
+    f2, f4, f8 = plain.fine_features[0][i:i + 1], plain.fine_features[1][i:i + 1], plain.mid_features[i:i + 1]
+    h8, w8 = f8.shape[-2:]
+    w = plain.maps.shape[-1]
+    s = f2.shape[-1] // w8  # map px per stride-8 px
+    r8, c8 = (peak // w) // s, (peak % w) // s
+    r0, c0 = max(0, (r8 - CROP_MARGIN8) // 2 * 2), max(0, (c8 - CROP_MARGIN8) // 2 * 2)
+    r1, c1 = min(h8, r8 + CROP_MARGIN8 + 1), min(w8, c8 + CROP_MARGIN8 + 1)
+    r1, c1 = min(h8, r1 + (r1 - r0) % 2), min(w8, c1 + (c1 - c0) % 2)
+    crop8 = f8[..., r0:r1, c0:c1].detach().requires_grad_(True)
+    with torch.enable_grad():
+        part = net.from_stride8(f2[..., s * r0:s * r1, s * c0:s * c1].detach(),
+                                f4[..., 2 * r0:2 * r1, 2 * c0:2 * c1].detach(), crop8)
+        logit = part.maps[0, HEATMAP, peak // w - s * r0, peak % w - s * c0]
+        (g,) = torch.autograd.grad(logit, crop8)
+    grads = torch.zeros_like(f8)
+    grads[..., r0:r1, c0:c1] = g
+    return grads
+
+
+def explained_forward(net: NoduleNet, x: torch.Tensor, n_explain: int, target: str = "head", method: str = "gradcam",
+                      region: torch.Tensor | None = None) -> tuple[ModelOutput, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward `x`, image scores and argmax indices of every image, Grad-CAM of the first `n_explain`.
 
-    The network runs once without autograd; only the part after the target map
-    is re-run with it, for the explained images only: the last convolution for
-    the head target (Grad-CAM costs next to nothing); for the stride-8 encoder
-    target the encoder stage that makes the stride-16 map, the decoder and the
-    head (most of the cost is the stride-2 decoder; bench/inference.py measures it).
-    The decoder and deepest-encoder targets re-run the whole network.
+    `region` (B,H,W bool, every image of `x`) is where the image score may lie (None: the network's own
+    lung field). The network runs once without autograd; only the part after the target map is re-run
+    with it, for the explained images only: the last convolution for the head target (next to nothing);
+    for the stride-8 encoder target the last encoder stage, the decoder and the head on a crop around
+    each explained image's peak (`_crop_grads8`; bench/inference.py measures it). The decoder and
+    deepest-encoder targets re-run the whole network.
     """
+    _check(target, method)
     if target in ("head", "encoder8"):
         with torch.no_grad():
             plain = net(x)
+        scores, idx = image_score(plain.maps, region)
+        inside = _region(plain.maps, region)[:n_explain]
         if target == "head":
             hidden = plain.head_features[:n_explain].detach().requires_grad_(True)
             with torch.enable_grad():
-                part = ModelOutput(net.head_output(hidden), hidden, plain.decoder_features[:n_explain],
-                                   plain.deep_features[:n_explain], plain.mid_features[:n_explain])
+                score = image_score(net.head_output(hidden), None if region is None else region[:n_explain])[0]
+                (grads,) = torch.autograd.grad(score.sum(), hidden)
+            cam = _cam(hidden, grads, plain.maps.shape[-2:], method, inside)
         else:
-            f2, f4 = (f[:n_explain].detach() for f in plain.fine_features)
-            f8 = plain.mid_features[:n_explain].detach().requires_grad_(True)
-            with torch.enable_grad():
-                part = net.from_stride8(f2, f4, f8)
-        with torch.enable_grad():
-            cam = gradcam(part, image_score(part.maps)[0], target, method)
-        scores, idx = image_score(plain.maps)
+            grads = torch.cat([_crop_grads8(net, plain, i, int(idx[i])) for i in range(n_explain)])
+            cam = _cam(plain.mid_features[:n_explain], grads, plain.maps.shape[-2:], method, inside)
         return plain, scores, idx, cam
     with torch.enable_grad():
         out = net(x.detach().requires_grad_(True))
-        scores, idx = image_score(out.maps)
-        cam = gradcam(out, scores[:n_explain], target, method)
+        scores, idx = image_score(out.maps, region)
+        cam = gradcam(out, scores[:n_explain], target, method, region)
     return out, scores.detach(), idx, cam[:n_explain]

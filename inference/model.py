@@ -2,8 +2,9 @@
 
 Output maps at stride 2 of the model input: channel 0 nodule-centre heatmap
 logits, channel 1 lung-field logits, channel 2 log nodule radius (heatmap px).
-The image score is the heatmap's maximum logit inside the (dilated) predicted
-lung field; it is what calibration and Grad-CAM work on.
+The image score is the heatmap's maximum logit inside a lung region (the lung
+segmentation's grown field, `inference.lung_seg`, or the network's own dilated
+lung channel); it is what calibration and Grad-CAM work on.
 """
 from __future__ import annotations
 
@@ -123,10 +124,22 @@ def lung_region(maps: torch.Tensor) -> torch.Tensor:
     return grown | empty[:, None, None]
 
 
-def image_score(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image score (max heatmap logit in the lung region, B) and its flat argmax index (B)."""
-    logits = maps[:, HEATMAP].float().masked_fill(~lung_region(maps), float("-inf"))
-    score, idx = logits.flatten(1).max(dim=1)
+def restricted(maps: torch.Tensor, region: torch.Tensor | None = None) -> torch.Tensor:
+    """Heatmap logits (B,H,W) with everything outside `region` at -inf (no finding can lie there).
+
+    `region` is (B,h,w) bool at any size (nearest-resized to the maps); None takes the
+    network's own lung field (`lung_region`).
+    """
+    if region is None:
+        region = lung_region(maps)
+    elif region.shape[-2:] != maps.shape[-2:]:
+        region = F.interpolate(region.float().unsqueeze(1), size=maps.shape[-2:], mode="nearest")[:, 0] > 0
+    return maps[:, HEATMAP].float().masked_fill(~region.to(maps.device), float("-inf"))
+
+
+def image_score(maps: torch.Tensor, region: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image score (max heatmap logit inside `region`, see `restricted`; B) and its flat argmax index (B)."""
+    score, idx = restricted(maps, region).flatten(1).max(dim=1)
     return score, idx
 
 
@@ -157,7 +170,7 @@ def architecture_of(net: NoduleNet) -> dict:
     }
 
 
-def save_weights(net: NoduleNet, path: str) -> None:
+def save_weights(net: nn.Module, path: str) -> None:
     """Write the state dict as float16 safetensors (integer buffers kept)."""
     from safetensors.torch import save_file
 
@@ -165,7 +178,7 @@ def save_weights(net: NoduleNet, path: str) -> None:
     save_file(state, path)
 
 
-def load_weights(net: NoduleNet, path: str) -> NoduleNet:
+def load_weights(net: nn.Module, path: str) -> nn.Module:
     from safetensors.torch import load_file
 
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(path).items()}

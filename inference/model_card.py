@@ -60,6 +60,8 @@ class ModelCard:
     trained_on: str = ""
     known_failure_modes: list[str] = field(default_factory=list)
     independent_evaluation: dict[str, Any] = field(default_factory=dict)  # figures on the evaluation family
+    # file, sha256, area_range, ... of the lung-field segmentation (inference.lung_seg); empty: none shipped
+    lung_segmentation: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold < 1.0:
@@ -71,6 +73,9 @@ class ModelCard:
         missing = {"file", "sha256", "threshold"} - set(self.ood)
         if self.ood and missing:
             raise ValueError(f"ood must name {sorted(missing)}, got keys {sorted(self.ood)}")
+        missing = {"file", "sha256", "area_range"} - set(self.lung_segmentation)
+        if self.lung_segmentation and missing:
+            raise ValueError(f"lung_segmentation must name {sorted(missing)}, got keys {sorted(self.lung_segmentation)}")
 
 
 def sha256_file(path: str | Path) -> str:
@@ -108,3 +113,14 @@ def verify_weights(card: ModelCard, card_path: str | Path) -> Path:
             f"weights file {str(weights)!r} has sha256 {digest}, card {str(card_path)!r} expects {card.weights_sha256}"
         )
     return weights
+
+
+def verify_file(card_path: str | Path, entry: dict[str, Any], name: str) -> Path:
+    """Path of the file a card's `name` entry (file, sha256) names, after checking its sha256."""
+    path = Path(card_path).parent / entry["file"]
+    if not path.is_file():
+        raise ValueError(f"{name} file {str(path)!r} named by card {str(card_path)!r} does not exist")
+    digest = sha256_file(path)
+    if digest != entry["sha256"]:
+        raise ValueError(f"{name} file {str(path)!r} has sha256 {digest}, card {str(card_path)!r} expects {entry['sha256']}")
+    return path

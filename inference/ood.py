@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inference.model_card import sha256_file
+from inference.model_card import verify_file
 
 REASON = "out_of_distribution"
 
@@ -78,11 +78,6 @@ class FeatureDensity:
 
 def load_density(card_path: str | Path, entry: dict) -> FeatureDensity:
     """The density named by a card's `ood` entry (file, sha256, threshold), after checking its sha256."""
-    path = Path(card_path).parent / entry["file"]
-    if not path.is_file():
-        raise ValueError(f"OOD density file {str(path)!r} named by card {str(card_path)!r} does not exist")
-    digest = sha256_file(path)
-    if digest != entry["sha256"]:
-        raise ValueError(f"OOD density file {str(path)!r} has sha256 {digest}, card expects {entry['sha256']}")
+    path = verify_file(card_path, entry, "ood")
     with np.load(path) as z:
         return FeatureDensity(z["mean"], z["precision"], float(entry["threshold"]))

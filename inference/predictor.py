@@ -10,8 +10,15 @@ of the original view, an explanation that is not the detection heatmap itself. H
 and location are mapped back to the source geometry through preprocess's
 letterbox helpers.
 
+Where the card ships a lung-field segmentation (`inference.lung_seg`), it runs
+first (256 px, about 40 ms on 2 CPU threads) and the heatmap outside the grown lung field is
+zeroed (-inf logits) before the peak, the image score and the explanation are
+taken: no finding outside the lungs. A field of implausible area is a failed
+segmentation: the image goes to review, read inside the network's own lung
+channel as before the segmentation existed.
+
 The review decision lists its reasons: `near_threshold`, `uncertain`,
-`out_of_distribution`, and every quality flag of the image that the policy
+`out_of_distribution`, `lung_fields_not_found`, and every quality flag of the image that the policy
 names (a portable AP film, no pixel spacing, a secondary capture).
 """
 from __future__ import annotations
@@ -25,8 +32,10 @@ import torch
 from config.settings import ModelSettings
 from inference import torch_setup
 from inference.gradcam import explained_forward
+from inference.lung_seg import REASON as LUNG_REASON
+from inference.lung_seg import LungField, LungSegmenter
 from inference.model import LUNG, RADIUS, NoduleNet, build_network, embed, image_score, load_weights, model_coord, tta_views
-from inference.model_card import ModelCard, load_card, verify_weights
+from inference.model_card import ModelCard, load_card, verify_file, verify_weights
 from inference.ood import REASON as OOD_REASON
 from inference.ood import FeatureDensity, load_density, pooled_features
 from inference.preprocess import letterbox, model_map_to_source, model_to_source
@@ -55,8 +64,8 @@ class ReviewPolicy:
         if not 0.0 <= self.max_uncertainty <= 0.5:
             raise ValueError(f"max_uncertainty must be in [0, 0.5], got {self.max_uncertainty!r}")
 
-    def reasons(self, p: float, threshold: float, uncertainty: float, ood: bool, quality_flags: tuple[str, ...]
-                ) -> tuple[str, ...]:
+    def reasons(self, p: float, threshold: float, uncertainty: float, ood: bool, quality_flags: tuple[str, ...],
+                lungs_found: bool = True) -> tuple[str, ...]:
         found = []
         if abs(p - threshold) < self.margin:
             found.append("near_threshold")
@@ -64,6 +73,8 @@ class ReviewPolicy:
             found.append("uncertain")
         if ood:
             found.append(OOD_REASON)
+        if not lungs_found:
+            found.append(LUNG_REASON)
         return tuple(found + [f for f in quality_flags if f in self.flags])
 
 
@@ -71,8 +82,9 @@ class Detector:
     """A loaded, verified model; `predict` is safe to call repeatedly from one thread."""
 
     def __init__(self, card: ModelCard, net: NoduleNet, device: torch.device, review: ReviewPolicy,
-                 density: FeatureDensity | None = None) -> None:
+                 density: FeatureDensity | None = None, lungs: LungSegmenter | None = None) -> None:
         self.card, self.net, self.device, self.review, self.density = card, net, device, review, density
+        self.lungs = lungs
         self.identity = ModelIdentity(card.name, card.version, card.weights_sha256)
         self.input_size = card.input_size
 
@@ -92,7 +104,11 @@ class Detector:
         for p in net.parameters():
             p.requires_grad_(False)
         density = load_density(card_path, card.ood) if card.ood else None
-        return cls(card, net, dev, review or ReviewPolicy(**card.review), density)
+        lungs = None
+        if card.lung_segmentation:
+            seg_path = verify_file(card_path, card.lung_segmentation, "lung_segmentation")
+            lungs = LungSegmenter.load(str(seg_path), dev, tuple(card.lung_segmentation["area_range"]))
+        return cls(card, net, dev, review or ReviewPolicy(**card.review), density, lungs)
 
     @classmethod
     def from_settings(cls, model: ModelSettings, card_path: str | Path | None = None) -> "Detector":
@@ -113,11 +129,23 @@ class Detector:
         views = np.array([cal.probability(float(s)) for s in scores])
         return cal.probability(float(scores.mean())), float(views.std())
 
+    def lung_field(self, image: PreparedImage) -> tuple[LungField | None, torch.Tensor | None]:
+        """The segmented lung field (None without a segmenter) and the region of both TTA views the image
+        score may come from (None: the network's own lung field, also where the segmentation failed)."""
+        if self.lungs is None:
+            return None, None
+        field = self.lungs.field(image.model_input)
+        if not field.plausible:
+            return field, None
+        r = field.region.to(self.device)
+        return field, torch.stack([r, torch.flip(r, dims=[-1])])
+
     def probability(self, image: PreparedImage) -> tuple[float, float]:
         """Calibrated probability and uncertainty only (no Grad-CAM, no location)."""
+        _, region = self.lung_field(image)
         with torch.inference_mode():
             out = self.net(tta_views(self._input(image)))
-            scores, _ = image_score(out.maps)
+            scores, _ = image_score(out.maps, region)
         return self._calibrated(scores)
 
     def predict(self, image: PreparedImage) -> Prediction:
@@ -131,15 +159,17 @@ class Detector:
 
     def read(self, image: PreparedImage) -> tuple[Prediction, Location]:
         """`predict`'s Prediction and the detection peak (always given, for evaluation)."""
+        field, region = self.lung_field(image)
         out, scores, idx, cam = explained_forward(self.net, tta_views(self._input(image)), 1, EXPLAIN_TARGET,
-                                                  EXPLAIN_METHOD)
+                                                  EXPLAIN_METHOD, region)
         p, unc = self._calibrated(scores)
         positive = p >= self.card.threshold
         ood, out_of_distribution = None, False
         if self.density is not None:
             ood = float(self.density.score(pooled_features(out.deep_features[:1]))[0])
             out_of_distribution = ood > self.density.threshold
-        reasons = self.review.reasons(p, self.card.threshold, unc, out_of_distribution, image.quality_flags)
+        reasons = self.review.reasons(p, self.card.threshold, unc, out_of_distribution, image.quality_flags,
+                                      lungs_found=field is None or field.plausible)
         cam_np = cam[0].cpu().numpy()
         w = out.maps.shape[-1]
         peak = int(np.argmax(cam_np)) if self.card.location_source == "gradcam" else int(idx[0])
@@ -155,18 +185,21 @@ class Detector:
             embedding=embed(out.deep_features[:1].detach())[0].cpu().numpy().astype(np.float32),
             model=self.identity,
             threshold=self.card.threshold,
-            lung_rows=self._lung_rows(out.maps[0, LUNG], image.display.shape[:2]),
+            lung_rows=self._lung_rows(out.maps[0, LUNG] > 0 if field is None or not field.plausible
+                                      else torch.from_numpy(field.mask), image.display.shape[:2]),
             review_reasons=reasons,
             ood_score=ood,
         )
         return prediction, spot
 
-    def _lung_rows(self, lung_logits: torch.Tensor, shape: tuple[int, int]) -> tuple[float, float] | None:
-        """First and last source row of the predicted lung field (original view), None if there is none."""
-        rows = np.nonzero((lung_logits > 0).any(dim=1).cpu().numpy())[0]
+    def _lung_rows(self, lung: torch.Tensor, shape: tuple[int, int]) -> tuple[float, float] | None:
+        """First and last source row of a lung mask over the model input (original view, any square size),
+        None if it is empty."""
+        rows = np.nonzero(lung.any(dim=1).cpu().numpy())[0]
         if rows.size == 0:
             return None
-        top, bottom = (model_to_source(float(model_coord(r)), 0.0, source_shape=shape, input_size=self.input_size)[0]
+        k = self.input_size / lung.shape[0]  # model px per mask px
+        top, bottom = (model_to_source((r + 0.5) * k - 0.5, 0.0, source_shape=shape, input_size=self.input_size)[0]
                        for r in (rows[0], rows[-1]))
         return max(top, 0.0), min(bottom, shape[0] - 1.0)
 

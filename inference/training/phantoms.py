@@ -54,7 +54,12 @@ class Nodule:
 
 @dataclass(frozen=True)
 class Phantom:
-    """A generated radiograph: stored values (MONOCHROME2), lung mask and ground truth."""
+    """A generated radiograph: stored values (MONOCHROME2), lung masks and ground truth.
+
+    `lung_mask` is the lung where it is seen free of the heart (nodules are placed in it);
+    `lung_field` is the whole projected lung outline, the lung behind the heart included
+    (the target of the lung-field segmentation, `inference.training.lung_seg_train`).
+    """
 
     pixels: np.ndarray
     bits_stored: int
@@ -62,6 +67,7 @@ class Phantom:
     lung_mask: np.ndarray
     nodule: Nodule | None
     seed: int
+    lung_field: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -215,8 +221,8 @@ def _anatomy(rng: np.random.Generator) -> dict[str, float]:
 
 
 def _attenuation(rng: np.random.Generator, size: int, spacing: float
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Attenuation map (float32) and lung mask of one random anatomy."""
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Attenuation map (float32), lung mask (free of the heart) and whole lung field of one random anatomy."""
     p = _anatomy(rng)
     px_mm = p["size"] / spacing
     centre = (size / 2 + rng.uniform(-0.03, 0.03) * size,
@@ -315,7 +321,7 @@ def _attenuation(rng: np.random.Generator, size: int, spacing: float
     att += vessels + 0.015 * tex * (air / p["lung_depth"])
 
     lung_mask = (mask > 0) & (heart < 0.45)
-    return att.astype(np.float32), lung_mask
+    return att.astype(np.float32), lung_mask, mask > 0
 
 
 def _add_nodule(rng: np.random.Generator, att: np.ndarray, lung_mask: np.ndarray, spacing: float,
@@ -400,14 +406,14 @@ def generate_phantom(seed: int, size: int = 2048, *, nodule: bool | None = None,
     rng = np.random.default_rng([int(seed), 0x5EED])
     spacing = field_mm / size
     has_nodule = bool(rng.random() < 0.5) if nodule is None else bool(nodule)
-    att, lung_mask = _attenuation(rng, size, spacing)
+    att, lung_mask, lung_field = _attenuation(rng, size, spacing)
     found = None
     if has_nodule:
         found = _add_nodule(np.random.default_rng([int(seed), 0x40D]), att, lung_mask, spacing, gain,
                             diameter_mm)
     pixels = _detector(rng, att, spacing, bits_stored)
     return Phantom(pixels=pixels, bits_stored=bits_stored, pixel_spacing_mm=spacing,
-                   lung_mask=lung_mask, nodule=found, seed=int(seed))
+                   lung_mask=lung_mask, nodule=found, seed=int(seed), lung_field=lung_field)
 
 
 

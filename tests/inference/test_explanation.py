@@ -80,3 +80,23 @@ def test_the_partial_rerun_gives_the_full_backward_pass_map(detector: Detector, 
     diff = (cam - reference).abs()
     assert int(cam.flatten().argmax()) == int(reference.flatten().argmax())
     assert float(diff.mean()) < 1e-3 and float((diff > 1e-2).float().mean()) < 0.02
+
+
+@pytest.mark.parametrize("peak_rc", [(128, 128), (3, 2), (250, 7), (90, 255), (255, 255)])
+def test_the_crop_around_the_peak_gives_the_full_gradient(detector: Detector, image, peak_rc) -> None:
+    """The explanation's backward pass on a crop equals the whole network's, wherever the peak lies."""
+    from inference.gradcam import _crop_grads8
+    from inference.model import HEATMAP
+
+    x = torch.from_numpy(image.model_input)[None, None]
+    with torch.no_grad():
+        plain = detector.net(x)
+    w = plain.maps.shape[-1]
+    peak = peak_rc[0] * w + peak_rc[1]
+    cropped = _crop_grads8(detector.net, plain, 0, peak)
+    f8 = plain.mid_features.detach().requires_grad_(True)
+    with torch.enable_grad():
+        full = detector.net.from_stride8(plain.fine_features[0], plain.fine_features[1], f8)
+        (reference,) = torch.autograd.grad(full.maps[0, HEATMAP].flatten()[peak], f8)
+    assert float(reference.abs().max()) > 0
+    assert torch.allclose(cropped, reference, rtol=1e-4, atol=1e-6 * float(reference.abs().max()))

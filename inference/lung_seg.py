@@ -1,0 +1,121 @@
+"""Owns the lung-field segmentation: where in the image nodules can be.
+
+A small U-Net (`LungNet`, about 0.4 M parameters) reads the model input
+downsampled to `SEG_SIZE` px and gives lung-field logits at that size. The lung
+field is the whole projected lung, the lung behind the heart included; it was
+trained on the training generator's phantoms only (`inference.training.lung_seg_train`)
+and its Dice is measured on the independent evaluation family
+(`inference.training.lung_seg_eval`).
+
+Serving (`inference.predictor`) grows the field by `DILATION_PX` in every direction
+and by `BELOW_PX` downwards (the lung behind the diaphragm domes, which the
+projected outline leaves out), and zeroes the detection heatmap outside it before
+the peak and the image score are taken (`inference.model.restricted`). A field whose area is
+implausible for a frontal chest (`AREA_RANGE`, share of the model input) is a
+failed segmentation: the image goes to review with `REASON` and is read inside the
+detection network's own lung channel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from inference.model import load_weights
+
+SEG_SIZE = 256  # px of the segmentation input (the model input is area-downsampled to it)
+CHANNELS = (16, 32, 64, 96)  # U-Net widths at strides 2, 4, 8, 16 of the segmentation input
+# Share of the (letterboxed) input covered by the lung field. Measured with the true masks at 256 px: training
+# phantoms 0.22-0.33, evaluation family 0.07-0.34 (children and wide fields of view at the low end).
+AREA_RANGE = (0.04, 0.45)
+DILATION_PX = 6  # segmentation px (about 9 mm on a 400 mm field) the field is grown by in every direction
+BELOW_PX = 12  # ... and downwards, for the lung behind the diaphragm domes (about 19 mm)
+REASON = "lung_fields_not_found"
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                         nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class LungNet(nn.Module):
+    """U-Net with a stride-2 stem: (B,1,S,S) in [0, 1] -> (B,1,S,S) lung-field logits (S divisible by 16)."""
+
+    def __init__(self, channels: tuple[int, ...] = CHANNELS) -> None:
+        super().__init__()
+        self.channels = tuple(channels)
+        c = self.channels
+        self.stem = nn.Sequential(nn.Conv2d(1, c[0], 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c[0]),
+                                  nn.ReLU(inplace=True))
+        self.down = nn.ModuleList([_block(c[0], c[0])] + [_block(c[i - 1], c[i]) for i in range(1, len(c))])
+        self.up = nn.ModuleList([_block(c[i] + c[i - 1], c[i - 1]) for i in range(len(c) - 1, 0, -1)])
+        self.out = nn.Conv2d(c[0], 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        h = self.stem(x)
+        for i, block in enumerate(self.down):
+            h = block(h if i == 0 else F.max_pool2d(h, 2))
+            skips.append(h)
+        for block, skip in zip(self.up, reversed(skips[:-1])):
+            h = block(torch.cat([F.interpolate(h, size=skip.shape[-2:], mode="nearest"), skip], dim=1))
+        return F.interpolate(self.out(h), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def seg_input(model_input: np.ndarray, size: int = SEG_SIZE) -> np.ndarray:
+    """The model input (float32 in [0, 1], square) area-downsampled to `size` px."""
+    x = np.asarray(model_input, dtype=np.float32)
+    if x.shape[0] == size:
+        return x
+    return cv2.resize(x, (size, size), interpolation=cv2.INTER_AREA)
+
+
+def grow(mask: torch.Tensor, dilation_px: int = DILATION_PX, below_px: int = BELOW_PX) -> torch.Tensor:
+    """(B,H,W) bool mask grown by `dilation_px` in every direction and by `below_px` more downwards."""
+    m = mask.float().unsqueeze(1)
+    if dilation_px > 0:
+        m = F.max_pool2d(m, 2 * dilation_px + 1, stride=1, padding=dilation_px)
+    if below_px > 0:  # row r takes rows r - below_px ... r: the field reaches below_px further down
+        m = F.max_pool2d(F.pad(m, (0, 0, below_px, 0)), (below_px + 1, 1), stride=1)
+    return m[:, 0] > 0
+
+
+@dataclass(frozen=True)
+class LungField:
+    """The segmented lung field of one image at SEG_SIZE: mask, its area share, and the grown region."""
+
+    mask: np.ndarray  # bool (SEG_SIZE, SEG_SIZE)
+    area: float  # share of the input
+    plausible: bool
+    region: torch.Tensor  # bool (SEG_SIZE, SEG_SIZE): the mask grown (`grow`), where findings may be
+
+
+class LungSegmenter:
+    """A loaded LungNet; `field` segments one model input."""
+
+    def __init__(self, net: LungNet, device: torch.device, area_range: tuple[float, float] = AREA_RANGE) -> None:
+        self.net, self.device, self.area_range = net.eval(), device, area_range
+
+    @classmethod
+    def load(cls, path: str, device: torch.device, area_range: tuple[float, float] = AREA_RANGE) -> "LungSegmenter":
+        net = load_weights(LungNet(), path)
+        for p in net.parameters():
+            p.requires_grad_(False)
+        return cls(net.to(device), device, area_range)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(B,1,S,S) segmentation inputs -> (B,S,S) logits."""
+        with torch.inference_mode():
+            return self.net(x.to(self.device))[:, 0].float()
+
+    def field(self, model_input: np.ndarray) -> LungField:
+        x = torch.from_numpy(seg_input(model_input))[None, None]
+        mask = self.logits(x) > 0
+        area = float(mask.float().mean())
+        plausible = self.area_range[0] <= area <= self.area_range[1]
+        return LungField(mask[0].cpu().numpy(), area, plausible, grow(mask)[0])
+
