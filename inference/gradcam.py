@@ -76,20 +76,29 @@ def _crop_grads8(net: NoduleNet, plain: ModelOutput, i: int, peak: int) -> torch
     The logit depends on the stride-8 features within about 8 px of the peak (the decoder's and the last
     encoder stage's receptive field), so the rest of the network is re-run on a crop of CROP_MARGIN8 px
     around it, aligned to the stride-16 grid; outside the crop the gradient is exactly zero, and inside it
-    equals the full pass's (the crop's padded borders lie outside the peak's receptive field).
+    equals the full pass's (the crop's padded borders lie outside the peak's receptive field). The crop has
+    the same size wherever the peak lies (shifted inward at the image border), so the CPU kernels' set-up
+    is not paid again for every new shape.
     """
     f2, f4, f8 = plain.fine_features[0][i:i + 1], plain.fine_features[1][i:i + 1], plain.mid_features[i:i + 1]
     h8, w8 = f8.shape[-2:]
     w = plain.maps.shape[-1]
     s = f2.shape[-1] // w8  # map px per stride-8 px
     r8, c8 = (peak // w) // s, (peak % w) // s
-    r0, c0 = max(0, (r8 - CROP_MARGIN8) // 2 * 2), max(0, (c8 - CROP_MARGIN8) // 2 * 2)
-    r1, c1 = min(h8, r8 + CROP_MARGIN8 + 1), min(w8, c8 + CROP_MARGIN8 + 1)
-    r1, c1 = min(h8, r1 + (r1 - r0) % 2), min(w8, c1 + (c1 - c0) % 2)
-    crop8 = f8[..., r0:r1, c0:c1].detach().requires_grad_(True)
+    side = 2 * CROP_MARGIN8 + 2  # one crop shape for every peak: the CPU kernels are set up once
+
+    def span(centre: int, length: int) -> tuple[int, int]:
+        start = min(max(0, (centre - CROP_MARGIN8) // 2 * 2), max(0, (length - side) // 2 * 2))
+        return start, min(length, start + side)
+
+    (r0, r1), (c0, c1) = span(r8, h8), span(c8, w8)
+    def dense(t: torch.Tensor) -> torch.Tensor:  # a slice is strided: a dense copy takes the fast kernels
+        return t.detach().contiguous(memory_format=torch.channels_last)
+
+    crop8 = dense(f8[..., r0:r1, c0:c1]).requires_grad_(True)
     with torch.enable_grad():
-        part = net.from_stride8(f2[..., s * r0:s * r1, s * c0:s * c1].detach(),
-                                f4[..., 2 * r0:2 * r1, 2 * c0:2 * c1].detach(), crop8)
+        part = net.from_stride8(dense(f2[..., s * r0:s * r1, s * c0:s * c1]),
+                                dense(f4[..., 2 * r0:2 * r1, 2 * c0:2 * c1]), crop8)
         logit = part.maps[0, HEATMAP, peak // w - s * r0, peak % w - s * c0]
         (g,) = torch.autograd.grad(logit, crop8)
     grads = torch.zeros_like(f8)
@@ -112,8 +121,9 @@ def explained_forward(net: NoduleNet, x: torch.Tensor, n_explain: int, target: s
     if target in ("head", "encoder8"):
         with torch.no_grad():
             plain = net(x)
-        scores, idx = image_score(plain.maps, region)
-        inside = _region(plain.maps, region)[:n_explain]
+            logits = restricted(plain.maps, region)
+        scores, idx = logits.flatten(1).max(dim=1)
+        inside = torch.isfinite(logits[:n_explain])
         if target == "head":
             hidden = plain.head_features[:n_explain].detach().requires_grad_(True)
             with torch.enable_grad():

@@ -60,7 +60,7 @@ class ModelCard:
     trained_on: str = ""
     known_failure_modes: list[str] = field(default_factory=list)
     independent_evaluation: dict[str, Any] = field(default_factory=dict)  # figures on the evaluation family
-    # file, sha256, area_range, ... of the lung-field segmentation (inference.lung_seg); empty: none shipped
+    # file, sha256, area_range, max_undecided, ... of the lung-field segmentation (inference.lung_seg); empty: none shipped
     lung_segmentation: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -73,7 +73,7 @@ class ModelCard:
         missing = {"file", "sha256", "threshold"} - set(self.ood)
         if self.ood and missing:
             raise ValueError(f"ood must name {sorted(missing)}, got keys {sorted(self.ood)}")
-        missing = {"file", "sha256", "area_range"} - set(self.lung_segmentation)
+        missing = {"file", "sha256", "area_range", "max_undecided"} - set(self.lung_segmentation)
         if self.lung_segmentation and missing:
             raise ValueError(f"lung_segmentation must name {sorted(missing)}, got keys {sorted(self.lung_segmentation)}")
 

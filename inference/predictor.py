@@ -13,8 +13,8 @@ letterbox helpers.
 Where the card ships a lung-field segmentation (`inference.lung_seg`), it runs
 first (256 px, about 40 ms on 2 CPU threads) and the heatmap outside the grown lung field is
 zeroed (-inf logits) before the peak, the image score and the explanation are
-taken: no finding outside the lungs. A field of implausible area is a failed
-segmentation: the image goes to review, read inside the network's own lung
+taken: no finding outside the lungs. A field of implausible area, or one the
+segmentation is undecided about, is a failed segmentation: the image goes to review, read inside the network's own lung
 channel as before the segmentation existed.
 
 The review decision lists its reasons: `near_threshold`, `uncertain`,
@@ -107,7 +107,8 @@ class Detector:
         lungs = None
         if card.lung_segmentation:
             seg_path = verify_file(card_path, card.lung_segmentation, "lung_segmentation")
-            lungs = LungSegmenter.load(str(seg_path), dev, tuple(card.lung_segmentation["area_range"]))
+            lungs = LungSegmenter.load(str(seg_path), dev, tuple(card.lung_segmentation["area_range"]),
+                                       float(card.lung_segmentation["max_undecided"]))
         return cls(card, net, dev, review or ReviewPolicy(**card.review), density, lungs)
 
     @classmethod

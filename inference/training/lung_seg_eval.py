@@ -5,8 +5,8 @@ masks of the independent evaluation family (`eval_family.EvalCase.lung_mask`: th
 lung, behind the heart included) and of the training family's held-out test phantoms
 (`Phantom.lung_field`), each image read as the node reads it (DICOM, `prepare`, the
 model input downsampled to the segmentation size) and the mask mapped back to the
-source pixels; the share of images whose field counts as plausible; and the share of
-non-chest images (`eval_family.make_abdomen`, labelled CHEST) whose field does not.
+source pixels; the share of images whose field counts as plausible (area, undecided
+share: `inference.lung_seg`); and the share of non-chest images (`eval_family.make_abdomen`, labelled CHEST) whose field does not.
 
 Detection, with `--detector`: the same independent images read by the card's detector
 twice, once as before (score and peak inside the network's own lung channel) and once
@@ -148,9 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         if "dice" in f:
             d = f["dice"]
             print(f"{name:>20}: Dice mean {d['mean']:.3f}, median {d['median']:.3f}, 5th percentile {d['p05']:.3f}, "
-                  f"min {d['min']:.3f}, share >= 0.90 {d['share_ge_0.90']:.3f}; area plausible {f['plausible_share']:.3f}")
+                  f"min {d['min']:.3f}, share >= 0.90 {d['share_ge_0.90']:.3f}; field plausible {f['plausible_share']:.3f}")
         else:
-            print(f"{name:>20}: lung fields not found (implausible area) {f['implausible_share']:.3f} of {f['n']}")
+            print(f"{name:>20}: lung fields not found (implausible area or undecided) {f['implausible_share']:.3f} of {f['n']}")
     if args.detector:
         figs["detection"] = detection_figures(det, args.n, args.size)
         print(f"\n== detection on the independent family, {args.n} images at {args.size} px, before and after")
