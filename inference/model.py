@@ -9,6 +9,7 @@ lung channel); it is what calibration and Grad-CAM work on.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 from inference import torch_setup  # noqa: F401  (must precede timm)
 
@@ -178,6 +179,9 @@ def architecture_of(net: NoduleNet) -> dict:
     }
 
 
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
 def save_weights(net: nn.Module, path: str) -> None:
     """Write the state dict as float16 safetensors (integer buffers kept)."""
     from safetensors.torch import save_file
@@ -186,7 +190,7 @@ def save_weights(net: nn.Module, path: str) -> None:
     save_file(state, path)
 
 
-def load_weights(net: nn.Module, path: str) -> nn.Module:
+def load_weights(net: ModuleT, path: str) -> ModuleT:
     from safetensors.torch import load_file
 
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(path).items()}

@@ -37,6 +37,7 @@ from inference.training import eval_report as er
 from inference.training.evaluate import json_safe
 from inference.training.phantoms import phantom_dataset
 from inference.training.samples import heldout_phantom
+from inference.types import Location
 
 
 def source_mask(segmenter: LungSegmenter, model_input: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -86,7 +87,8 @@ class _Recorder:
     """A detector whose `read` also keeps the last detection peak (for `eval_report.read_image`)."""
 
     def __init__(self, detector: Detector) -> None:
-        self.detector, self.input_size, self.last = detector, detector.input_size, None
+        self.detector, self.input_size = detector, detector.input_size
+        self.last: Location | None = None
 
     def read(self, image):
         prediction, self.last = self.detector.read(image)
@@ -105,7 +107,9 @@ def detection_figures(detector: Detector, n: int, size: int) -> dict:
         truth = er.case_truth(case)
         for name, rec in variants.items():
             reads[name].append(er.read_image(rec, image, truth))
-            r, c = int(round(rec.last.row)), int(round(rec.last.col))
+            spot = rec.last
+            assert spot is not None
+            r, c = int(round(spot.row)), int(round(spot.col))
             outside[name].append(not case.lung_mask[min(r, case.lung_mask.shape[0] - 1), min(c, case.lung_mask.shape[1] - 1)])
     figs = {}
     for name in variants:

@@ -52,6 +52,8 @@ def pool_sample(index: int, size: int = SEG_SIZE) -> tuple[np.ndarray, np.ndarra
     ph = generate_phantom(seed_of("train", index), size, nodule=nodule, gain=float(rng.uniform(1.0, 2.5)),
                           diameter_mm=diameter)
     image, _ = phantom_model_input(ph, size)
+    if ph.lung_field is None:
+        raise ValueError(f"phantom {ph.seed} has no lung_field")
     return image, ph.lung_field.astype(np.uint8)
 
 
@@ -59,8 +61,8 @@ def _geometry(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray) -> 
     size = image.shape[0]
     angle = rng.uniform(-15.0, 15.0)
     scale = rng.uniform(0.75, 1.2)
-    m = cv2.getRotationMatrix2D((size / 2 + rng.uniform(-0.08, 0.08) * size, size / 2 + rng.uniform(-0.08, 0.08) * size),
-                                angle, scale)
+    m = np.asarray(cv2.getRotationMatrix2D((size / 2 + rng.uniform(-0.08, 0.08) * size, size / 2 + rng.uniform(-0.08, 0.08) * size),
+                                angle, scale), dtype=np.float64)
     m[0, :2] *= rng.uniform(0.85, 1.12)  # anisotropic: narrow or wide chests
     m[:, :2] += rng.uniform(-0.06, 0.06, (2, 2))  # shear
     m[:, 2] += rng.uniform(-0.08, 0.08, 2) * size

@@ -134,7 +134,7 @@ def _point(xy: np.ndarray) -> tuple[float, float]:
 def render(seed: int, size: int, spacing: float, *, habitus: bool, soft_tissue: bool, limbs: bool, ap: bool,
            tag: int) -> Body:
     """Draw one varied body at `size` x `size` render pixels of `spacing` mm (standard anatomy)."""
-    att, _ = _attenuation(np.random.default_rng([seed, tag, 100]), size, spacing)
+    att, _, _ = _attenuation(np.random.default_rng([seed, tag, 100]), size, spacing)
     p, frame = _replay_frame(np.random.default_rng([seed, tag, 100]), size, spacing)
     x, y = frame.grid(size)
     heart_c = (p["heart_x"], p["dome_r"] + p["dome_l_drop"] - 32)
