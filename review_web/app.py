@@ -28,6 +28,7 @@ from starlette.middleware.sessions import SessionMiddleware
 
 from config.settings import Settings
 from inference.types import ModelIdentity
+from node.store import spool
 from node.store.db import Job, utcnow
 from node.store.jobs import TransitionError, requeue_delivery
 from node.cases import similar_jobs
@@ -44,7 +45,8 @@ from sr_writer.encode import SimilarCase
 log = structlog.get_logger(__name__)
 
 HERE = Path(__file__).resolve().parent
-UID_PATTERN = r"^[0-9.]{1,64}$"
+STUDY_UID = PathParameter(pattern=f"^{spool.UID_PATTERN.pattern}$", max_length=spool.UID_MAX_LENGTH,
+                          description="a DICOM UID (PS3.5 9.1), the grammar the spool accepts")
 JobId = Annotated[int, PathParameter(ge=1, le=2**63 - 1, description="the node's job number")]
 
 
@@ -457,7 +459,7 @@ api = APIRouter(prefix="/api", tags=["api"], responses={
 
 
 @api.get("/studies/{study_instance_uid}/jobs", response_model=list[JobSummary])
-def api_study_jobs(request: Request, study_instance_uid: Annotated[str, PathParameter(pattern=UID_PATTERN)],
+def api_study_jobs(request: Request, study_instance_uid: Annotated[str, STUDY_UID],
                    user: Annotated[User, Depends(api_user)]) -> list[JobSummary]:
     """The node's jobs for the instances of one study, oldest first, with their review status."""
     with _web(request).sessions() as session:

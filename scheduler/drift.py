@@ -217,7 +217,7 @@ def compare(settings: Settings, reference: dict, cases: list[dict]) -> dict:
             report["breaches"].append(f"embedding: mean shift {shift} reference spreads > {cfg.drift_embedding_max}")
     judged = [c for c in cases if c.get("verdict") is not None]
     if len(judged) >= cfg.drift_min_verdicts:
-        from inference.training.evaluate import ece
+        from inference.training.metrics import ece
 
         truth = np.array([c["verdict"] == "present" for c in judged])
         pred = np.array([bool(c["positive"]) for c in judged])

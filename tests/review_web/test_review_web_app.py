@@ -102,6 +102,8 @@ def test_verdicts_follow_the_double_read_rule(client, node):
     third.post(f"/cases/{job_id}/verdict", data={"nodule": "absent", "csrf_token": csrf})
     study = client.get(f"/api/studies/{_study(node, job_id)}/jobs", headers=api).json()
     assert [(j["job_id"], j["review_status"], j["verdict"]) for j in study] == [(job_id, "final", "absent")]
+    for not_a_uid in ("1.02.3", "1..2", "1.2.", "9" * 65):  # the spool's UID grammar (PS3.5 9.1), not just digits and dots
+        assert client.get(f"/api/studies/{not_a_uid}/jobs", headers=api).status_code == 422, not_a_uid
 
 
 def _study(node, job_id: int) -> str:
