@@ -54,9 +54,9 @@ def _region(maps: torch.Tensor, region: torch.Tensor | None) -> torch.Tensor:
 
 def gradcam(out: ModelOutput, score: torch.Tensor, target: str = "head", method: str = "gradcam",
             region: torch.Tensor | None = None) -> torch.Tensor:
-    """Grad-CAM for each image of a batch, (B, H, W) at the output maps' resolution, in [0, 1].
+    """Grad-CAM for the first len(score) images of a batch, (len(score), H, W) at the output maps' resolution, in [0, 1].
 
-    `out` must come from a forward pass with gradients enabled; `score` is (B,)
+    `out` must come from a forward pass with gradients enabled; `score` is (n,), n <= B,
     and each element depends only on its own image (eval mode), so one
     backward of the sum gives every image's gradient. `method` "gradcam"
     weighs each channel by its spatially averaged gradient (Selvaraju et al.);
@@ -67,7 +67,8 @@ def gradcam(out: ModelOutput, score: torch.Tensor, target: str = "head", method:
     _check(target, method)
     features = getattr(out, TARGETS[target])
     (grads,) = torch.autograd.grad(score.sum(), features)
-    return _cam(features, grads, out.maps.shape[-2:], method, _region(out.maps, region)[:len(score)])
+    n = len(score)  # the scored images are the batch's first n; the rest have no gradient and no map
+    return _cam(features[:n], grads[:n], out.maps.shape[-2:], method, _region(out.maps, region)[:n])
 
 
 def _crop_grads8(net: NoduleNet, plain: ModelOutput, i: int, peak: int) -> torch.Tensor:

@@ -100,3 +100,14 @@ def test_the_crop_around_the_peak_gives_the_full_gradient(detector: Detector, im
         (reference,) = torch.autograd.grad(full.maps[0, HEATMAP].flatten()[peak], f8)
     assert float(reference.abs().max()) > 0
     assert torch.allclose(cropped, reference, rtol=1e-4, atol=1e-6 * float(reference.abs().max()))
+
+
+@pytest.mark.parametrize("target", ["head", "encoder8", "decoder", "encoder"])
+def test_every_target_explains_exactly_the_first_n_images(detector: Detector, image, target: str) -> None:
+    """Two images in two TTA views each, the two images explained: two maps, whatever the target (the scorer's contract)."""
+    one = torch.from_numpy(image.model_input)[None, None]
+    x = tta_views(torch.cat([one, one.flip(-1)]))
+    out, scores, idx, cam = explained_forward(detector.net, x, 2, target, "hirescam")
+    assert x.shape[0] == 4 and scores.shape == (4,) and idx.shape == (4,)
+    assert cam.shape == (2, *out.maps.shape[-2:])
+    assert torch.allclose(cam.flatten(1).amax(dim=1), torch.ones(2))
