@@ -77,6 +77,11 @@ class ModelCard:
         if self.lung_segmentation and missing:
             raise ValueError(f"lung_segmentation must name {sorted(missing)}, got keys {sorted(self.lung_segmentation)}")
 
+    @property
+    def companion_files(self) -> tuple[str, ...]:
+        """Files beside the weights that the card names (OOD density, lung segmentation): they travel with it."""
+        return tuple(entry["file"] for entry in (self.ood, self.lung_segmentation) if entry)
+
 
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()

@@ -253,9 +253,10 @@ def fine_tune(manifest: FineTuneManifest, report: Reporter) -> FineTuneResult:
         model_dir = work / registry.ARTIFACT_DIR
         model_dir.mkdir()
         os.replace(weights_tmp, model_dir / weights_name)
+        for companion in card.companion_files:  # the parent's feature density and lung segmentation travel along
+            shutil.copy(champion_card_path.parent / companion, model_dir / companion)
         ood = dict(card.ood)
-        if ood:  # the parent's feature density travels along; it was fitted on the parent's features
-            shutil.copy(champion_card_path.parent / ood["file"], model_dir / ood["file"])
+        if ood:  # fitted on the parent's features
             ood["fitted_on"] = f"features of the parent {card.version} (not refitted after fine-tuning)"
         new_card = dataclasses.replace(
             card, version=version, weights_file=weights_name, weights_sha256=sha256_file(model_dir / weights_name),

@@ -110,7 +110,7 @@ def ensure_registered(settings: Settings, mlflow_client=None) -> str:
     run_id = run.info.run_id
     mlflow_client.log_artifact(run_id, str(card_path), ARTIFACT_DIR)
     mlflow_client.log_artifact(run_id, str(card_path.parent / card.weights_file), ARTIFACT_DIR)
-    for ref in ("drift_reference.npz", *([card.ood["file"]] if card.ood else [])):
+    for ref in ("drift_reference.npz", *card.companion_files):
         if (card_path.parent / ref).is_file():
             mlflow_client.log_artifact(run_id, str(card_path.parent / ref), ARTIFACT_DIR)
     mlflow_client.set_tag(run_id, "card_version", card.version)
