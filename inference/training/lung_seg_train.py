@@ -20,9 +20,13 @@ cross-entropy plus soft Dice. AdamW, cosine learning rate over the step budget.
 A checkpoint (weights, optimiser, step) is written every `--checkpoint-every`
 steps and at the end; `--resume` continues from it. The shipped weights are
 float16 safetensors. `--init WEIGHTS` starts from shipped weights (fine-tuning) instead
-of a random initialisation. Run on CPU with one thread:
+of a random initialisation. Run on CPU with one thread; the shipped weights (1.1.0) are
+the 700-step default-generator run (1.0.0) fine-tuned on the mixed pool:
 
-    nice -n 19 python -m inference.training.lung_seg_train --out OUT --steps 700 --threads 1
+    nice -n 19 python -m inference.training.lung_seg_train --out OUT0 --steps 700 --threads 1 \
+        --weights-name lung-fields-1.0.0.safetensors
+    nice -n 19 python -m inference.training.lung_seg_train --out OUT --generator mixed \
+        --init OUT0/lung-fields-1.0.0.safetensors --steps 500 --lr 1e-3 --checkpoint-every 25 --threads 1
 """
 from __future__ import annotations
 
@@ -240,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop after this step, the learning-rate schedule still that of --steps (with --resume from "
                         "a checkpoint of that step: only write its weights)")
-    p.add_argument("--weights-name", default="lung-fields-1.0.0.safetensors")
+    p.add_argument("--weights-name", default="lung-fields-1.1.0.safetensors")
     args = p.parse_args(argv)
     for name in ("steps", "batch", "pool", "val", "threads", "checkpoint_every") + (("stop_after",) if args.stop_after is not None else ()):
         if getattr(args, name) < 1:

@@ -31,9 +31,10 @@ def test_the_mixed_pool_takes_odd_indices_from_the_varied_generator_with_the_mas
 
 def test_a_two_step_mixed_run_from_given_weights_writes_loadable_weights(tmp_path: Path) -> None:
     init = tmp_path / "init"
-    assert main(["--out", str(init), "--steps", "1", "--pool", "2", "--val", "1", "--batch", "1"]) == 0
+    assert main(["--out", str(init), "--steps", "1", "--pool", "2", "--val", "1", "--batch", "1",
+                 "--weights-name", "init.safetensors"]) == 0
     out = tmp_path / "run"
-    assert main(["--out", str(out), "--generator", "mixed", "--init", str(init / "lung-fields-1.0.0.safetensors"),
+    assert main(["--out", str(out), "--generator", "mixed", "--init", str(init / "init.safetensors"),
                  "--steps", "2", "--pool", "4", "--val", "2", "--batch", "2", "--weights-name", "w.safetensors"]) == 0
     load_weights(LungNet(), str(out / "w.safetensors"))
 
