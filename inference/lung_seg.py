@@ -3,9 +3,9 @@
 A small U-Net (`LungNet`, about 0.4 M parameters) reads the model input
 downsampled to `SEG_SIZE` px and gives lung-field logits at that size. The lung
 field is the whole projected lung, the lung behind the heart included; it was
-trained on the training generator's phantoms only (`inference.training.lung_seg_train`)
-and its Dice is measured on the independent evaluation family
-(`inference.training.lung_seg_eval`).
+trained on the training generators only, default and varied phantoms
+(`inference.training.lung_seg_train --generator mixed`), and its Dice is
+measured on the independent evaluation family (`inference.training.lung_seg_eval`).
 
 Serving (`inference.predictor`) grows the field by `DILATION_PX` in every direction
 and by `BELOW_PX` downwards (the lung behind the diaphragm domes, which the

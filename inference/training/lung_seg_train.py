@@ -1,8 +1,12 @@
 """Owns training the lung-field segmentation (`inference.lung_seg.LungNet`) on the training generator.
 
-Images and targets come from `inference.training.phantoms` only (train split seeds,
-`Phantom.lung_field`: the whole projected lung, the lung behind the heart included),
-never from the evaluation family. A pool of phantoms is generated once at
+Images and targets come from the training generators only (train split seeds), never
+from the evaluation family: with `--generator phantom` (the default) from
+`inference.training.phantoms` (`Phantom.lung_field`: the whole projected lung, the lung
+behind the heart included); with `--generator mixed` every odd pool index is instead a
+varied radiograph of the same seed (`inference.training.variety.generate_varied`, whose
+`lung_mask` is the whole lung too, behind the heart and in the recesses below the
+domes, letterboxed with the image). A pool is generated once at
 `SEG_SIZE` (about 30 ms each; a third with a nodule of 5-30 mm, a sixth with a
 mass of 30-60 mm, at gain 1-2.5, so opacities inside the lung stay lung), and every
 step draws a batch from it with fresh augmentation for the variety the generator
@@ -15,9 +19,14 @@ cross-entropy plus soft Dice. AdamW, cosine learning rate over the step budget.
 
 A checkpoint (weights, optimiser, step) is written every `--checkpoint-every`
 steps and at the end; `--resume` continues from it. The shipped weights are
-float16 safetensors. Run on CPU with one thread:
+float16 safetensors. `--init WEIGHTS` starts from shipped weights (fine-tuning) instead
+of a random initialisation. Run on CPU with one thread; the shipped weights (1.1.0) are
+the 700-step default-generator run (1.0.0) fine-tuned on the mixed pool:
 
-    nice -n 19 python -m inference.training.lung_seg_train --out OUT --steps 700 --threads 1
+    nice -n 19 python -m inference.training.lung_seg_train --out OUT0 --steps 700 --threads 1 \
+        --weights-name lung-fields-1.0.0.safetensors
+    nice -n 19 python -m inference.training.lung_seg_train --out OUT --generator mixed \
+        --init OUT0/lung-fields-1.0.0.safetensors --steps 500 --lr 1e-3 --checkpoint-every 25 --threads 1
 """
 from __future__ import annotations
 
@@ -34,27 +43,45 @@ import torch
 import torch.nn.functional as F
 
 from inference.lung_seg import SEG_SIZE, LungNet
-from inference.model import save_weights
+from inference.model import load_weights, save_weights
 from inference.model_card import sha256_file
-from inference.preprocess import prepare_array
-from inference.training.phantoms import generate_phantom, phantom_model_input
+from inference.preprocess import letterbox, prepare_array
+from inference.training.phantoms import Phantom, generate_phantom, phantom_model_input
 from inference.training.samples import seed_of
+from inference.training.variety import generate_varied
+
+GENERATORS = ("phantom", "mixed")
 
 TEXTS = ("PORTABLE", "AP", "SUPINE", "ERECT", "R", "L", "12:04", "CR 3")
 
 
-def pool_sample(index: int, size: int = SEG_SIZE) -> tuple[np.ndarray, np.ndarray]:
-    """Display image (float32 in [0, 1]) and lung field (uint8) of train-split phantom `index`."""
-    rng = np.random.default_rng([index, 0x1A46])
-    kind = rng.random()
-    nodule, diameter = (False, None) if kind < 0.5 else (True, None) if kind < 0.83 else \
-        (True, float(rng.uniform(30.0, 60.0)))
-    ph = generate_phantom(seed_of("train", index), size, nodule=nodule, gain=float(rng.uniform(1.0, 2.5)),
-                          diameter_mm=diameter)
+def _letterboxed(mask: np.ndarray, size: int) -> np.ndarray:
+    """A source-geometry mask placed as `prepare_array` places its image (uint8, size x size)."""
+    lb = letterbox(mask.shape, size)
+    out = np.zeros((size, size), np.uint8)
+    out[lb.top:lb.top + lb.height, lb.left:lb.left + lb.width] = cv2.resize(
+        mask.astype(np.uint8), (lb.width, lb.height), interpolation=cv2.INTER_NEAREST)
+    return out
+
+
+def pool_sample(index: int, size: int = SEG_SIZE, generator: str = "phantom") -> tuple[np.ndarray, np.ndarray]:
+    """Model input (float32 in [0, 1]) and whole-lung target (uint8) of train-split sample `index`:
+    a default phantom, or with `generator` "mixed" on odd indices a varied radiograph."""
+    seed = seed_of("train", index)
+    if generator == "mixed" and index % 2 == 1:
+        ph: Phantom = generate_varied(seed, size)  # findings on half the seeds, masses among them
+        whole = ph.lung_mask
+    else:
+        rng = np.random.default_rng([index, 0x1A46])
+        kind = rng.random()
+        nodule, diameter = (False, None) if kind < 0.5 else (True, None) if kind < 0.83 else \
+            (True, float(rng.uniform(30.0, 60.0)))
+        ph = generate_phantom(seed, size, nodule=nodule, gain=float(rng.uniform(1.0, 2.5)), diameter_mm=diameter)
+        if ph.lung_field is None:
+            raise ValueError(f"phantom {ph.seed} has no lung_field")
+        whole = ph.lung_field
     image, _ = phantom_model_input(ph, size)
-    if ph.lung_field is None:
-        raise ValueError(f"phantom {ph.seed} has no lung_field")
-    return image, ph.lung_field.astype(np.uint8)
+    return image, _letterboxed(whole, size)
 
 
 def _geometry(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -141,8 +168,8 @@ def train(args: argparse.Namespace, net: LungNet, opt: torch.optim.Optimizer, sc
           ckpt_path: Path) -> int:
     """Steps `step` ... `last` on a pool generated once, a checkpoint every `args.checkpoint_every` steps."""
     t0 = time.perf_counter()
-    pool = [pool_sample(i) for i in range(args.pool)]
-    val = [pool_sample(i) for i in range(args.pool, args.pool + args.val)]  # train split, unseen seeds
+    pool = [pool_sample(i, generator=args.generator) for i in range(args.pool)]
+    val = [pool_sample(i, generator=args.generator) for i in range(args.pool, args.pool + args.val)]  # unseen seeds
     print(f"pool of {args.pool} + {args.val} phantoms in {time.perf_counter() - t0:.0f} s", flush=True)
     vx = torch.from_numpy(np.stack([v[0] for v in val]))[:, None]
     vy = torch.from_numpy(np.stack([v[1] for v in val]).astype(np.float32))[:, None]
@@ -178,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     ckpt_path = args.out / "lung_seg.ckpt"
     t0 = time.perf_counter()
-    net = LungNet()
+    net = LungNet() if args.init is None else load_weights(LungNet(), str(args.init))
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / args.steps, 1.0))))
     step = 0
@@ -203,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m inference.training.lung_seg_train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="folder for the checkpoint and the weights")
+    p.add_argument("--generator", choices=GENERATORS, default="phantom",
+                   help="phantom: default phantoms only; mixed: half of the pool varied radiographs")
+    p.add_argument("--init", type=Path, default=None, help="start from these weights (safetensors) instead of random")
     p.add_argument("--steps", type=int, default=700)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--pool", type=int, default=1500, help="train-split phantoms generated once")
@@ -214,12 +244,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop after this step, the learning-rate schedule still that of --steps (with --resume from "
                         "a checkpoint of that step: only write its weights)")
-    p.add_argument("--weights-name", default="lung-fields-1.0.0.safetensors")
+    p.add_argument("--weights-name", default="lung-fields-1.1.0.safetensors")
     args = p.parse_args(argv)
     for name in ("steps", "batch", "pool", "val", "threads", "checkpoint_every") + (("stop_after",) if args.stop_after is not None else ()):
         if getattr(args, name) < 1:
             print(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}", file=sys.stderr)
             return 2
+    if args.init is not None and not args.init.is_file():
+        print(f"error: --init {args.init} is not a file", file=sys.stderr)
+        return 2
     return run(args)
 
 
