@@ -68,7 +68,27 @@ class OrthancPeer:
         """This Orthanc as one of the node's `[[destinations]]` (settings as a dict)."""
         return {"name": name, "ae_title": self.aet, "host": "127.0.0.1", "port": self.dicom_port}
 
-    def start(self, timeout_s: float = 30.0) -> "OrthancPeer":
+    def start(self, timeout_s: float = 30.0, attempts: int = 3) -> "OrthancPeer":
+        """Start Orthanc and wait until its REST API answers.
+
+        A port picked by `free_port` can be taken by another process before Orthanc binds it; an Orthanc
+        that exits while starting is started again on fresh ports (read `dicom_port`/`http_port` after
+        `start`), up to `attempts` times; the last failure names the end of its log.
+        """
+        exited = None
+        for attempt in range(attempts):
+            if attempt:
+                self.dicom_port, self.http_port = free_port(), free_port()
+            exited = self._start_once(timeout_s)
+            if exited is None:
+                return self
+        raise RuntimeError(f"Orthanc exited with {exited} (last log lines: {self._log_tail()!r}); "
+                           f"see {self.workdir / 'orthanc.log'}")
+
+    def _start_once(self, timeout_s: float) -> int | None:
+        """One start: None once the REST API answers, the exit status when Orthanc exits while starting."""
+        if self.dicom_port == self.http_port:
+            self.http_port = free_port()
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = {
             "Name": "smartnodule-peer",
@@ -89,22 +109,26 @@ class OrthancPeer:
         }
         config_path = self.workdir / "orthanc.json"
         config_path.write_text(json.dumps(config, indent=2))
-        log_file = (self.workdir / "orthanc.log").open("ab")
-        self._process = subprocess.Popen(
-            [ORTHANC_BINARY, str(config_path)], stdout=log_file, stderr=subprocess.STDOUT,
-            env={**os.environ, "TCP_NODELAY": "1"},
-        )
+        with (self.workdir / "orthanc.log").open("ab") as log_file:
+            self._process = subprocess.Popen(
+                [ORTHANC_BINARY, str(config_path)], stdout=log_file, stderr=subprocess.STDOUT,
+                env={**os.environ, "TCP_NODELAY": "1"},
+            )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                raise RuntimeError(f"Orthanc exited with {self._process.returncode}; see {self.workdir / 'orthanc.log'}")
+                return self._process.returncode
             try:
                 if requests.get(f"{self.url}/system", timeout=1).ok:
-                    return self
+                    return None
             except requests.RequestException:
                 time.sleep(0.2)
         self.stop()
         raise RuntimeError(f"Orthanc did not answer on {self.url} within {timeout_s} s")
+
+    def _log_tail(self, lines: int = 3) -> str:
+        log = self.workdir / "orthanc.log"
+        return " | ".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.is_file() else ""
 
     def stop(self) -> None:
         if self._process is not None:
