@@ -64,7 +64,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
 from config.settings import Settings
-from node.store.db import current_revision, is_known_revision, make_engine, migrate
+from node.store.db import current_revision, is_known_revision, make_engine, migrate, sqlite_file
 from node.store.spool import OutsideRoot, fsync_dir, under
 
 log = structlog.get_logger(__name__)
@@ -351,11 +351,11 @@ def _dumpable(url: str) -> tuple[str | None, str]:
 
 
 def _sqlite_file(url: str) -> str:
-    """The file a SQLite URL names; BackupError for one without a file (in memory)."""
-    database = make_url(url).database
-    if not database:
+    """The file a SQLite URL names (`node.store.db.sqlite_file`); BackupError for one without a file."""
+    path = sqlite_file(url)
+    if path is None:
         raise BackupError("a SQLite database URL without a file (in memory) cannot be backed up or restored")
-    return database
+    return str(path)
 
 
 def _sqlite_files(url: str) -> set[Path]:

@@ -174,7 +174,7 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
-def _sqlite_file(url: str) -> Path | None:
+def sqlite_file(url: str) -> Path | None:
     """The file of a SQLite URL; None for other databases and for in-memory or URI-named SQLite."""
     parsed = make_url(url)
     database = parsed.database
@@ -187,7 +187,7 @@ def _sqlite_file(url: str) -> Path | None:
 def _private_database_file(url: str) -> None:
     """Create the SQLite file readable by its owner only (0600; SQLite gives its -wal and -shm files the same
     mode), and narrow an existing one to that."""
-    path = _sqlite_file(url)
+    path = sqlite_file(url)
     if path is None:
         return
     os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
@@ -283,7 +283,7 @@ def open_database(url: str, *, must_exist: bool = False) -> sessionmaker:
     one too, whatever `must_exist` says.
     """
     shown = make_url(url).render_as_string(hide_password=True)
-    path = _sqlite_file(url)
+    path = sqlite_file(url)
     if must_exist and path is not None and not path.is_file():
         raise DatabaseUnavailable(f'database {shown} not found (run "smartnodule run" once, or set node.data_dir '
                                   f'or node.database_url)')
