@@ -70,9 +70,11 @@ def score_batch(net: NoduleNet, images: torch.Tensor, cam_target: str = "head") 
 
 
 def score_heldout(net: NoduleNet, split: str, n: int, input_size: int, device: torch.device, workers: int,
-                  batch: int = 16, start: int = 0, cam_target: str = "head", progress_mode: str = "never") -> HeldOutScores:
-    """Generate `n` held-out phantoms of `split` and score them (a bar per batch when `progress_mode` says so)."""
-    loader = DataLoader(HeldOut(split, n, input_size, start), batch_size=batch, num_workers=workers,
+                  batch: int = 16, start: int = 0, cam_target: str = "head", progress_mode: str = "never",
+                  generator: str = "phantom", hold_out: tuple[str, ...] = ()) -> HeldOutScores:
+    """Generate `n` held-out phantoms of `split` (from `generator`) and score them (a bar per batch when
+    `progress_mode` says so)."""
+    loader = DataLoader(HeldOut(split, n, input_size, start, generator, hold_out), batch_size=batch, num_workers=workers,
                         worker_init_fn=worker_init if workers else None)
     net.eval()
     cols: dict[str, list[np.ndarray]] = {k: [] for k in HeldOutScores.__dataclass_fields__}

@@ -113,25 +113,39 @@ def phantom_sample(phantom, input_size: int) -> dict[str, torch.Tensor]:
     }
 
 
-def heldout_phantom(split: str, index: int, size: int):
-    """Phantom `index` of `split` at the physical gain (HELD_OUT_GAIN), a nodule on even indices."""
-    return generate_phantom(seed_of(split, index), size=size, nodule=index % 2 == 0, gain=HELD_OUT_GAIN)
+def heldout_phantom(split: str, index: int, size: int, generator: str = "phantom", hold_out: tuple[str, ...] = ()):
+    """Phantom `index` of `split` at the physical gain (HELD_OUT_GAIN), finding(s) on even indices.
+
+    `generator` "varied" draws it from the varied generator (the kinds in `hold_out` switched off),
+    so a model trained on varied images is calibrated and tested on held-out varied images."""
+    seed = seed_of(split, index)
+    if generator == "varied":
+        return generate_varied(seed, size, findings=finding_count(seed) if index % 2 == 0 else 0, exclude=hold_out,
+                               gain=HELD_OUT_GAIN)
+    if generator != "phantom":
+        raise ValueError(f"generator must be one of {GENERATORS}, got {generator!r}")
+    return generate_phantom(seed, size=size, nodule=index % 2 == 0, gain=HELD_OUT_GAIN)
 
 
 class HeldOut(Dataset):
-    """Calibration or test phantoms at the physical gain, positives on even indices."""
+    """Calibration or test phantoms of `generator` at the physical gain, positives on even indices."""
 
-    def __init__(self, split: str, n: int, input_size: int, start: int = 0) -> None:
+    def __init__(self, split: str, n: int, input_size: int, start: int = 0, generator: str = "phantom",
+                 hold_out: tuple[str, ...] = ()) -> None:
         if n < 2:
             raise ValueError(f"n must be >= 2, got {n!r}")
         seed_of(split, start + n - 1)
+        if generator not in GENERATORS:
+            raise ValueError(f"generator must be one of {GENERATORS}, got {generator!r}")
         self.split, self.n, self.input_size, self.start = split, n, input_size, start
+        self.generator, self.hold_out = generator, tuple(hold_out)
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return phantom_sample(heldout_phantom(self.split, self.start + i, self.input_size), self.input_size)
+        p = heldout_phantom(self.split, self.start + i, self.input_size, self.generator, self.hold_out)
+        return phantom_sample(p, self.input_size)
 
 
 class TrainStream(Dataset):

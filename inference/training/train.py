@@ -199,8 +199,8 @@ def train(args: argparse.Namespace) -> ModelCard:
     t0 = time.time()
     prefetch = _prefetch(args) if args.workers else None
     stream: TrainStream | LabelledFolder
+    hold_out = tuple(k for k in args.hold_out.split(",") if k)
     if args.data is None:
-        hold_out = tuple(k for k in args.hold_out.split(",") if k)
         stream, sampler = TrainStream(args.input_size, t0, budget, curriculum, generator=args.generator,
                                       hold_out=hold_out), None
     else:
@@ -269,8 +269,9 @@ def train(args: argparse.Namespace) -> ModelCard:
     net = net.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]  # as above
 
     t1 = time.time()
+    held = {"generator": args.generator, "hold_out": hold_out} if args.data is None else {}
     cal = score_heldout(net, "calibration", args.calib_n, args.input_size, device, args.workers,
-                        progress_mode=args.progress)
+                        progress_mode=args.progress, **held)
     a, b = fit_platt(cal.view_scores.mean(axis=1), cal.labels)
     threshold = youden_threshold(platt(cal.view_scores.mean(axis=1), a, b), cal.labels)
     review = ReviewThresholds(margin=0.1, max_uncertainty=0.15)
@@ -281,12 +282,13 @@ def train(args: argparse.Namespace) -> ModelCard:
     cam_compare: dict = {"n": n_cmp, "head": float(pointing_hits(first.gradcam_rc, first).mean())}
     for target in ("decoder", "encoder"):
         other = score_heldout(net, "calibration", n_cmp, args.input_size, device, args.workers, cam_target=target,
-                              progress_mode=args.progress)
+                              progress_mode=args.progress, **held)
         cam_compare[target] = float(pointing_hits(other.gradcam_rc, other).mean())
     log(f"calibration: platt a={a:.4f} b={b:.4f} threshold {threshold:.4f} auc {cal_figs['auc']:.4f} "
         f"pointing heatmap {cal_figs['pointing_heatmap']:.3f} gradcam {cal_figs['pointing_gradcam']:.3f} -> {location_source}; "
         f"Grad-CAM target pointing {cam_compare}")
-    test = score_heldout(net, "test", args.test_n, args.input_size, device, args.workers, progress_mode=args.progress)
+    test = score_heldout(net, "test", args.test_n, args.input_size, device, args.workers, progress_mode=args.progress,
+                         **held)
     figs = summarize(test, a, b, threshold, **review)
     figs["test_seeds"] = [SPLITS["test"], SPLITS["test"] + args.test_n - 1]
     log(f"test: {json.dumps(json_safe(figs), sort_keys=True)}")
@@ -314,6 +316,7 @@ def train(args: argparse.Namespace) -> ModelCard:
             "data": None if args.data is None else f"labelled folder {args.data.name} ({len(stream)} images)",
             "init": None if args.init is None else f"{init.name} {init.version} ({init.weights_sha256[:16]})",
             "calibration_seeds": [SPLITS["calibration"], SPLITS["calibration"] + args.calib_n - 1],
+            "held_out_generator": _generator_version(args.generator if args.data is None else "phantom", args.hold_out),
             "held_out_gain": HELD_OUT_GAIN,
             "curriculum": curriculum.describe(),
             "steps": step,
