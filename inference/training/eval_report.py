@@ -5,8 +5,10 @@ Every image goes through a DICOM dataset (or a labelled folder's file),
 the serving path: letterbox, MONOCHROME1 and Presentation LUT handling, the
 review reasons and the out-of-distribution gate. Sources:
 
-- `training`: held-out test phantoms of the generator the model was trained on
+- `training`: held-out test phantoms of the first training generator
   (`inference.training.phantoms`, seeds of the test split, half positive);
+- `varied`: held-out test images of the varied training generator
+  (`inference.training.variety`, seeds of the test split, half with findings);
 - `independent`: the evaluation family (`inference.training.eval_family`), written apart
   from the training generator and used for nothing but these figures;
 - `folder`: a labelled folder in the NODE21 layout (`inference.training.labelled_folder`);
@@ -36,6 +38,7 @@ import numpy as np
 
 from inference.training import eval_family as ef
 from inference.training.labelled_folder import LabelledImage, load_prepared, spots_of
+from inference.training.options import FAMILIES
 from inference.training.phantoms import phantom_dataset
 from inference.training.samples import heldout_phantom
 from inference.training.metrics import POINTING_MARGIN_MM, aurc, auc, ece
@@ -107,26 +110,29 @@ def case_truth(case: ef.EvalCase) -> Truth:
                  case.spacing_mm)
 
 
-def training_case(index: int, size: int) -> ef.EvalCase:
-    """Held-out test phantom `index` of the training family, as an EvalCase (for the same perturbations)."""
-    ph = heldout_phantom("test", index, size)
-    ds = phantom_dataset(ph)
-    n = ph.nodule
-    findings = () if n is None else (ef.Finding(n.row, n.col, 2 * n.radius_px, 2 * n.radius_px, n.diameter_mm,
-                                                n.contrast, "nodule"),)
+def training_case(index: int, size: int, generator: str = "phantom") -> ef.EvalCase:
+    """Held-out test image `index` of a training generator, as an EvalCase (for the same perturbations):
+    every finding, stored as the generator says (MONOCHROME1 where the varied generator chose it)."""
+    ph = heldout_phantom("test", index, size, generator)
+    mono1 = bool(getattr(ph, "monochrome1", False))
+    ds = phantom_dataset(ph, monochrome1=mono1)
+    found = getattr(ph, "findings", ()) or (() if ph.nodule is None else (ph.nodule,))
+    findings = tuple(ef.Finding(f.row, f.col, 2 * f.radius_px, 2 * f.radius_px, f.diameter_mm, f.contrast,
+                                getattr(f, "kind", "nodule")) for f in found)
     return ef.EvalCase(pixels=ds.pixel_array.astype(np.uint16), bits_stored=int(ds.BitsStored),
-                       photometric="MONOCHROME2", spacing_mm=ph.pixel_spacing_mm, lung_mask=ph.lung_mask,
-                       findings=findings, seed=ph.seed)
+                       photometric=str(ds.PhotometricInterpretation), spacing_mm=ph.pixel_spacing_mm,
+                       lung_mask=ph.lung_mask, findings=findings, seed=ph.seed)
 
 
 def family_cases(family: str, n: int, size: int) -> Iterator[ef.EvalCase]:
+    """The first `n` images of `family` (`options.FAMILIES`), half with a finding."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     for i in range(n):
-        if family == "training":
-            yield training_case(i, size)
-        elif family == "independent":
+        if family == "independent":
             yield ef.make_case(ef.SEED_BASE + i, size, positive=i % 2 == 0)
         else:
-            raise ValueError(f"family must be 'training' or 'independent', got {family!r}")
+            yield training_case(i, size, "varied" if family == "varied" else "phantom")
 
 
 # ---- perturbations (robustness) and out-of-distribution images ------------------------------------

@@ -204,7 +204,7 @@ def sources(args: argparse.Namespace, size: int) -> list[Source]:
     """What `smartnodule eval` reads, in the report's order (generators: images are made as they are read)."""
     er = eval_report
     found = [Source("families", name, args.n, er.family_cases(name, args.n, size), er.read_cases)
-             for name in ("training", "independent")]
+             for name in args.families]
     if args.data is not None:
         items = read_labels(args.data, args.labels)
         found.append(Source("families", "folder", len(items), items, er.read_folder_items))
@@ -236,7 +236,8 @@ def run(args: argparse.Namespace) -> int:
     report: list[str] = []
     headers = {
         "families": f"== families side by side ({args.n} images each at {size} px; training = held-out test split of "
-                    f"inference/training/phantoms.py, independent = inference/training/eval_family.py;\n"
+                    f"inference/training/phantoms.py, varied = held-out test split of inference/training/variety.py, "
+                    f"independent = inference/training/eval_family.py;\n"
                     f"   AURC: risk-coverage, cases accepted by confidence |p - threshold|; confident FP: negatives with "
                     f"p >= {er.CONFIDENT} not sent to review)",
         "out_of_distribution": f"\n== not what the model reads ({args.ood_n} images per set, all without a finding)",

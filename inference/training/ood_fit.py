@@ -1,7 +1,8 @@
 """Owns fitting the out-of-distribution density (`inference.ood.FeatureDensity`) of a model card.
 
-`python -m inference.training.ood_fit --out X.npz` fits it on training phantoms, thresholds it on
-calibration phantoms and prints the card's `ood` entry.
+`python -m inference.training.ood_fit --out X.npz [--generator varied]` fits it on training images of the
+generator the model was trained on, thresholds it on that generator's calibration split and prints the
+card's `ood` entry.
 """
 from __future__ import annotations
 
@@ -16,17 +17,14 @@ import torch
 from inference.model_card import sha256_file
 from inference.ood import FeatureDensity, pooled_features
 from inference.predictor import Detector
-from inference.training.phantoms import generate_phantom
-from inference.training.samples import HeldOut, phantom_sample, seed_of
+from inference.training.samples import GENERATORS, heldout_phantom, phantom_sample
 
 
-def _features(net, split: str, n: int, start: int, input_size: int) -> np.ndarray:
+def _features(net, split: str, n: int, start: int, input_size: int, generator: str) -> np.ndarray:
+    """Pooled deep features of images `start`..`start + n - 1` of `split` (positives on even indices, physical gain)."""
     rows = []
     for i in range(start, start + n):
-        if split == "train":  # training images as the network saw them: positives on even seeds
-            sample = phantom_sample(generate_phantom(seed_of("train", i), size=input_size, nodule=i % 2 == 0), input_size)
-        else:
-            sample = HeldOut(split, 2, input_size, i)[0]
+        sample = phantom_sample(heldout_phantom(split, i, input_size, generator), input_size)
         with torch.inference_mode():
             rows.append(pooled_features(net(sample["image"][None]).deep_features)[0])
     return np.stack(rows)
@@ -41,17 +39,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--percentile", type=float, default=99.0)
     p.add_argument("--out", type=Path, required=True, help="the .npz to write (beside the card)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--generator", default="phantom", choices=GENERATORS,
+                   help="the generator the model was trained on (default: %(default)s)")
     args = p.parse_args(argv)
     det = Detector.load(args.card, device="cpu", threads=args.threads)
-    fit = _features(det.net, "train", args.fit_n, 0, det.input_size)
-    held = _features(det.net, "calibration", args.threshold_n, 0, det.input_size)
+    fit = _features(det.net, "train", args.fit_n, 0, det.input_size, args.generator)
+    held = _features(det.net, "calibration", args.threshold_n, 0, det.input_size, args.generator)
     probe = FeatureDensity.fit(fit, 1.0)
     threshold = float(np.percentile(probe.score(held), args.percentile))
     FeatureDensity(probe.mean, probe.precision, threshold).save(args.out)
     entry = {"file": args.out.name, "sha256": sha256_file(args.out), "threshold": threshold,
              "percentile": args.percentile, "feature": "GAP of the stride-16 encoder features, original view",
-             "fit": f"train split indices [0, {args.fit_n}) at {det.input_size} px (positives on even)",
-             "threshold_from": f"calibration split indices [0, {args.threshold_n})",
+             "fit": f"{args.generator} generator, train split indices [0, {args.fit_n}) at {det.input_size} px "
+                    f"(positives on even)",
+             "threshold_from": f"{args.generator} generator, calibration split indices [0, {args.threshold_n})",
              "fit_scores_median": float(np.median(probe.score(fit))),
              "calibration_scores_median": float(np.median(probe.score(held))),
              "command": "python -m inference.training.ood_fit " + " ".join(argv if argv is not None else sys.argv[1:])}

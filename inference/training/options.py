@@ -12,6 +12,20 @@ from pathlib import Path
 from inference.training import progress
 from inference.types import DEVICES
 
+# `smartnodule eval`'s image families (inference.training.eval_report.family_cases)
+FAMILIES = ("training", "varied", "independent")
+
+
+def _families(text: str) -> tuple[str, ...]:
+    """`--families`: known families, comma-separated, at least one."""
+    names = tuple(n for n in text.split(",") if n)
+    unknown = sorted(set(names) - set(FAMILIES))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown families {unknown}; known: {', '.join(FAMILIES)}" if unknown
+                                         else "name at least one family")
+    return names
+
+
 def _kinds(text: str) -> str:
     """`--hold-out`: known kinds of the varied generator, comma-separated (imported only when the option is given)."""
     from inference.training.variety import check_kinds
@@ -59,7 +73,9 @@ def evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=200, help="images per family, half with a finding (default 200)")
     p.add_argument("--size", type=int, default=None, help="long side of generated images (default: the model's input size)")
     p.add_argument("--robust-n", type=int, default=100, help="independent-family images per perturbation (0: skip)")
-    p.add_argument("--robust-family", default="independent", choices=("independent", "training"),
+    p.add_argument("--families", type=_families, default=FAMILIES, metavar="NAMES",
+                   help=f"comma-separated families to score side by side (default: {','.join(FAMILIES)})")
+    p.add_argument("--robust-family", default="independent", choices=FAMILIES,
                    help="the family the perturbations are applied to")
     p.add_argument("--ood-n", type=int, default=40, help="images per out-of-distribution set (0: skip)")
     p.add_argument("--data", type=Path, default=None, help="a labelled folder (NODE21 layout) to evaluate as well")

@@ -49,7 +49,7 @@ from inference.training.labelled_folder import LabelledFolder
 from inference.model import (HEATMAP, LUNG, RADIUS, TTA_DESCRIPTION, NoduleNet, architecture_of, build_network, image_score,
                              load_weights, save_weights)
 from inference.model_card import (Calibration, ModelCard, ReviewThresholds, load_card, save_card, sha256_file,
-                                  verify_weights)
+                                  verify_file, verify_weights)
 from inference.training.samples import HELD_OUT_GAIN, SPLITS, Curriculum, TrainStream, worker_init
 
 PREPROCESSING = (
@@ -296,6 +296,12 @@ def train(args: argparse.Namespace) -> ModelCard:
 
     weights_name = f"{args.name}-{args.version}.safetensors"
     save_weights(net, str(args.out / weights_name))
+    lung_segmentation: dict = {}
+    if args.init is not None and init.lung_segmentation:  # the lung fields do not depend on the detector's weights
+        source = verify_file(args.init, init.lung_segmentation, "lung_segmentation")
+        shutil.copy(source, args.out / source.name)
+        lung_segmentation = dict(init.lung_segmentation)
+    # the init card's OOD density is not carried: it was fitted on other weights' features (inference.training.ood_fit)
     card = ModelCard(
         name=args.name,
         version=args.version,
@@ -332,6 +338,7 @@ def train(args: argparse.Namespace) -> ModelCard:
             "gradcam_target_pointing": cam_compare,
         },
         evaluation=json_safe(figs),
+        lung_segmentation=lung_segmentation,
     )
     save_card(card, args.out / "card.json")
     log(f"wrote {args.out / weights_name} and {args.out / 'card.json'}")

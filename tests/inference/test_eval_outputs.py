@@ -24,7 +24,7 @@ def test_eval_writes_plots_and_logs_them_to_mlflow(tmp_path: Path, capsys) -> No
     lines = captured.out.splitlines()
     aurc_row = next(line for line in lines if line.startswith("AURC"))
     figures = json.loads(lines[-1])
-    for family in ("training", "independent"):
+    for family in ("training", "varied", "independent"):
         f = figures["families"][family]
         assert 0 <= f["aurc"] <= 1 and 0 <= f["confident_fp"] <= 1
         assert f"{f['aurc']:.3f} ({f['error_rate']:.3f})" in aurc_row
@@ -35,7 +35,7 @@ def test_eval_writes_plots_and_logs_them_to_mlflow(tmp_path: Path, capsys) -> No
         assert plot.read_bytes()[:8] == PNG
         assert imread(plot).shape[0] > 200  # a real picture, not an empty file
     assert (out / "report.txt").read_text().count("AURC") >= 2
-    assert json.loads((out / "figures.json").read_text())["families"].keys() == {"training", "independent"}
+    assert json.loads((out / "figures.json").read_text())["families"].keys() == {"training", "varied", "independent"}
 
     client = MlflowClient(tracking_uri=uri)
     run = client.get_run(figures["mlflow_run_id"])

@@ -107,10 +107,11 @@ def test_bad_labels_are_refused_with_file_and_line(tmp_path: Path) -> None:
 @pytest.mark.slow  # the model over dozens of images
 def test_eval_reads_the_folder_beside_both_families(folder: Path, tmp_path: Path, capsys) -> None:
     assert evaluate.main(["--n", "2", "--robust-n", "0", "--ood-n", "0", "--latency-images", "0", "--threads", "1",
-                          "--data", str(folder), "--out", str(tmp_path / "report")]) == 0
+                          "--families", "independent,training", "--data", str(folder),
+                          "--out", str(tmp_path / "report")]) == 0
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if "independent" in line and "folder" in line)
-    assert header.split() == ["training", "independent", "folder"]
+    assert header.split() == ["independent", "training", "folder"]  # the families asked for, in that order
     assert next(line for line in out.splitlines() if line.startswith("images (skipped)")).split()[-2:] == ["4", "(0)"]
 
 
@@ -127,3 +128,8 @@ def test_train_takes_the_folder_and_starts_from_a_card(folder: Path, tmp_path: P
     assert card.training["data"] == f"labelled folder {folder.name} (4 images)"
     assert card.training["init"].startswith("smartnodule-nodule 1.0.0") and card.training["steps"] == 2
     assert "training data: 4 labelled images" in (out / "train.log").read_text()
+    # the init card's lung segmentation travels (file and entry); its OOD density, fitted on other weights, does not
+    parent = load_card(DEFAULT_CARD)
+    assert card.lung_segmentation == parent.lung_segmentation
+    assert (out / card.lung_segmentation["file"]).read_bytes() == (DEFAULT_CARD.parent / card.lung_segmentation["file"]).read_bytes()
+    assert card.ood == {} and not (out / parent.ood["file"]).exists()

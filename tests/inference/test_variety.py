@@ -211,3 +211,35 @@ def test_contact_sheet_of_sixteen_varied_images():
     CONTACT.parent.mkdir(parents=True, exist_ok=True)
     assert cv2.imwrite(str(CONTACT), sheet)
     assert cv2.imread(str(CONTACT)).shape == (4 * tile, 4 * tile, 3)
+
+
+def test_held_out_varied_split_and_its_eval_family_keep_every_finding_and_the_storage():
+    from inference.training.eval_report import family_cases
+    from inference.training.samples import HeldOut, heldout_phantom
+
+    cases = list(family_cases("varied", 12, SIZE))
+    phantoms = [heldout_phantom("test", i, SIZE, "varied") for i in range(12)]
+    assert [c.label for c in cases] == [int(i % 2 == 0) for i in range(12)]  # findings on even indices only
+    for case, ph in zip(cases, phantoms):
+        assert len(case.findings) == len(ph.findings)
+        assert {(f.row, f.col) for f in case.findings} == {(f.row, f.col) for f in ph.findings}
+        assert case.photometric == ("MONOCHROME1" if ph.monochrome1 else "MONOCHROME2")
+        assert case.bits_stored == ph.bits_stored
+    assert {c.photometric for c in cases} == {"MONOCHROME1", "MONOCHROME2"}  # the storage kind varies in the split
+    sample = HeldOut("test", 2, SIZE, generator="varied")[0]
+    assert sample["label"] == 1 and bool((sample["image"] == phantom_sample(phantoms[0], SIZE)["image"]).all())
+    with pytest.raises(ValueError, match="generator"):
+        HeldOut("test", 2, SIZE, generator="real")
+
+
+def test_eval_families_option_names_unknown_families():
+    import argparse
+
+    from inference.training import options
+
+    p = argparse.ArgumentParser()
+    options.evaluate(p)
+    assert p.parse_args(["--families", "varied,independent"]).families == ("varied", "independent")
+    assert p.parse_args([]).families == options.FAMILIES
+    with pytest.raises(SystemExit):
+        p.parse_args(["--families", "training,real"])
