@@ -141,13 +141,17 @@ class Detector:
         r = field.region.to(self.device)
         return field, torch.stack([r, torch.flip(r, dims=[-1])])
 
-    def probability(self, image: PreparedImage) -> tuple[float, float]:
-        """Calibrated probability and uncertainty only (no Grad-CAM, no location)."""
+    def view_scores(self, image: PreparedImage) -> torch.Tensor:
+        """The uncalibrated image score of each TTA view (max heatmap logit inside the lung region)."""
         _, region = self.lung_field(image)
         with torch.inference_mode():
             out = self.net(tta_views(self._input(image)))
             scores, _ = image_score(out.maps, region)
-        return self._calibrated(scores)
+        return scores
+
+    def probability(self, image: PreparedImage) -> tuple[float, float]:
+        """Calibrated probability and uncertainty only (no Grad-CAM, no location)."""
+        return self._calibrated(self.view_scores(image))
 
     def predict(self, image: PreparedImage) -> Prediction:
         """Probability, uncertainty, decision, review reasons, location and Grad-CAM in source geometry,
