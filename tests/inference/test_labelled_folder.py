@@ -125,11 +125,11 @@ def test_train_takes_the_folder_and_starts_from_a_card(folder: Path, tmp_path: P
                        "--minutes", "10", "--batch", "2", "--input-size", "128", "--calib-n", "4", "--test-n", "4",
                        "--workers", "0", "--threads", "1"]) == 0
     card = load_card(out / "card.json")
+    parent = load_card(DEFAULT_CARD)
     assert card.training["data"] == f"labelled folder {folder.name} (4 images)"
-    assert card.training["init"].startswith("smartnodule-nodule 1.0.0") and card.training["steps"] == 2
+    assert card.training["init"].startswith(f"{parent.name} {parent.version}") and card.training["steps"] == 2
     assert "training data: 4 labelled images" in (out / "train.log").read_text()
     # the init card's lung segmentation travels (file and entry); its OOD density, fitted on other weights, does not
-    parent = load_card(DEFAULT_CARD)
     assert card.lung_segmentation == parent.lung_segmentation
     assert (out / card.lung_segmentation["file"]).read_bytes() == (DEFAULT_CARD.parent / card.lung_segmentation["file"]).read_bytes()
     assert card.ood == {} and not (out / parent.ood["file"]).exists()

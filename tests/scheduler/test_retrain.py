@@ -14,9 +14,13 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
+from inference.model_card import load_card
+from inference.predictor import DEFAULT_CARD
 from node.scu import send_files
 from node.store.db import Job, JobState
 from tests.conftest import audit_events, finished_jobs, wait_for
+
+SHIPPED = load_card(DEFAULT_CARD).version  # the champion every retrain starts from
 
 pytestmark = pytest.mark.integration
 PROCESSED = {JobState.ENCODED, JobState.SENT}
@@ -56,7 +60,7 @@ def test_retrain_gate_promote_and_rollback(make_settings, running_node, phantom_
     node = running_node(settings, model_loader=lambda: ChampionWatcher(settings).current, deliver=False)
     _send(settings, phantom_files)
     jobs = wait_for(lambda: finished_jobs(node.sessions, len(phantom_files), PROCESSED), 180, 0.5, "processed jobs")
-    assert {j.model_version for j in jobs} == {"1.0.0"}
+    assert {j.model_version for j in jobs} == {SHIPPED}
 
     # too few verdicts: the job waits
     run = run_job(settings, node.sessions, "retrain")
@@ -77,7 +81,7 @@ def test_retrain_gate_promote_and_rollback(make_settings, running_node, phantom_
     import json
 
     first = json.loads(run.summary)
-    assert first["registry_version"] == "2" and first["card_version"] == "1.0.0+ft.2"
+    assert first["registry_version"] == "2" and first["card_version"] == f"{SHIPPED}+ft.2"
     assert first["train_cases"] + first["heldout_cases"] == len(jobs)
     client = registry.client(settings)
     mlrun = client.get_run(first["run_id"])
@@ -86,7 +90,7 @@ def test_retrain_gate_promote_and_rollback(make_settings, running_node, phantom_
     assert mlrun.data.tags["data_fingerprint"] == first["data_fingerprint"]
     assert "gate_candidate_auc" in mlrun.data.metrics
     artifacts = {a.path for a in client.list_artifacts(first["run_id"], "model")}
-    assert {"model/card.json", "model/smartnodule-nodule-1.0.0+ft.2.safetensors"} <= artifacts
+    assert {"model/card.json", f"model/smartnodule-nodule-{SHIPPED}+ft.2.safetensors"} <= artifacts
     assert registry.champion_version(client, settings) == "1"  # auto_promote is off
 
     # the child's progress reached the structured log as it came, not when the child ended: the last training step
@@ -130,6 +134,6 @@ def test_retrain_gate_promote_and_rollback(make_settings, running_node, phantom_
     _send(settings, [again])
     job = wait_for(lambda: (j := _job_for(node.sessions, dcmread(again).SOPInstanceUID)).state in PROCESSED and j,
                    120, 0.3, "job after rollback")
-    assert job.model_version == "1.0.0" and "1.0.0+ft" not in _sr_text(job)
+    assert job.model_version == SHIPPED and f"{SHIPPED}+ft" not in _sr_text(job)
     print("retrain figures:", {k: first[k] for k in ("train_seconds", "gate_seconds", "total_seconds", "wall_seconds")},
           "bad gate:", bad["gate_reasons"])
