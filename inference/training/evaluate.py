@@ -100,6 +100,11 @@ def pointing_hits(rc: np.ndarray, r: HeldOutScores) -> np.ndarray:
     return dist <= r.true_radius[pos] + POINTING_MARGIN_MM / r.mm_per_px[pos]
 
 
+def _share(flags: np.ndarray) -> float:
+    """The share of True in `flags`; NaN (printed n/a) for none, without numpy's empty-mean warning."""
+    return float(flags.mean()) if len(flags) else float("nan")
+
+
 def summarize(r: HeldOutScores, a: float, b: float, threshold: float, margin: float, max_uncertainty: float) -> dict:
     """The figures of the eval table (probabilities from mean TTA score, uncertainty = std over views)."""
     y = r.labels > 0
@@ -112,8 +117,8 @@ def summarize(r: HeldOutScores, a: float, b: float, threshold: float, margin: fl
         "n": int(len(y)),
         "positives": int(y.sum()),
         "auc": auc(probs, y),
-        "sensitivity": float(pred[y].mean()),
-        "specificity": float((~pred[~y]).mean()),
+        "sensitivity": _share(pred[y]),
+        "specificity": _share(~pred[~y]),
         "threshold": threshold,
         "ece": ece(probs, y),
         "auc_by_size": {},
@@ -123,8 +128,8 @@ def summarize(r: HeldOutScores, a: float, b: float, threshold: float, margin: fl
         "errors_flagged": int((errors & review).sum()),
         "high_uncertainty": int((unc > max_uncertainty).sum()),
         "errors_high_uncertainty": int((errors & (unc > max_uncertainty)).sum()),
-        "error_rate_uncertain": float(errors[unc > np.median(unc)].mean()),
-        "error_rate_certain": float(errors[unc <= np.median(unc)].mean()),
+        "error_rate_uncertain": _share(errors[unc > np.median(unc)]),  # empty when every view agrees alike
+        "error_rate_certain": _share(errors[unc <= np.median(unc)]),
     }
     for lo, hi in SIZE_BINS_MM:
         m = (~y) | ((r.diameter_mm >= lo) & (r.diameter_mm < hi))
