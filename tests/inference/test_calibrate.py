@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from inference.model_card import load_card
-from inference.predictor import DEFAULT_CARD, Detector
+from inference.predictor import Detector
 from inference.preprocess import prepare
 from inference.training import calibrate
 from inference.training.phantoms import phantom_dataset
 from inference.training.samples import heldout_phantom
-
-
-@pytest.fixture
-def card_copy(tmp_path: Path) -> Path:
-    shipped = load_card(DEFAULT_CARD)
-    for name in ("card.json", shipped.weights_file, *shipped.companion_files):
-        shutil.copy(DEFAULT_CARD.parent / name, tmp_path / name)
-    return tmp_path / "card.json"
 
 
 def test_refit_rewrites_the_card_and_the_node_reads_with_it(card_copy: Path, capsys) -> None:
