@@ -46,6 +46,9 @@ def train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads in the main process")
     p.add_argument("--batch", type=int, default=32, help="images per optimiser step (default: %(default)s)")
     p.add_argument("--input-size", type=int, default=512, help="the model's square input in pixels (default: %(default)s)")
+    p.add_argument("--crop", type=int, default=None, metavar="PX",
+                   help="train on PX x PX windows of the images (a multiple of 32; most positives' windows hold the "
+                        "finding, the others lie on the lungs): cheaper steps; calibration and test read whole images")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default: %(default)s)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default: %(default)s)")
     p.add_argument("--replay", type=int, default=None, help="replay steps per fresh batch (default 4 on cuda, 0 on cpu)")

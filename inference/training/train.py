@@ -46,7 +46,7 @@ from inference.training import options, phantoms, progress, tracking, variety
 from inference.training.evaluate import HeldOutScores, pointing_hits, score_heldout, summarize
 from inference.training.metrics import fit_platt, json_safe, platt, youden_threshold
 from inference.training.labelled_folder import LabelledFolder
-from inference.model import (HEATMAP, LUNG, RADIUS, TTA_DESCRIPTION, NoduleNet, architecture_of, build_network, image_score,
+from inference.model import (HEAD_STRIDE, HEATMAP, LUNG, RADIUS, TTA_DESCRIPTION, NoduleNet, architecture_of, build_network, image_score,
                              load_weights, save_weights)
 from inference.model_card import (Calibration, ModelCard, ReviewThresholds, load_card, save_card, sha256_file,
                                   verify_file, verify_weights)
@@ -125,6 +125,45 @@ def augment(batch: dict[str, torch.Tensor], gen: torch.Generator) -> dict[str, t
     return out
 
 
+def crop_batch(batch: dict[str, torch.Tensor], crop: int, gen: torch.Generator,
+               on_finding: float = 0.8) -> dict[str, torch.Tensor]:
+    """A `crop` x `crop` window of every sample, its maps cut alike at the head stride.
+
+    A sample with a finding gets, with probability `on_finding`, a window holding
+    its first finding's peak at a random place; every other window is centred on a
+    random lung pixel (anywhere when the lung target is empty). A window's label is
+    whether it holds a finding's peak; its radius target counts only where the
+    first peak in the window is the one the radius belongs to.
+    """
+    size = batch["image"].shape[-1]
+    if crop % 32 or not 32 <= crop < size:
+        raise ValueError(f"crop must be a multiple of 32 below the input size {size}, got {crop}")
+    out, c = size // HEAD_STRIDE, crop // HEAD_STRIDE
+    heat = batch["heat"][:, 0]
+    first = heat.flatten(1).argmax(dim=1).tolist()
+    has_peak = (heat.flatten(1).amax(dim=1) >= 0.999).tolist()
+    draws = torch.rand(len(first), 3, generator=gen, device=gen.device).tolist()
+    windows = []
+    for i, (u, v, w) in enumerate(draws):
+        if has_peak[i] and u < on_finding:
+            pr, pc = divmod(first[i], out)
+            r0, c0 = pr - int(v * c), pc - int(w * c)
+        else:
+            lung = torch.nonzero(batch["lung"][i, 0] > 0.5)
+            centre = lung[int(v * len(lung))].tolist() if len(lung) else [int(v * out), int(w * out)]
+            r0, c0 = centre[0] - c // 2, centre[1] - c // 2
+        windows.append((min(max(r0, 0), out - c), min(max(c0, 0), out - c)))
+    s = HEAD_STRIDE
+    cut = {"image": torch.stack([batch["image"][i, :, r * s:(r + c) * s, q * s:(q + c) * s] for i, (r, q) in enumerate(windows)]),
+           **{k: torch.stack([batch[k][i, :, r:r + c, q:q + c] for i, (r, q) in enumerate(windows)]) for k in ("heat", "lung")}}
+    flat = cut["heat"][:, 0].flatten(1)
+    label = flat.amax(dim=1) >= 0.999
+    own = torch.tensor([(first[i] // out - r) * c + (first[i] % out - q) if r <= first[i] // out < r + c
+                        and q <= first[i] % out < q + c else -1 for i, (r, q) in enumerate(windows)], device=flat.device)
+    return {**cut, "log_radius": batch["log_radius"], "label": label.float(),
+            "radius_valid": (label & (flat.argmax(dim=1) == own)).float()}
+
+
 class Replay:
     """Ring buffer of recent samples on the training device."""
 
@@ -175,6 +214,8 @@ def train(args: argparse.Namespace) -> ModelCard:
         raise ValueError(f"minutes must be > 0, got {args.minutes!r}")
     if args.batch < 2:
         raise ValueError(f"batch must be >= 2, got {args.batch!r}")
+    if args.crop is not None and args.data is not None:
+        raise ValueError("crop applies to generated images, whose every target it cuts alike, not to --data folders")
     torch_setup.limit_threads(args.threads)
     device = torch_setup.select_device(args.device)
     replay = args.replay if args.replay is not None else (4 if device.type == "cuda" and args.data is None else 0)
@@ -227,6 +268,8 @@ def train(args: argparse.Namespace) -> ModelCard:
         nonlocal step
         for g in opt.param_groups:
             g["lr"] = args.lr * min(1.0, (frac + 1e-3) / 0.03) * 0.5 * (1 + math.cos(math.pi * frac))
+        if args.crop is not None:
+            batch = crop_batch(batch, args.crop, gen)
         batch = augment(batch, gen)
         if device.type == "cuda":
             batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
@@ -329,6 +372,8 @@ def train(args: argparse.Namespace) -> ModelCard:
             "fresh_images": fresh,
             "replay_steps_per_fresh_batch": replay,
             "batch": args.batch,
+            "crop": None if args.crop is None else f"{args.crop} px windows, 80 % of those of positives on the finding, "
+                                                    f"the others centred on a lung pixel (inference.training.train.crop_batch)",
             "optimizer": f"AdamW lr {args.lr} wd {args.weight_decay}, 3% warm-up, cosine over the time budget",
             "loss_weights": LOSS_WEIGHTS,
             "training_time_s": round(train_s, 1),
