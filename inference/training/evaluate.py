@@ -215,8 +215,10 @@ def sources(args: argparse.Namespace, size: int) -> list[Source]:
         found.append(Source("families", "folder", len(items), items, er.read_folder_items))
     found += [Source("out_of_distribution", name, args.ood_n, er.ood_cases(name, args.ood_n, size), er.read_ood_cases)
               for name in er.OOD_SETS if args.ood_n]
+    # map binds each perturbation now; a generator expression here would read `fn` late, and every row would
+    # then get the last perturbation
     found += [Source("robustness", name, args.robust_n,
-                     (fn(c) for c in er.family_cases(args.robust_family, args.robust_n, size)), er.read_cases)
+                     map(fn, er.family_cases(args.robust_family, args.robust_n, size)), er.read_cases)
               for name, fn in er.PERTURBATIONS.items() if args.robust_n]
     return found
 

@@ -61,3 +61,22 @@ def test_no_bar_when_not_asked_and_not_a_terminal(tmp_path: Path, capsys) -> Non
     with progress.bar("always", range(3), total=3, desc="loud") as bar:
         list(bar)
     assert "loud: 100%" in capsys.readouterr().err
+
+
+def test_each_robustness_row_reads_its_own_perturbation() -> None:
+    import argparse
+
+    import numpy as np
+
+    from inference.training import eval_report, options
+
+    p = argparse.ArgumentParser()
+    options.evaluate(p)
+    args = p.parse_args(["--n", "2", "--robust-n", "2", "--ood-n", "0"])
+    rows = {s.name: list(s.items) for s in evaluate.sources(args, 256) if s.section == "robustness"}
+    assert list(rows) == list(eval_report.PERTURBATIONS)
+    plain = list(eval_report.family_cases("independent", 2, 256))
+    for name, cases in rows.items():
+        expected = [eval_report.PERTURBATIONS[name](c) for c in plain]
+        assert all(np.array_equal(a.pixels, b.pixels) for a, b in zip(cases, expected)), name
+    assert not np.array_equal(rows["none"][0].pixels, rows["rotate +15 deg"][0].pixels)
