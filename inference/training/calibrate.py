@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from inference.model_card import Calibration, save_card
-from inference.predictor import DEFAULT_CARD, Detector
+from inference.predictor import Detector
 from inference.preprocess import prepare
 from inference.training import progress
 from inference.training.metrics import auc, ece, fit_platt, json_safe, platt, youden_threshold
@@ -55,7 +55,7 @@ def serving_scores(detector: Detector, generator: str, n: int, size: int,
 def main(argv: list[str] | None = None) -> int:
     """Refit the card's Platt scaling and threshold on the node's scores and rewrite the card in place."""
     p = argparse.ArgumentParser(prog="python -m inference.training.calibrate", description=main.__doc__)
-    p.add_argument("--card", type=Path, default=DEFAULT_CARD, help="the card to recalibrate (rewritten in place)")
+    p.add_argument("--card", type=Path, required=True, help="the card to recalibrate (rewritten in place)")
     p.add_argument("--generator", default="phantom", choices=GENERATORS,
                    help="the generator the model was trained on (default: %(default)s)")
     p.add_argument("--n", type=int, default=400, help="calibration-split images, half with a finding (default: %(default)s)")

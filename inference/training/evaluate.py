@@ -101,7 +101,7 @@ def pointing_hits(rc: np.ndarray, r: HeldOutScores) -> np.ndarray:
 
 
 def _share(flags: np.ndarray) -> float:
-    """The share of True in `flags`; NaN (printed n/a) for none, without numpy's empty-mean warning."""
+    """The share of True in `flags`; NaN (a "-" in the tables) for none, without numpy's empty-mean warning."""
     return float(flags.mean()) if len(flags) else float("nan")
 
 
