@@ -405,6 +405,16 @@ def sender_drops_connection(workdir: Path, scale: Scale) -> Result:
     return result
 
 
+def stop_outside_a_write(sessions: sessionmaker, process: NodeProcess) -> None:
+    """SIGSTOP `process` while this side holds SQLite's write lock (the node's engine begins IMMEDIATE), so the
+    stopped process is not inside a write transaction: stopped there, it would hold the lock and every other
+    process would fail past the 30 s busy timeout until it resumes (CI lost worker_hangs to 'database is
+    locked' that way). A hung worker holding the lock is SQLite's limit, not what this scenario tests."""
+    with sessions() as session, session.begin():
+        session.execute(text("SELECT 1"))  # the transaction, and with it the write lock, begins here
+        process.signal(signal.SIGSTOP)
+
+
 def worker_hangs(workdir: Path, scale: Scale) -> Result:
     """SIGSTOP a worker process holding a lease (lease_s 5); another takes the job; SIGCONT: no overwrite, no
     duplicate."""
@@ -434,7 +444,7 @@ def worker_hangs(workdir: Path, scale: Scale) -> Result:
                 return None
 
             held, stopped = wait(running_owner, 60, "a worker holding a lease", 0.01)
-            stopped.signal(signal.SIGSTOP)
+            stop_outside_a_write(sessions, stopped)
             taken = wait(lambda: settled(sessions, {held.sop_instance_uid}), 120, "the other worker to finish the job")
             results_dir = Path(taken[0].results_dir)
             before = {p.name: sha256(p.read_bytes()).hexdigest() for p in results_dir.glob("*.dcm")}
