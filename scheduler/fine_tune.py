@@ -143,7 +143,7 @@ def fine_tune(manifest: FineTuneManifest, report: Reporter) -> FineTuneResult:
     import torch
 
     from scheduler import registry
-    from inference.training.metrics import fit_platt, platt, youden_threshold
+    from inference.training.metrics import fit_calibration
     from inference.model import build_network, load_weights, save_weights
     from inference.model_card import Calibration, load_card, save_card, sha256_file, verify_weights
     from inference.training.train import LOSS_WEIGHTS, augment, losses, optimise_step
@@ -239,9 +239,8 @@ def fine_tune(manifest: FineTuneManifest, report: Reporter) -> FineTuneResult:
         if n_cal:
             report.phase("calibration", n_cal)
             scores, labels = _calibration_scores(net, n_cal, size, report)
-            a, b = fit_platt(scores, labels)
+            a, b, threshold = fit_calibration(scores, labels)
             calibration = Calibration(card.calibration.method, a, b)
-            threshold = youden_threshold(platt(scores, a, b), labels)
 
         mv = client.create_model_version(reg.model_name, f"{run.info.artifact_uri}/{registry.ARTIFACT_DIR}", run_id=run_id,
                                          tags={"state": "training-done", "data_fingerprint": print_fp,

@@ -23,9 +23,9 @@ from inference.model_card import Calibration, save_card
 from inference.predictor import Detector
 from inference.preprocess import prepare
 from inference.training import progress
-from inference.training.metrics import auc, ece, fit_platt, json_safe, platt, youden_threshold
-from inference.training.phantoms import phantom_dataset
-from inference.training.samples import GENERATORS, heldout_phantom
+from inference.training.metrics import auc, ece, fit_calibration, json_safe, platt
+from inference.training.eval_report import heldout_dataset
+from inference.training.samples import GENERATORS
 from inference.types import NotApplicable, Unreadable
 
 METHOD = ("platt on the mean TTA image score as the node computes it (DICOM, prepare, max heatmap logit inside "
@@ -38,8 +38,7 @@ def serving_scores(detector: Detector, generator: str, n: int, size: int,
     through the node's path (an image the node would skip, e.g. too small, is left out as the node leaves it)."""
     scores, labels, skipped = [], [], 0
     for i in progress.bar(progress_mode, range(n), total=n, desc=f"calibration ({generator})", unit="img"):
-        phantom = heldout_phantom("calibration", i, size, generator)
-        ds = phantom_dataset(phantom, monochrome1=bool(getattr(phantom, "monochrome1", False)))
+        phantom, ds = heldout_dataset("calibration", i, size, generator)
         try:
             image = prepare(ds, input_size=detector.input_size)
         except (NotApplicable, Unreadable):
@@ -69,9 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     scores, labels, skipped = serving_scores(det, args.generator, args.n, args.size or det.input_size, args.progress)
     mean = scores.mean(axis=1)
     before = platt(mean, det.card.calibration.a, det.card.calibration.b)
-    a, b = fit_platt(mean, labels)
+    a, b, threshold = fit_calibration(mean, labels)
     after = platt(mean, a, b)
-    threshold = youden_threshold(after, labels)
     record = {"generator": args.generator, "n": args.n, "skipped": skipped, "size": args.size or det.input_size,
               "seeds": "calibration split indices [0, n), findings on even indices", "auc": auc(mean, labels),
               "ece_with_training_calibration": ece(before, labels), "ece_refitted_in_sample": ece(after, labels),

@@ -110,12 +110,17 @@ def case_truth(case: ef.EvalCase) -> Truth:
                  case.spacing_mm)
 
 
+def heldout_dataset(split: str, index: int, size: int, generator: str = "phantom"):
+    """Held-out image `index` of `split` and its DICOM instance, stored as its generator chose (MONOCHROME1 where
+    the varied generator drew it)."""
+    ph = heldout_phantom(split, index, size, generator)
+    return ph, phantom_dataset(ph, monochrome1=bool(getattr(ph, "monochrome1", False)))
+
+
 def training_case(index: int, size: int, generator: str = "phantom") -> ef.EvalCase:
     """Held-out test image `index` of a training generator, as an EvalCase (for the same perturbations):
     every finding, stored as the generator says (MONOCHROME1 where the varied generator chose it)."""
-    ph = heldout_phantom("test", index, size, generator)
-    mono1 = bool(getattr(ph, "monochrome1", False))
-    ds = phantom_dataset(ph, monochrome1=mono1)
+    ph, ds = heldout_dataset("test", index, size, generator)
     found = getattr(ph, "findings", ()) or (() if ph.nodule is None else (ph.nodule,))
     findings = tuple(ef.Finding(f.row, f.col, 2 * f.radius_px, 2 * f.radius_px, f.diameter_mm, f.contrast,
                                 getattr(f, "kind", "nodule")) for f in found)

@@ -104,6 +104,12 @@ def platt(scores: np.ndarray, a: float, b: float) -> np.ndarray:
     return 1 / (1 + np.exp(-np.clip(a * np.asarray(scores, float) + b, -50, 50)))
 
 
+def fit_calibration(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float, float]:
+    """(a, b, threshold): Platt scaling of `scores` and the Youden threshold of the calibrated probabilities."""
+    a, b = fit_platt(scores, labels)
+    return a, b, youden_threshold(platt(scores, a, b), labels)
+
+
 def youden_threshold(probs: np.ndarray, labels: np.ndarray) -> float:
     """Probability threshold maximising sensitivity + specificity - 1 (midpoint between neighbours)."""
     probs, labels = np.asarray(probs, float), np.asarray(labels).astype(bool)

@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from inference import torch_setup
 from inference.training import options, phantoms, progress, tracking, variety
 from inference.training.evaluate import HeldOutScores, pointing_hits, score_heldout, summarize
-from inference.training.metrics import fit_platt, json_safe, platt, youden_threshold
+from inference.training.metrics import fit_calibration, json_safe
 from inference.training.labelled_folder import LabelledFolder
 from inference.model import (HEAD_STRIDE, HEATMAP, LUNG, RADIUS, TTA_DESCRIPTION, NoduleNet, architecture_of, build_network, image_score,
                              load_weights, save_weights)
@@ -315,8 +315,7 @@ def train(args: argparse.Namespace) -> ModelCard:
     held = {"generator": args.generator, "hold_out": hold_out} if args.data is None else {}
     cal = score_heldout(net, "calibration", args.calib_n, args.input_size, device, args.workers,
                         progress_mode=args.progress, **held)
-    a, b = fit_platt(cal.view_scores.mean(axis=1), cal.labels)
-    threshold = youden_threshold(platt(cal.view_scores.mean(axis=1), a, b), cal.labels)
+    a, b, threshold = fit_calibration(cal.view_scores.mean(axis=1), cal.labels)
     review = ReviewThresholds(margin=0.1, max_uncertainty=0.15)
     cal_figs = summarize(cal, a, b, threshold, **review)
     location_source = "gradcam" if cal_figs["pointing_gradcam"] > cal_figs["pointing_heatmap"] else "heatmap"
