@@ -32,7 +32,6 @@ from pydicom import dcmread
 from bench.common import load1, model_card, phantoms, print_table
 from inference.model import image_score, tta_views
 from inference.predictor import Detector
-from inference.preprocess import prepare
 
 BATCHES = (1, 4, 8)
 TOLERANCE_P = 1e-4  # max abs difference of a calibrated probability for a path to count as the same output
@@ -98,14 +97,14 @@ def main() -> int:
 
     cl_detector = Detector(detector.card, copy.deepcopy(detector.net).to(memory_format=torch.channels_last),
                            detector.device, detector.review, detector.density, detector.lungs)
-    warm = prepare(dcmread(files[0]), input_size=detector.input_size)
+    warm = detector.prepare(dcmread(files[0]))
     detector.predict(warm)
     cl_detector.predict(warm)
     read_s, prep_s, prob_s, cam_s, cl_cam_s, images, reference, cl_predictions = ([] for _ in range(8))
     for path in files:  # every stage and path on each image in turn, so load spikes hit them alike
         t, ds = timed(lambda: dcmread(path))
         read_s.append(t)
-        t, image = timed(lambda: prepare(ds, input_size=detector.input_size))
+        t, image = timed(lambda: detector.prepare(ds))
         prep_s.append(t)
         images.append(image)
         prob_s.append(timed(lambda: detector.probability(image))[0])

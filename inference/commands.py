@@ -34,7 +34,6 @@ def predict_file(detector, path: Path) -> dict:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    from inference.preprocess import prepare
     from inference.types import NotApplicable, Unreadable
 
     record: dict = {"file": str(path), "sop_instance_uid": None, "outcome": "processed", "reason": None,
@@ -43,7 +42,7 @@ def predict_file(detector, path: Path) -> dict:
     try:
         ds = pydicom.dcmread(path)
         record["sop_instance_uid"] = str(ds.get("SOPInstanceUID", "")) or None
-        image = prepare(ds, input_size=detector.input_size)
+        image = detector.prepare(ds)
     except NotApplicable as exc:
         return record | {"outcome": "skipped", "reason": exc.reason}
     except Unreadable as exc:

@@ -62,12 +62,16 @@ class ModelCard:
     independent_evaluation: dict[str, Any] = field(default_factory=dict)  # figures on the evaluation family
     # file, sha256, area_range, max_undecided, ... of the lung-field segmentation (inference.lung_seg); empty: none shipped
     lung_segmentation: dict[str, Any] = field(default_factory=dict)
+    # millimetres per model-input pixel the image is resampled to from its pixel spacing; None: fitted
+    input_mm_per_px: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold!r}")
         if self.input_size < 32:
             raise ValueError(f"input_size must be >= 32, got {self.input_size!r}")
+        if self.input_mm_per_px is not None and not 0.0 < self.input_mm_per_px < 10.0:
+            raise ValueError(f"input_mm_per_px must be in (0, 10) mm or null, got {self.input_mm_per_px!r}")
         if self.location_source not in ("heatmap", "gradcam"):
             raise ValueError(f"location_source must be 'heatmap' or 'gradcam', got {self.location_source!r}")
         missing = {"file", "sha256", "threshold"} - set(self.ood)

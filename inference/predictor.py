@@ -7,8 +7,8 @@ detection heatmap's peak) and the out-of-distribution score (Mahalanobis
 distance of the pooled encoder features, `inference.ood`); a backward pass of
 the image score to an encoder stage (`EXPLAIN_TARGET`, HiResCAM) gives the map
 of the original view, an explanation that is not the detection heatmap itself. Heatmap
-and location are mapped back to the source geometry through preprocess's
-letterbox helpers.
+and location are mapped back to the source geometry through the image's
+placement (`inference.geometry`).
 
 Where the card ships a lung-field segmentation (`inference.lung_seg`), it runs
 first (256 px, about 40 ms on 2 CPU threads) and the heatmap outside the grown lung field is
@@ -28,9 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydicom import Dataset
 
 from config.settings import ModelSettings
 from inference import torch_setup
+from inference.geometry import Letterbox
 from inference.gradcam import explained_forward
 from inference.lung_seg import REASON as LUNG_REASON
 from inference.lung_seg import LungField, LungSegmenter
@@ -38,7 +40,7 @@ from inference.model import LUNG, RADIUS, NoduleNet, build_network, embed, image
 from inference.model_card import ModelCard, load_card, verify_file, verify_weights
 from inference.ood import REASON as OOD_REASON
 from inference.ood import FeatureDensity, load_density, pooled_features
-from inference.preprocess import letterbox, model_map_to_source, model_to_source
+from inference.preprocess import prepare
 from inference.types import Location, ModelIdentity, PreparedImage, Prediction
 
 DEFAULT_CARD = Path(__file__).resolve().parent / "models" / "card.json"
@@ -87,6 +89,7 @@ class Detector:
         self.lungs = lungs
         self.identity = ModelIdentity(card.name, card.version, card.weights_sha256)
         self.input_size = card.input_size
+        self.mm_per_px = card.input_mm_per_px
 
     @classmethod
     def load(cls, card_path: str | Path | None = None, *, device: str = "auto", threads: int | None = None,
@@ -117,6 +120,10 @@ class Detector:
         return cls.load(card_path or model.card, device=model.device, threads=model.threads or None,
                         review=ReviewPolicy(model.review_margin, model.review_max_uncertainty,
                                             tuple(model.review_flags)))
+
+    def prepare(self, ds: Dataset) -> PreparedImage:
+        """`inference.preprocess.prepare` for this model: its input size and physical scale."""
+        return prepare(ds, input_size=self.input_size, mm_per_px=self.mm_per_px)
 
     def _input(self, image: PreparedImage) -> torch.Tensor:
         x = np.asarray(image.model_input, dtype=np.float32)
@@ -179,37 +186,38 @@ class Detector:
         w = out.maps.shape[-1]
         peak = int(np.argmax(cam_np)) if self.card.location_source == "gradcam" else int(idx[0])
         radius_model = float(torch.exp(out.maps[0, RADIUS].detach().flatten()[peak].float())) * (self.input_size / w)
-        spot = self._location(peak // w, peak % w, radius_model, image.display.shape[:2])
+        geometry = image.placement
+        spot = self._location(peak // w, peak % w, radius_model, geometry)
         prediction = Prediction(
             probability=p,
             uncertainty=unc,
             positive=positive,
             review=bool(reasons),
             location=spot if positive or reasons else None,
-            heatmap=np.clip(model_map_to_source(cam_np, image.display.shape[:2], self.input_size), 0.0, 1.0),
+            heatmap=np.clip(geometry.map_to_source(cam_np), 0.0, 1.0),
             embedding=embed(out.deep_features[:1].detach())[0].cpu().numpy().astype(np.float32),
             model=self.identity,
             threshold=self.card.threshold,
             lung_rows=self._lung_rows(out.maps[0, LUNG] > 0 if field is None or not field.plausible
-                                      else torch.from_numpy(field.mask), image.display.shape[:2]),
+                                      else torch.from_numpy(field.mask), geometry),
             review_reasons=reasons,
             ood_score=ood,
         )
         return prediction, spot
 
-    def _lung_rows(self, lung: torch.Tensor, shape: tuple[int, int]) -> tuple[float, float] | None:
+    def _lung_rows(self, lung: torch.Tensor, geometry: Letterbox) -> tuple[float, float] | None:
         """First and last source row of a lung mask over the model input (original view, any square size),
         None if it is empty."""
         rows = np.nonzero(lung.any(dim=1).cpu().numpy())[0]
         if rows.size == 0:
             return None
         k = self.input_size / lung.shape[0]  # model px per mask px
-        top, bottom = (model_to_source((r + 0.5) * k - 0.5, 0.0, source_shape=shape, input_size=self.input_size)[0]
-                       for r in (rows[0], rows[-1]))
-        return max(top, 0.0), min(bottom, shape[0] - 1.0)
+        top, bottom = (geometry.to_source((r + 0.5) * k - 0.5, 0.0)[0] for r in (rows[0], rows[-1]))
+        return max(top, 0.0), min(bottom, geometry.source_shape[0] - 1.0)
 
-    def _location(self, hm_row: int, hm_col: int, radius_model: float, shape: tuple[int, int]) -> Location:
-        row, col = model_to_source(float(model_coord(hm_row)), float(model_coord(hm_col)), source_shape=shape,
-                                   input_size=self.input_size)
-        row, col = min(max(row, 0.0), shape[0] - 1.0), min(max(col, 0.0), shape[1] - 1.0)
-        return Location(row=float(row), col=float(col), radius=radius_model / letterbox(shape, self.input_size).scale)
+    @staticmethod
+    def _location(hm_row: int, hm_col: int, radius_model: float, geometry: Letterbox) -> Location:
+        row, col = geometry.to_source(float(model_coord(hm_row)), float(model_coord(hm_col)))
+        rows, cols = geometry.source_shape
+        row, col = min(max(row, 0.0), rows - 1.0), min(max(col, 0.0), cols - 1.0)
+        return Location(row=float(row), col=float(col), radius=radius_model / geometry.scale)

@@ -3,9 +3,10 @@
 This module owns the step from a received dataset to a `PreparedImage`: decide
 whether the instance is a chest radiograph the model reads, decode the pixels
 once, apply the modality LUT, the VOI LUT or window (or a percentile window),
-undo MONOCHROME1, and letterbox into the square model input. The array-level
-step (`prepare_array`) and the letterbox geometry are shared with training and
-with the predictor, so train and serve see the same pixels.
+undo MONOCHROME1, and place it in the square model input: fitted, or at the
+model card's physical scale from the Pixel Spacing (`inference.geometry`). The
+array-level step (`prepare_array`) and the geometry are shared with training
+and with the predictor, so train and serve see the same pixels.
 
 What is accepted:
 - Modality CR or DX, with BodyPartExamined CHEST, THORAX or LUNG, or absent
@@ -33,15 +34,13 @@ C.8.11.7.1.1), is inverted once, not twice.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
-import cv2
 import numpy as np
 import pydicom
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import (JPEG2000, HTJ2K, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless,
                          UID)
 
+from inference.geometry import Letterbox, letterbox
 from inference.types import NotApplicable, PreparedImage, Unreadable
 
 MODEL_INPUT_SIZE = 512
@@ -59,94 +58,22 @@ LOW_RANGE_LEVELS = 32  # stored levels between the 1st and 99th percentile
 LOW_RANGE_DISPLAY = 0.15  # display contrast between the 1st and 99th percentile
 
 
-@dataclass(frozen=True)
-class Letterbox:
-    """Where a source image of `source_shape` lies inside the square model input.
-
-    Pixel-centre convention, as cv2.resize: model = (source + 0.5) * scale - 0.5 + offset.
-    """
-
-    source_shape: tuple[int, int]
-    input_size: int
-    top: int
-    left: int
-    height: int
-    width: int
-
-    @property
-    def scale(self) -> float:
-        """Nominal isotropic scale (model px per source px), e.g. for radii."""
-        return self.input_size / max(self.source_shape)
-
-    @property
-    def scale_row(self) -> float:
-        return self.height / self.source_shape[0]
-
-    @property
-    def scale_col(self) -> float:
-        return self.width / self.source_shape[1]
-
-
-def letterbox(source_shape: tuple[int, int], input_size: int) -> Letterbox:
-    """Geometry of the aspect-preserving fit of `source_shape` into input_size x input_size, centred."""
-    rows, cols = int(source_shape[0]), int(source_shape[1])
-    if rows < 1 or cols < 1:
-        raise ValueError(f"source_shape must be positive, got {source_shape}")
-    if input_size < 1:
-        raise ValueError(f"input_size must be positive, got {input_size}")
-    scale = input_size / max(rows, cols)
-    height = min(input_size, max(1, round(rows * scale)))
-    width = min(input_size, max(1, round(cols * scale)))
-    return Letterbox((rows, cols), input_size, (input_size - height) // 2, (input_size - width) // 2,
-                     height, width)
-
-
-def source_to_model(row: float, col: float, source_shape: tuple[int, int], input_size: int
-                    ) -> tuple[float, float]:
-    """Map a source pixel coordinate (pixel centres) to model-input pixels; radii scale by
-    `letterbox(source_shape, input_size).scale`."""
-    lb = letterbox(source_shape, input_size)
-    return (row + 0.5) * lb.scale_row - 0.5 + lb.top, (col + 0.5) * lb.scale_col - 0.5 + lb.left
-
-
-def model_to_source(row: float, col: float, source_shape: tuple[int, int], input_size: int
-                    ) -> tuple[float, float]:
-    """Map a model-input pixel coordinate (pixel centres) back to source pixels."""
-    lb = letterbox(source_shape, input_size)
-    return (row - lb.top + 0.5) / lb.scale_row - 0.5, (col - lb.left + 0.5) / lb.scale_col - 0.5
-
-
-def model_map_to_source(model_map: np.ndarray, source_shape: tuple[int, int], input_size: int) -> np.ndarray:
-    """Resample a square map over the model input (any resolution, e.g. a stride-4 heatmap)
-    to the source geometry: crop the letterbox content, resize bilinearly. Returns float32."""
-    if model_map.ndim != 2 or model_map.shape[0] != model_map.shape[1]:
-        raise ValueError(f"model_map must be a square 2-D array, got shape {model_map.shape}")
-    m: np.ndarray = model_map.astype(np.float32, copy=False)
-    if m.shape[0] != input_size:
-        m = cv2.resize(m, (input_size, input_size), interpolation=cv2.INTER_LINEAR)
-    lb = letterbox(source_shape, input_size)
-    content = m[lb.top:lb.top + lb.height, lb.left:lb.left + lb.width]
-    return cv2.resize(content, (lb.source_shape[1], lb.source_shape[0]), interpolation=cv2.INTER_LINEAR)
-
-
-def prepare_array(display_float: np.ndarray, input_size: int) -> np.ndarray:
+def prepare_array(display_float: np.ndarray, geometry: Letterbox) -> np.ndarray:
     """The model's view of a VOI-applied image in [0, 1] (bright = dense, any geometry).
 
-    Letterbox with cv2.INTER_AREA (centred, zero padding), then per-image 1-99
-    percentile normalisation of the content, clipped to [0, 1]. float32
-    (input_size, input_size).
+    Placed by `geometry` with cv2.INTER_AREA (centred, zero padding), then
+    per-image 1-99 percentile normalisation of the content, clipped to [0, 1].
+    float32 (input_size, input_size).
     """
     if display_float.ndim != 2:
         raise ValueError(f"display_float must be 2-D, got shape {display_float.shape}")
-    lb = letterbox(display_float.shape, input_size)
-    src = display_float.astype(np.float32, copy=False)
-    content = cv2.resize(src, (lb.width, lb.height), interpolation=cv2.INTER_AREA)
+    if display_float.shape != geometry.source_shape:
+        raise ValueError(f"display_float has shape {display_float.shape}, geometry is for {geometry.source_shape}")
+    content = geometry.resize(display_float.astype(np.float32, copy=False))
     p1, p99 = np.percentile(content, [1.0, 99.0])
     content = (content - np.float32(p1)) / np.float32(max(p99 - p1, 1e-6))
     np.clip(content, 0.0, 1.0, out=content)
-    out = np.zeros((input_size, input_size), np.float32)
-    out[lb.top:lb.top + lb.height, lb.left:lb.left + lb.width] = content
-    return out
+    return geometry.pad(content)
 
 
 def default_window(pixels: np.ndarray) -> tuple[float, float]:
@@ -156,14 +83,20 @@ def default_window(pixels: np.ndarray) -> tuple[float, float]:
     return lo + width / 2.0, float(width)
 
 
-def prepare(ds: pydicom.Dataset, *, input_size: int = MODEL_INPUT_SIZE) -> PreparedImage:
+def prepare(ds: pydicom.Dataset, *, input_size: int = MODEL_INPUT_SIZE, mm_per_px: float | None = None
+            ) -> PreparedImage:
     """Validate `ds` as a chest radiograph and prepare it; raises NotApplicable or Unreadable.
+
+    With `mm_per_px` (the model card's physical scale) the image is resampled from its
+    Pixel Spacing (or Imager Pixel Spacing) to that many millimetres per model pixel;
+    without a usable spacing it is fitted to the input, and flagged (`no_pixel_spacing`,
+    `invalid_pixel_spacing`), which sends the read to review.
 
     Attributes of impossible type or multiplicity (a multi-valued Rows, a text in
     BitsAllocated, ...) end as Unreadable "header_invalid" rather than an error.
     """
     try:
-        return _prepare(ds, input_size)
+        return _prepare(ds, input_size, mm_per_px)
     except (NotApplicable, Unreadable):
         raise
     except (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError, NotImplementedError) as exc:
@@ -171,7 +104,7 @@ def prepare(ds: pydicom.Dataset, *, input_size: int = MODEL_INPUT_SIZE) -> Prepa
         raise Unreadable(f"header_invalid: {detail[:200]}") from exc
 
 
-def _prepare(ds: pydicom.Dataset, input_size: int) -> PreparedImage:
+def _prepare(ds: pydicom.Dataset, input_size: int, mm_per_px: float | None) -> PreparedImage:
     flags = _validate(ds)
     stored = _decode(ds)
     lo, hi = stored.min(), stored.max()
@@ -186,14 +119,15 @@ def _prepare(ds: pydicom.Dataset, input_size: int) -> PreparedImage:
         if str(ds.PhotometricInterpretation).strip() != "MONOCHROME1":
             window_flags.append("presentation_lut_inverse")
     flags += window_flags + _quality(stored, display, step)
-    model_input = prepare_array(display, input_size)
+    spacing, spacing_flags = _spacing(ds)
+    geometry = letterbox(display.shape, input_size, spacing, mm_per_px)
+    model_input = prepare_array(display, geometry)
     display_u8 = np.empty(display.shape, np.uint8)
     np.multiply(display, np.float32(255.0), out=display)
     np.add(display, np.float32(0.5), out=display)
     display_u8[...] = display
-    spacing, spacing_flags = _spacing(ds)
     return PreparedImage(sop_instance_uid=str(ds.get("SOPInstanceUID", "")), display=display_u8,
-                         model_input=model_input, pixel_spacing_mm=spacing,
+                         model_input=model_input, pixel_spacing_mm=spacing, geometry=geometry,
                          quality_flags=tuple(flags + spacing_flags))
 
 

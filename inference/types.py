@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from inference.geometry import Letterbox, letterbox
+
 DEVICES = ("auto", "cpu", "cuda")  # where a model may run (`inference.torch_setup.resolve_device`)
 
 
@@ -50,6 +52,12 @@ class PreparedImage:
     model_input: np.ndarray
     pixel_spacing_mm: tuple[float, float] | None
     quality_flags: tuple[str, ...] = ()
+    geometry: Letterbox | None = None  # where `display` lies in `model_input`; None: fitted
+
+    @property
+    def placement(self) -> Letterbox:
+        """Where the source image lies in `model_input` (its `geometry`, else fitted)."""
+        return self.geometry or letterbox(self.display.shape[:2], self.model_input.shape[0])
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from sqlalchemy.orm import sessionmaker
 
 from config.settings import RESULT_OBJECTS, Destination, Settings
 from inference.predictor import Detector
-from inference.preprocess import prepare, read_dataset
+from inference.preprocess import read_dataset
 from inference.types import NotApplicable, Unreadable
 from node import metrics
 from node.store.db import DeliveryState, Job, JobState, utcnow
@@ -94,7 +94,7 @@ class Processor:
             with timer.stage("read"):
                 source = read_dataset(spool_path)
             with timer.stage("preprocess"):
-                image = prepare(source, input_size=detector.input_size)
+                image = detector.prepare(source)
             with timer.stage("predict"):
                 prediction = detector.predict(image)
             with timer.stage("similar"):

@@ -105,7 +105,6 @@ def build_reference(card_path: Path | None, out: Path, n: int = 120, size: int =
     """Run the Detector on `n` held-out phantoms (DICOM path) and write the reference NPZ to `out`."""
     from inference.training.phantoms import phantom_dataset
     from inference.predictor import Detector
-    from inference.preprocess import prepare
     from inference.training.samples import HELD_OUT_GAIN, heldout_phantom
 
     detector = detector or Detector.load(card_path, device="cpu")
@@ -113,7 +112,7 @@ def build_reference(card_path: Path | None, out: Path, n: int = 120, size: int =
     embeddings = []
     for i in range(index0, index0 + n):
         ds = phantom_dataset(heldout_phantom("calibration", i, size))
-        prepared = prepare(ds, input_size=detector.input_size)
+        prepared = detector.prepare(ds)
         p = detector.predict(prepared)
         rows.append({"probability": p.probability, "uncertainty": p.uncertainty, **image_stats(ds, prepared)})
         embeddings.append(p.embedding)

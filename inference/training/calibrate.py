@@ -21,7 +21,6 @@ import numpy as np
 
 from inference.model_card import Calibration, save_card
 from inference.predictor import Detector
-from inference.preprocess import prepare
 from inference.training import progress
 from inference.training.metrics import auc, ece, fit_calibration, json_safe, platt
 from inference.training.eval_report import heldout_dataset
@@ -40,7 +39,7 @@ def serving_scores(detector: Detector, generator: str, n: int, size: int,
     for i in progress.bar(progress_mode, range(n), total=n, desc=f"calibration ({generator})", unit="img"):
         phantom, ds = heldout_dataset("calibration", i, size, generator)
         try:
-            image = prepare(ds, input_size=detector.input_size)
+            image = detector.prepare(ds)
         except (NotApplicable, Unreadable):
             skipped += 1
             continue

@@ -43,7 +43,6 @@ from inference.training.phantoms import phantom_dataset
 from inference.training.samples import heldout_phantom
 from inference.training.metrics import POINTING_MARGIN_MM, aurc, auc, ece
 from inference.ood import REASON as OOD_REASON
-from inference.preprocess import prepare
 from inference.types import NotApplicable, PreparedImage, Unreadable
 
 CONFIDENT = 0.9
@@ -94,7 +93,7 @@ def read_image(detector, image: PreparedImage, truth: Truth) -> Read:
 
 def read_dataset_case(detector, ds, truth: Truth) -> Read:
     try:
-        image = prepare(ds, input_size=detector.input_size)
+        image = detector.prepare(ds)
     except (NotApplicable, Unreadable) as exc:
         return Read(truth=truth, skipped=exc.reason)
     return read_image(detector, image, truth)
@@ -301,7 +300,7 @@ def read_folder_items(detector, items: Iterable[LabelledImage]) -> list[Read]:
     for item in items:
         truth = Truth(item.label, tuple(spots_of(item)), spacing_mm=None)
         try:
-            image = load_prepared(item.path, detector.input_size)
+            image = load_prepared(item.path, detector.input_size, detector.mm_per_px)
         except (NotApplicable, Unreadable) as exc:
             reads.append(Read(truth=truth, skipped=exc.reason))
             continue

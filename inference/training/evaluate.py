@@ -71,10 +71,12 @@ def score_batch(net: NoduleNet, images: torch.Tensor, cam_target: str = "head") 
 
 def score_heldout(net: NoduleNet, split: str, n: int, input_size: int, device: torch.device, workers: int,
                   batch: int = 16, start: int = 0, cam_target: str = "head", progress_mode: str = "never",
-                  generator: str = "phantom", hold_out: tuple[str, ...] = ()) -> HeldOutScores:
+                  generator: str = "phantom", hold_out: tuple[str, ...] = (), mm_per_px: float | None = None
+                  ) -> HeldOutScores:
     """Generate `n` held-out phantoms of `split` (from `generator`) and score them (a bar per batch when
     `progress_mode` says so)."""
-    loader = DataLoader(HeldOut(split, n, input_size, start, generator, hold_out), batch_size=batch, num_workers=workers,
+    loader = DataLoader(HeldOut(split, n, input_size, start, generator, hold_out, mm_per_px), batch_size=batch,
+                        num_workers=workers,
                         worker_init_fn=worker_init if workers else None)
     net.eval()
     cols: dict[str, list[np.ndarray]] = {k: [] for k in HeldOutScores.__dataclass_fields__}
@@ -165,14 +167,13 @@ def latency(detector, n: int, size: int) -> dict:
     The phantoms are generated in a child process, so the peak RSS read
     afterwards is the serving path's (model, dataset, prepare, predict).
     """
-    from inference.preprocess import prepare
 
     with multiprocessing.get_context("fork").Pool(1) as pool:
         datasets = pool.starmap(_phantom_dicom, [(3_000_000 + i, size) for i in range(n + 1)])
     prep, pred, full = [], [], []
     for i, ds in enumerate(datasets):
         t0 = time.perf_counter()
-        image = prepare(ds, input_size=detector.input_size)
+        image = detector.prepare(ds)
         t1 = time.perf_counter()
         detector.probability(image)
         t2 = time.perf_counter()

@@ -48,14 +48,13 @@ def check(card: Path | None, count: int, size: int) -> tuple[bool, list[str]]:
     """Run `count` phantoms (half with a nodule) through both devices; (all agree, report lines)."""
     from inference.training.phantoms import generate_phantom, phantom_dataset
     from inference.predictor import Detector
-    from inference.preprocess import prepare
 
     cpu = Detector.load(card, device="cpu", threads=2)
     gpu = Detector.load(card, device="cuda")
     lines, ok = [], True
     for i in range(count):
         ph = generate_phantom(4_000_000 + i, size=size, nodule=i % 2 == 0, gain=2.0)
-        image = prepare(phantom_dataset(ph), input_size=cpu.input_size)
+        image = cpu.prepare(phantom_dataset(ph))
         gpu.predict(image)  # warm-up
         t0 = time.perf_counter()
         pg = gpu.predict(image)

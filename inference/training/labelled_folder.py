@@ -26,7 +26,8 @@ import cv2
 import numpy as np
 from torch.utils.data import Dataset
 
-from inference.preprocess import letterbox, prepare, prepare_array, read_dataset, source_to_model
+from inference.geometry import letterbox
+from inference.preprocess import prepare, prepare_array, read_dataset
 from inference.types import PreparedImage, Unreadable
 
 COLUMNS = ("img_name", "x", "y", "width", "height", "label")
@@ -144,8 +145,9 @@ def read_mha(path: str | Path) -> tuple[np.ndarray, tuple[float, float] | None]:
     return array, sp
 
 
-def load_prepared(path: str | Path, input_size: int) -> PreparedImage:
-    """The image at `path` as the model reads it (NotApplicable/Unreadable as the node raises them)."""
+def load_prepared(path: str | Path, input_size: int, mm_per_px: float | None = None) -> PreparedImage:
+    """The image at `path` as the model reads it (NotApplicable/Unreadable as the node raises them);
+    `mm_per_px` the model's physical scale (None: fitted), as `inference.preprocess.prepare`."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in (".png", ".mha", ".mhd"):
@@ -163,10 +165,12 @@ def load_prepared(path: str | Path, input_size: int) -> PreparedImage:
         if hi <= lo:
             raise Unreadable(f"no_dynamic_range: every pixel is {lo}")
         display = (values - lo) / (hi - lo)
+        geometry = letterbox(display.shape, input_size, spacing, mm_per_px)
         return PreparedImage(sop_instance_uid="", display=np.round(display * 255).astype(np.uint8),
-                             model_input=prepare_array(display, input_size), pixel_spacing_mm=spacing,
-                             quality_flags=("not_dicom",) + (() if spacing else ("no_pixel_spacing",)))
-    return prepare(read_dataset(path), input_size=input_size)
+                             model_input=prepare_array(display, geometry), pixel_spacing_mm=spacing,
+                             quality_flags=("not_dicom",) + (() if spacing else ("no_pixel_spacing",)),
+                             geometry=geometry)
+    return prepare(read_dataset(path), input_size=input_size, mm_per_px=mm_per_px)
 
 
 def labelled_sample(image: PreparedImage, present: bool, spots: Sequence[tuple[float, float, float | None]],
@@ -185,14 +189,14 @@ def labelled_sample(image: PreparedImage, present: bool, spots: Sequence[tuple[f
     from inference.model import heatmap_coord
 
     out = input_size // HEAD_STRIDE
-    shape = image.display.shape[:2]
+    geometry = image.placement
     heat = np.zeros((out, out), np.float32)
     yy, xx = np.mgrid[0:out, 0:out].astype(np.float32)
     radii = []
     for row, col, radius in spots if present else []:
-        r_m, c_m = source_to_model(row, col, source_shape=shape, input_size=input_size)
+        r_m, c_m = geometry.to_model(row, col)
         r, c = heatmap_coord(r_m), heatmap_coord(c_m)
-        radius_hm = None if radius is None else radius * letterbox(shape, input_size).scale / HEAD_STRIDE
+        radius_hm = None if radius is None else radius * geometry.scale / HEAD_STRIDE
         sigma = CLICK_SIGMA_HM if radius_hm is None else max(1.0, radius_hm / 4)
         heat = np.maximum(heat, np.exp(-((yy - r) ** 2 + (xx - c) ** 2) / (2 * sigma**2)).astype(np.float32))
         heat[min(out - 1, max(0, round(r))), min(out - 1, max(0, round(c)))] = 1.0
@@ -221,16 +225,17 @@ def spots_of(item: LabelledImage) -> list[tuple[float, float, float]]:
 class LabelledFolder(Dataset):
     """A torch map-style dataset of a labelled folder's training samples (prepared on access)."""
 
-    def __init__(self, folder: str | Path, input_size: int, csv_path: str | Path | None = None) -> None:
+    def __init__(self, folder: str | Path, input_size: int, csv_path: str | Path | None = None,
+                 mm_per_px: float | None = None) -> None:
         self.items = read_labels(folder, csv_path)
         if not self.items:
             raise ValueError(f"folder {str(folder)!r} has no labelled images")
-        self.input_size = input_size
+        self.input_size, self.mm_per_px = input_size, mm_per_px
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
         item = self.items[i % len(self.items)]
-        image = load_prepared(item.path, self.input_size)
+        image = load_prepared(item.path, self.input_size, self.mm_per_px)
         return labelled_sample(image, bool(item.label), spots_of(item), self.input_size)

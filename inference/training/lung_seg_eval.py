@@ -25,28 +25,24 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
 from inference.lung_seg import LungSegmenter, seg_input
 from inference.predictor import DEFAULT_CARD, Detector
-from inference.preprocess import letterbox, prepare
 from inference.training import eval_family as ef
 from inference.training import eval_report as er
 from inference.training.evaluate import json_safe
 from inference.training.phantoms import phantom_dataset
 from inference.training.samples import heldout_phantom
-from inference.types import Location
+from inference.types import Location, PreparedImage
 
 
-def source_mask(segmenter: LungSegmenter, model_input: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """The segmented lung field of a model input, in the source geometry `shape` (bool)."""
-    x = torch.from_numpy(seg_input(model_input))[None, None]
+def source_mask(segmenter: LungSegmenter, image: PreparedImage) -> np.ndarray:
+    """The segmented lung field of a prepared image, in its source geometry (bool)."""
+    x = torch.from_numpy(seg_input(image.model_input))[None, None]
     logits = segmenter.logits(x)[0].cpu().numpy()
-    lb = letterbox(shape, logits.shape[0])
-    content = logits[lb.top:lb.top + lb.height, lb.left:lb.left + lb.width]
-    return cv2.resize(content, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR) > 0
+    return image.placement.at(logits.shape[0]).map_to_source(logits) > 0
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -60,8 +56,12 @@ def _summary(values: list[float]) -> dict:
             "min": float(v.min()), "share_ge_0.90": float((v >= 0.9).mean())}
 
 
-def segmentation_figures(segmenter: LungSegmenter, n: int, size: int, input_size: int) -> dict:
-    """Dice and plausible-area shares on both families, implausible share on abdomen images."""
+def segmentation_figures(detector: Detector, n: int, size: int) -> dict:
+    """Dice and plausible-area shares of the detector's segmentation on both families (images prepared
+    as the detector reads them), implausible share on abdomen images."""
+    segmenter = detector.lungs
+    if segmenter is None:
+        raise ValueError("the detector ships no lung segmentation")
     sources = {
         "independent": lambda i: (ef.make_case(ef.SEED_BASE + i, size, positive=i % 2 == 0), None),
         "training held-out": lambda i: (None, heldout_phantom("test", i, size)),
@@ -72,12 +72,12 @@ def segmentation_figures(segmenter: LungSegmenter, n: int, size: int, input_size
         for i in range(n):
             case, ph = make(i)
             ds, truth = (ef.case_dataset(case), case.lung_mask) if case is not None else (phantom_dataset(ph), ph.lung_field)
-            image = prepare(ds, input_size=input_size)
-            dices.append(dice(source_mask(segmenter, image.model_input, truth.shape), truth))
+            image = detector.prepare(ds)
+            dices.append(dice(source_mask(segmenter, image), truth))
             plausible.append(segmenter.field(image.model_input).plausible)
         out[name] = {"dice": _summary(dices), "plausible_share": float(np.mean(plausible))}
-    flagged = [not segmenter.field(prepare(ef.case_dataset(ef.make_abdomen(ef.SEED_BASE + 500_000 + i, size),
-                                                           body_part="CHEST"), input_size=input_size).model_input).plausible
+    flagged = [not segmenter.field(detector.prepare(ef.case_dataset(ef.make_abdomen(ef.SEED_BASE + 500_000 + i, size),
+                                                                     body_part="CHEST")).model_input).plausible
                for i in range(max(1, n // 10))]
     out["abdomen labelled CHEST"] = {"implausible_share": float(np.mean(flagged)), "n": len(flagged)}
     return out
@@ -103,7 +103,7 @@ def detection_figures(detector: Detector, n: int, size: int) -> dict:
     outside: dict[str, list[bool]] = {k: [] for k in variants}
     for i in range(n):
         case = ef.make_case(ef.SEED_BASE + i, size, positive=i % 2 == 0)
-        image = prepare(ef.case_dataset(case), input_size=detector.input_size)
+        image = detector.prepare(ef.case_dataset(case))
         truth = er.case_truth(case)
         for name, rec in variants.items():
             reads[name].append(er.read_image(rec, image, truth))
@@ -144,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --card {str(args.card)!r} ships no lung_segmentation", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    figs: dict = {"n": args.n, "size": args.size, "segmentation": segmentation_figures(det.lungs, args.n, args.size,
-                                                                                       det.input_size)}
+    figs: dict = {"n": args.n, "size": args.size, "segmentation": segmentation_figures(det, args.n, args.size)}
     print(f"== lung-field segmentation, {args.n} images per family at {args.size} px (Dice against each family's "
           f"own lung masks, the lung behind the heart included)")
     for name, f in figs["segmentation"].items():

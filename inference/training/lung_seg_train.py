@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from inference.lung_seg import SEG_SIZE, LungNet
 from inference.model import load_weights, save_weights
 from inference.model_card import sha256_file
-from inference.preprocess import letterbox, prepare_array
+from inference.geometry import letterbox
+from inference.preprocess import prepare_array
 from inference.training.phantoms import Phantom, generate_phantom, phantom_model_input
 from inference.training.samples import seed_of
 from inference.training.variety import generate_varied
@@ -58,10 +59,7 @@ TEXTS = ("PORTABLE", "AP", "SUPINE", "ERECT", "R", "L", "12:04", "CR 3")
 def _letterboxed(mask: np.ndarray, size: int) -> np.ndarray:
     """A source-geometry mask placed as `prepare_array` places its image (uint8, size x size)."""
     lb = letterbox(mask.shape, size)
-    out = np.zeros((size, size), np.uint8)
-    out[lb.top:lb.top + lb.height, lb.left:lb.left + lb.width] = cv2.resize(
-        mask.astype(np.uint8), (lb.width, lb.height), interpolation=cv2.INTER_NEAREST)
-    return out
+    return lb.pad(lb.resize(mask.astype(np.uint8), cv2.INTER_NEAREST))
 
 
 def pool_sample(index: int, size: int = SEG_SIZE, generator: str = "phantom") -> tuple[np.ndarray, np.ndarray]:
@@ -148,7 +146,7 @@ def augment(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray) -> tu
     """One augmented (input, target) pair, the input normalised as `prepare_array` normalises a served image."""
     image, mask = _geometry(rng, image, mask)
     x = _clutter(rng, _tone(rng, image))
-    return prepare_array(np.clip(x, 0.0, 1.0), image.shape[0]), mask
+    return prepare_array(np.clip(x, 0.0, 1.0), letterbox(x.shape, image.shape[0])), mask
 
 
 def dice(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

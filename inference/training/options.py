@@ -26,6 +26,17 @@ def _families(text: str) -> tuple[str, ...]:
     return names
 
 
+def _positive_mm(text: str) -> float:
+    """`--mm-per-px`: a physical scale in (0, 10) mm per model pixel."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < value < 10.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 10) mm, got {value}")
+    return value
+
+
 def _kinds(text: str) -> str:
     """`--hold-out`: known kinds of the varied generator, comma-separated (imported only when the option is given)."""
     from inference.training.variety import check_kinds
@@ -46,6 +57,12 @@ def train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads in the main process")
     p.add_argument("--batch", type=int, default=32, help="images per optimiser step (default: %(default)s)")
     p.add_argument("--input-size", type=int, default=512, help="the model's square input in pixels (default: %(default)s)")
+    p.add_argument("--mm-per-px", type=_positive_mm, default=None, metavar="MM",
+                   help="physical scale of the model input: images are resampled from their pixel spacing to MM "
+                        "millimetres per model pixel (default: fitted, the longer side fills the input)")
+    p.add_argument("--curriculum", default="scratch", choices=("scratch", "fine-tune"),
+                   help="nodule gain over the time budget: scratch 3 -> 1 with large nodules first; fine-tune "
+                        "1.5 -> 1 at the generator's own sizes (default: %(default)s)")
     p.add_argument("--crop", type=int, default=None, metavar="PX",
                    help="train on PX x PX windows of the images (a multiple of 32; most positives' windows hold the "
                         "finding, the others lie on the lungs): cheaper steps; calibration and test read whole images")

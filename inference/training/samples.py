@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from inference.model import HEAD_STRIDE, heatmap_coord
-from inference.preprocess import letterbox, source_to_model
+from inference.geometry import Letterbox
 from inference.training.phantoms import Phantom, generate_phantom, phantom_model_input
 from inference.training.variety import check_kinds, finding_count, generate_varied
 
@@ -60,34 +60,39 @@ class Curriculum:
         return rows
 
 
-def _lung_target(mask: np.ndarray, out: int) -> np.ndarray:
-    """The lung mask letterboxed like the image, at heatmap resolution (out x out)."""
-    lb = letterbox(mask.shape, out)
-    lung = np.zeros((out, out), bool)
-    small = cv2.resize(mask.astype(np.float32), (lb.width, lb.height), interpolation=cv2.INTER_AREA) > 0.5
-    lung[lb.top:lb.top + lb.height, lb.left:lb.left + lb.width] = small
-    return lung
+# `train --curriculum`: from scratch, high gain and large nodules first; a fine-tune of a trained model
+# dwells near the physical gain instead of relearning the easy cases
+CURRICULA = {
+    "scratch": Curriculum(),
+    "fine-tune": Curriculum(gains=(1.5, 1.25, 1.0), ends=(0.2, 0.45, 1.0), min_diameters=(None, None, None)),
+}
 
 
-def phantom_sample(phantom, input_size: int) -> dict[str, torch.Tensor]:
+def _lung_target(mask: np.ndarray, geometry: Letterbox) -> np.ndarray:
+    """The lung mask placed like the image, at `geometry`'s (heatmap) resolution."""
+    return geometry.pad(geometry.resize(mask.astype(np.float32)) > 0.5)
+
+
+def phantom_sample(phantom, input_size: int, mm_per_px: float | None = None) -> dict[str, torch.Tensor]:
     """Model input and dense targets of one phantom (the dict a DataLoader batches).
 
     The heatmap has a peak at every finding (`phantom.findings` when the phantom
     has several, else its nodule); the radius target is that of the peak the
     loss reads (the heatmap's first maximum); row, col, diameter and contrast
-    are those of `phantom.nodule` (the largest finding)."""
-    image, scale = phantom_model_input(phantom, input_size)
+    are those of `phantom.nodule` (the largest finding). `mm_per_px`: the
+    model's physical scale (None: fitted), as `inference.geometry.letterbox`."""
+    image, geometry = phantom_model_input(phantom, input_size, mm_per_px)
     out = input_size // HEAD_STRIDE
-    lung = _lung_target(phantom.lung_mask, out)
+    lung = _lung_target(phantom.lung_mask, geometry.at(out))
     heat = np.zeros((out, out), np.float32)
     radius_hm = 0.0
     row = col = -1.0
     nod = phantom.nodule
-    lb_scale = letterbox(phantom.pixels.shape, input_size).scale
+    lb_scale = geometry.scale
     first = out * out
     yy, xx = np.mgrid[0:out, 0:out].astype(np.float32)
     for f in getattr(phantom, "findings", ()) or ([nod] if nod is not None else []):
-        f_row, f_col = source_to_model(f.row, f.col, source_shape=phantom.pixels.shape, input_size=input_size)
+        f_row, f_col = geometry.to_model(f.row, f.col)
         f_radius = f.radius_px * lb_scale / HEAD_STRIDE
         r, c = heatmap_coord(f_row), heatmap_coord(f_col)
         sigma = max(1.0, f_radius / 4)
@@ -109,7 +114,7 @@ def phantom_sample(phantom, input_size: int) -> dict[str, torch.Tensor]:
         "radius": torch.tensor(nod.radius_px * lb_scale if nod else 0.0, dtype=torch.float32),
         "diameter_mm": torch.tensor(nod.diameter_mm if nod else 0.0, dtype=torch.float32),
         "contrast": torch.tensor(nod.contrast if nod else 0.0, dtype=torch.float32),
-        "mm_per_px": torch.tensor(phantom.pixel_spacing_mm / scale, dtype=torch.float32),
+        "mm_per_px": torch.tensor(phantom.pixel_spacing_mm / lb_scale, dtype=torch.float32),
     }
 
 
@@ -131,21 +136,21 @@ class HeldOut(Dataset):
     """Calibration or test phantoms of `generator` at the physical gain, positives on even indices."""
 
     def __init__(self, split: str, n: int, input_size: int, start: int = 0, generator: str = "phantom",
-                 hold_out: tuple[str, ...] = ()) -> None:
+                 hold_out: tuple[str, ...] = (), mm_per_px: float | None = None) -> None:
         if n < 2:
             raise ValueError(f"n must be >= 2, got {n!r}")
         seed_of(split, start + n - 1)
         if generator not in GENERATORS:
             raise ValueError(f"generator must be one of {GENERATORS}, got {generator!r}")
         self.split, self.n, self.input_size, self.start = split, n, input_size, start
-        self.generator, self.hold_out = generator, tuple(hold_out)
+        self.generator, self.hold_out, self.mm_per_px = generator, tuple(hold_out), mm_per_px
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         p = heldout_phantom(self.split, self.start + i, self.input_size, self.generator, self.hold_out)
-        return phantom_sample(p, self.input_size)
+        return phantom_sample(p, self.input_size, self.mm_per_px)
 
 
 class TrainStream(Dataset):
@@ -155,14 +160,14 @@ class TrainStream(Dataset):
     with the kinds named in `hold_out` switched off); positives on even indices."""
 
     def __init__(self, input_size: int, t0: float, budget_s: float, curriculum: Curriculum, length: int = 10**8,
-                 generator: str = "phantom", hold_out: tuple[str, ...] = ()) -> None:
+                 generator: str = "phantom", hold_out: tuple[str, ...] = (), mm_per_px: float | None = None) -> None:
         if generator not in GENERATORS:
             raise ValueError(f"generator must be one of {GENERATORS}, got {generator!r}")
         check_kinds(hold_out, "hold-out")
         if hold_out and generator != "varied":
             raise ValueError("hold-out applies to the varied generator only (generator 'varied')")
         self.input_size, self.t0, self.budget_s, self.curriculum, self.length = input_size, t0, budget_s, curriculum, length
-        self.generator, self.hold_out = generator, tuple(hold_out)
+        self.generator, self.hold_out, self.mm_per_px = generator, tuple(hold_out), mm_per_px
 
     def __len__(self) -> int:
         return self.length
@@ -180,7 +185,7 @@ class TrainStream(Dataset):
                                 exclude=self.hold_out, gain=gain, min_diameter_mm=dmin)
         else:
             p = generate_phantom(seed, size=self.input_size, nodule=positive, gain=gain, diameter_mm=diameter)
-        return phantom_sample(p, self.input_size)
+        return phantom_sample(p, self.input_size, self.mm_per_px)
 
 
 def worker_init(_: int) -> None:

@@ -50,11 +50,12 @@ from inference.model import (HEAD_STRIDE, HEATMAP, LUNG, RADIUS, TTA_DESCRIPTION
                              load_weights, save_weights)
 from inference.model_card import (Calibration, ModelCard, ReviewThresholds, load_card, save_card, sha256_file,
                                   verify_file, verify_weights)
-from inference.training.samples import HELD_OUT_GAIN, SPLITS, Curriculum, TrainStream, worker_init
+from inference.training.samples import CURRICULA, HELD_OUT_GAIN, SPLITS, TrainStream, worker_init
 
 PREPROCESSING = (
     "inference.preprocess.prepare: modality LUT, VOI LUT/window, MONOCHROME1 inverted, "
-    "letterboxed to input_size x input_size, per-image percentile scaling (see preprocess.py)"
+    "placed in input_size x input_size (fitted, or resampled to input_mm_per_px from the pixel spacing when the "
+    "card names it; inference.geometry), per-image percentile scaling (see preprocess.py)"
 )
 
 
@@ -235,7 +236,7 @@ def train(args: argparse.Namespace) -> ModelCard:
         # Module.to takes memory_format at run time; torch's overloads leave it out
         net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    curriculum = Curriculum()
+    curriculum = CURRICULA[args.curriculum]
     budget = args.minutes * 60
     t0 = time.time()
     prefetch = _prefetch(args) if args.workers else None
@@ -243,9 +244,9 @@ def train(args: argparse.Namespace) -> ModelCard:
     hold_out = tuple(k for k in args.hold_out.split(",") if k)
     if args.data is None:
         stream, sampler = TrainStream(args.input_size, t0, budget, curriculum, generator=args.generator,
-                                      hold_out=hold_out), None
+                                      hold_out=hold_out, mm_per_px=args.mm_per_px), None
     else:
-        stream = LabelledFolder(args.data, args.input_size, args.labels)
+        stream = LabelledFolder(args.data, args.input_size, args.labels, args.mm_per_px)
         sampler = RandomSampler(stream, replacement=True, num_samples=10**8, generator=torch.Generator().manual_seed(0))
         log(f"training data: {len(stream)} labelled images from {args.data}")
     loader = DataLoader(stream, batch_size=args.batch, num_workers=args.workers, worker_init_fn=worker_init if args.workers else None,
@@ -313,6 +314,7 @@ def train(args: argparse.Namespace) -> ModelCard:
 
     t1 = time.time()
     held = {"generator": args.generator, "hold_out": hold_out} if args.data is None else {}
+    held["mm_per_px"] = args.mm_per_px
     cal = score_heldout(net, "calibration", args.calib_n, args.input_size, device, args.workers,
                         progress_mode=args.progress, **held)
     a, b, threshold = fit_calibration(cal.view_scores.mean(axis=1), cal.labels)
@@ -351,6 +353,7 @@ def train(args: argparse.Namespace) -> ModelCard:
         weights_sha256=sha256_file(args.out / weights_name),
         architecture=architecture_of(net),
         input_size=args.input_size,
+        input_mm_per_px=args.mm_per_px,
         preprocessing=PREPROCESSING,
         threshold=threshold,
         calibration=Calibration("platt on mean TTA image score (max heatmap logit in lung field)", a, b),

@@ -10,7 +10,6 @@ import pytest
 
 from inference.model_card import load_card
 from inference.predictor import Detector
-from inference.preprocess import prepare
 from inference.training import calibrate
 from inference.training.phantoms import phantom_dataset
 from inference.training.samples import heldout_phantom
@@ -29,7 +28,7 @@ def test_refit_rewrites_the_card_and_the_node_reads_with_it(card_copy: Path, cap
 
     det = Detector.load(card_copy, device="cpu", threads=1)
     phantom = heldout_phantom("calibration", 0, 320, "varied")
-    image = prepare(phantom_dataset(phantom, monochrome1=phantom.monochrome1), input_size=det.input_size)
+    image = det.prepare(phantom_dataset(phantom, monochrome1=phantom.monochrome1))
     mean = float(det.view_scores(image).double().mean())
     p, _ = det.probability(image)
     assert math.isclose(p, 1 / (1 + math.exp(-(after.calibration.a * mean + after.calibration.b))), rel_tol=1e-9)

@@ -57,9 +57,7 @@ def test_explanation_is_not_the_detection_heatmap(detector: Detector, image) -> 
     x = tta_views(torch.from_numpy(image.model_input)[None, None])
     _, _, _, detection = explained_forward(detector.net, x, 1, "head")  # the head's map equals the detection heatmap
     explanation = detector.predict(image).heatmap
-    from inference.preprocess import model_map_to_source
-
-    head = np.clip(model_map_to_source(detection[0].numpy(), image.display.shape[:2], detector.input_size), 0, 1)
+    head = np.clip(image.placement.map_to_source(detection[0].numpy()), 0, 1)
     assert np.abs(head - explanation).max() > 0.2
 
 

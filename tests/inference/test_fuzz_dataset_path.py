@@ -131,13 +131,13 @@ def run_worker_path(data: bytes, detector: Detector) -> None:
     """What the worker does with a spooled file, up to the prediction."""
     try:
         source = read_dataset(BytesIO(data))
-        detector.predict(prepare(source, input_size=detector.input_size))
+        detector.predict(detector.prepare(source))
     except DEFINED_ERRORS:
         pass
 
 
 def test_unmutated_phantom_is_predicted(phantom, detector):
-    image = prepare(dcmread(BytesIO(encode(phantom, ExplicitVRLittleEndian))), input_size=detector.input_size)
+    image = detector.prepare(dcmread(BytesIO(encode(phantom, ExplicitVRLittleEndian))))
     assert 0.0 <= detector.predict(image).probability <= 1.0
 
 

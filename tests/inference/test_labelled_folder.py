@@ -13,7 +13,7 @@ from inference.training import evaluate
 from inference.training.labelled_folder import LabelledFolder, labelled_sample, load_prepared, read_labels, read_mha
 from inference.model import HEAD_STRIDE, NoduleNet, heatmap_coord
 from inference.training.phantoms import generate_phantom, phantom_dataset
-from inference.preprocess import source_to_model
+from inference.geometry import letterbox
 from inference.training.train import losses
 
 SIZE = 256
@@ -75,7 +75,7 @@ def test_sample_targets_sit_on_the_boxes_and_train_losses_accept_them(folder: Pa
     item = data.items[1]
     sample = data[1]
     row, col = item.boxes[0].centre
-    r, c = (heatmap_coord(v) for v in source_to_model(row, col, source_shape=(320, 320), input_size=SIZE))
+    r, c = (heatmap_coord(v) for v in letterbox((320, 320), SIZE).to_model(row, col))
     peak = np.unravel_index(int(sample["heat"][0].argmax()), sample["heat"][0].shape)
     assert abs(peak[0] - r) <= 1 and abs(peak[1] - c) <= 1
     assert sample["lung_valid"] == 0 and sample["heat_valid"] == 1 and sample["radius_valid"] == 1

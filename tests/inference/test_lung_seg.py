@@ -9,7 +9,6 @@ import torch
 from inference.lung_seg import BELOW_PX, DILATION_PX, REASON, SEG_SIZE, LungNet, grow
 from inference.model import HEATMAP, OUT_CHANNELS, image_score, restricted
 from inference.predictor import Detector, ReviewPolicy
-from inference.preprocess import prepare
 from inference.training import eval_family as ef
 from inference.training.lung_seg_eval import dice, source_mask
 from inference.training.phantoms import generate_phantom, phantom_dataset
@@ -75,7 +74,7 @@ def detector() -> Detector:
 
 def test_the_shipped_network_finds_the_lungs_of_a_known_phantom(detector: Detector) -> None:
     phantom = generate_phantom(2_000_017, size=512)  # a held-out test seed of the training generator
-    image = prepare(phantom_dataset(phantom), input_size=detector.input_size)
+    image = detector.prepare(phantom_dataset(phantom))
     found = source_mask(detector.lungs, image.model_input, phantom.lung_field.shape)
     assert dice(found, phantom.lung_field) > 0.8
     field = detector.lungs.field(image.model_input)
@@ -84,7 +83,7 @@ def test_the_shipped_network_finds_the_lungs_of_a_known_phantom(detector: Detect
 
 def test_an_abdomen_labelled_chest_has_no_lung_fields_and_goes_to_review(detector: Detector) -> None:
     case = ef.make_abdomen(ef.SEED_BASE + 500_003, 512)
-    image = prepare(ef.case_dataset(case, body_part="CHEST"), input_size=detector.input_size)
+    image = detector.prepare(ef.case_dataset(case, body_part="CHEST"))
     field = detector.lungs.field(image.model_input)
     assert not field.plausible
     prediction = detector.predict(image)

@@ -13,7 +13,6 @@ from inference.training.eval_report import rotate, training_case
 from inference.model_card import load_card
 from inference.ood import FeatureDensity, ledoit_wolf, load_density
 from inference.predictor import DEFAULT_CARD, Detector
-from inference.preprocess import prepare
 
 
 def test_ledoit_wolf_recovers_a_covariance_and_shrinks_when_samples_are_few() -> None:
@@ -61,7 +60,7 @@ def detector() -> Detector:
 
 
 def _score(detector: Detector, case: ef.EvalCase, body_part: str = "CHEST") -> float:
-    return detector.predict(prepare(ef.case_dataset(case, body_part=body_part), input_size=detector.input_size)).ood_score
+    return detector.predict(detector.prepare(ef.case_dataset(case, body_part=body_part))).ood_score
 
 
 @pytest.mark.slow  # the model over dozens of images

@@ -12,8 +12,8 @@ from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from inference.training.phantoms import Phantom, generate_phantom, phantom_dataset
 from inference.training.phantoms import phantom_model_input
-from inference.preprocess import (letterbox, model_map_to_source, model_to_source, prepare,
-                                  prepare_array, source_to_model)
+from inference.geometry import letterbox
+from inference.preprocess import prepare, prepare_array
 from inference.types import NotApplicable, Unreadable
 
 SIZE = 512
@@ -38,13 +38,14 @@ def test_prepare_gives_display_and_model_input():
     assert image.sop_instance_uid == dataset().SOPInstanceUID
 
 
-@pytest.mark.parametrize("input_size", [256, 512])
-def test_phantom_fast_path_matches_prepare(input_size):
+@pytest.mark.parametrize("input_size, mm_per_px", [(256, None), (512, None), (512, 0.9)])
+def test_phantom_fast_path_matches_prepare(input_size, mm_per_px):
     p = phantom()
-    fast, scale = phantom_model_input(p, input_size)
-    assert scale == input_size / SIZE
-    served = prepare(phantom_dataset(p), input_size=input_size).model_input
-    assert np.abs(fast - served).max() <= 1e-4
+    fast, geometry = phantom_model_input(p, input_size, mm_per_px)
+    served = prepare(phantom_dataset(p), input_size=input_size, mm_per_px=mm_per_px)
+    assert geometry == served.geometry
+    assert geometry.scale == pytest.approx(input_size / SIZE if mm_per_px is None else p.pixel_spacing_mm / mm_per_px)
+    assert np.abs(fast - served.model_input).max() <= 1e-4
 
 
 def test_monochrome1_equals_monochrome2():
@@ -86,23 +87,24 @@ def test_odd_geometry_is_letterboxed():
 
 def test_coordinate_mapping_round_trip_and_maps():
     shape = (1999, 1600)
-    r, c = source_to_model(1000.0, 321.0, shape, 512)
-    assert model_to_source(r, c, shape, 512) == pytest.approx((1000.0, 321.0))
-    assert source_to_model(10.0, 20.0, (512, 512), 512) == pytest.approx((10.0, 20.0))
+    lb = letterbox(shape, 512)
+    r, c = lb.to_model(1000.0, 321.0)
+    assert lb.to_source(r, c) == pytest.approx((1000.0, 321.0))
+    assert letterbox((512, 512), 512).to_model(10.0, 20.0) == pytest.approx((10.0, 20.0))
     heat = np.zeros((128, 128), np.float32)
     heat[64, 64] = 1.0
-    src = model_map_to_source(heat, shape, 512)
+    src = lb.map_to_source(heat)
     assert src.shape == shape and src.dtype == np.float32
     peak = np.unravel_index(np.argmax(src), shape)
-    expect = model_to_source(64 * 4 + 1.5, 64 * 4 + 1.5, shape, 512)
+    expect = lb.to_source(64 * 4 + 1.5, 64 * 4 + 1.5)
     assert abs(peak[0] - expect[0]) < 8 and abs(peak[1] - expect[1]) < 8
 
 
 def test_prepare_array_normalises_percentiles():
     ramp = np.tile(np.linspace(0.2, 0.6, 300, dtype=np.float32), (200, 1))
-    out = prepare_array(ramp, 128)
-    assert out.shape == (128, 128) and out.dtype == np.float32
     lb = letterbox(ramp.shape, 128)
+    out = prepare_array(ramp, lb)
+    assert out.shape == (128, 128) and out.dtype == np.float32
     assert (lb.top, lb.height, lb.left, lb.width) == (21, 85, 0, 128)
     content = out[lb.top:lb.top + lb.height]
     assert content.min() == 0.0 and content.max() == 1.0

@@ -34,7 +34,6 @@ def test_statistics_separate_same_from_shifted():
 def _window(settings, sessions, detector, seeds, **shift):
     """Jobs as the pipeline leaves them (probability, uncertainty, embedding, spool file) for phantoms."""
     from inference.training.phantoms import generate_phantom, phantom_dataset
-    from inference.preprocess import prepare
 
     size = shift.pop("size", 256)
     settings.spool_dir.mkdir(parents=True, exist_ok=True)
@@ -43,7 +42,7 @@ def _window(settings, sessions, detector, seeds, **shift):
             ds = phantom_dataset(generate_phantom(seed, size, nodule=seed % 2 == 0, **shift))
             path = settings.spool_dir / f"{ds.SOPInstanceUID}.dcm"
             ds.save_as(path, enforce_file_format=True)
-            p = detector.predict(prepare(ds, input_size=detector.input_size))
+            p = detector.predict(detector.prepare(ds))
             session.add(Job(sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,
                             study_instance_uid=ds.StudyInstanceUID, series_instance_uid=ds.SeriesInstanceUID,
                             transfer_syntax_uid=ds.file_meta.TransferSyntaxUID, calling_aet="STORESCU",

@@ -96,11 +96,10 @@ def test_detector_reports_the_lung_field_rows_the_zone_is_taken_from():
     """The shipped model's lung field on a phantom spans the phantom's own lung mask rows (within 5 %)."""
     from inference.training.phantoms import generate_phantom, phantom_dataset
     from inference.predictor import Detector
-    from inference.preprocess import prepare
 
     detector = Detector.load(device="cpu", threads=1)
     phantom = generate_phantom(778001, 1024)
-    prediction = detector.predict(prepare(phantom_dataset(phantom), input_size=detector.input_size))
+    prediction = detector.predict(detector.prepare(phantom_dataset(phantom)))
     truth = [int(r) for r in np.nonzero(phantom.lung_mask.any(axis=1))[0][[0, -1]]]
     assert prediction.lung_rows is not None
     assert prediction.lung_rows == pytest.approx(truth, abs=0.05 * 1024)
