@@ -14,7 +14,9 @@ the peak and the image score are taken (`inference.model.restricted`). A field w
 implausible for a frontal chest (`AREA_RANGE`, share of the model input) or that the
 network is undecided about (`MAX_UNDECIDED`: an abdomen's gas gives such fields) is a
 failed segmentation: the image goes to review with `REASON` and is read inside the
-detection network's own lung channel.
+detection network's own lung channel. A plausible field whose two lungs do not lie
+side by side (`side_by_side`: a lateral view superimposes them, a rotated image
+stacks them) goes to review with `NOT_FRONTAL`, whatever ViewPosition says or omits.
 """
 from __future__ import annotations
 
@@ -42,6 +44,12 @@ UNDECIDED_LOGIT = math.log(9.0)  # |logit| below it: probability in (0.1, 0.9)
 DILATION_PX = 6  # segmentation px (about 9 mm on a 400 mm field) the field is grown by in every direction
 BELOW_PX = 12  # ... and downwards, for the lung behind the diaphragm domes (about 19 mm)
 REASON = "lung_fields_not_found"
+NOT_FRONTAL = "view_not_frontal"
+# A frontal field's two largest parts: the smaller holds 0.40-0.50 of the field and they share 0.94-1.00 of the
+# shorter one's rows (36 frontal images of the three families, 12 each); a chest rotated by 90 degrees gives
+# stacked parts (shared rows < 0). The bounds leave room for a small or partly hidden lung.
+MIN_LUNG_SHARE = 0.25
+MIN_SHARED_ROWS = 0.6
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -99,6 +107,26 @@ class LungField:
     undecided: float  # pixels with lung probability in (0.1, 0.9) per field pixel
     plausible: bool
     region: torch.Tensor  # bool (SEG_SIZE, SEG_SIZE): the mask grown (`grow`), where findings may be
+    frontal: bool = True  # two lungs side by side (`side_by_side`)
+
+
+def side_by_side(mask: np.ndarray) -> bool:
+    """Whether a lung-field mask shows two lungs side by side, as a frontal view does: its two largest parts
+    each hold at least MIN_LUNG_SHARE of it, do not overlap left to right, and share at least MIN_SHARED_ROWS
+    of the shorter one's rows."""
+    count, _, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    if count < 3:  # background and fewer than two parts
+        return False
+    parts = stats[1:]
+    first, second = parts[np.argsort(parts[:, cv2.CC_STAT_AREA])[::-1][:2]]
+    if second[cv2.CC_STAT_AREA] < MIN_LUNG_SHARE * parts[:, cv2.CC_STAT_AREA].sum():
+        return False
+    left, right = sorted((first, second), key=lambda s: s[cv2.CC_STAT_LEFT])
+    if left[cv2.CC_STAT_LEFT] + left[cv2.CC_STAT_WIDTH] > right[cv2.CC_STAT_LEFT]:
+        return False
+    top = max(left[cv2.CC_STAT_TOP], right[cv2.CC_STAT_TOP])
+    bottom = min(left[cv2.CC_STAT_TOP] + left[cv2.CC_STAT_HEIGHT], right[cv2.CC_STAT_TOP] + right[cv2.CC_STAT_HEIGHT])
+    return bottom - top >= MIN_SHARED_ROWS * min(left[cv2.CC_STAT_HEIGHT], right[cv2.CC_STAT_HEIGHT])
 
 
 class LungSegmenter:
@@ -128,5 +156,6 @@ class LungSegmenter:
         area = float(mask.float().mean())
         undecided = float((logits.abs() < UNDECIDED_LOGIT).sum()) / max(int(mask.sum()), 1)
         plausible = self.area_range[0] <= area <= self.area_range[1] and undecided <= self.max_undecided
-        return LungField(mask[0].cpu().numpy(), area, undecided, plausible, grow(mask)[0])
+        field = mask[0].cpu().numpy()
+        return LungField(field, area, undecided, plausible, grow(mask)[0], side_by_side(field))
 

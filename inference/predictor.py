@@ -18,7 +18,8 @@ segmentation is undecided about, is a failed segmentation: the image goes to rev
 channel as before the segmentation existed.
 
 The review decision lists its reasons: `near_threshold`, `uncertain`,
-`out_of_distribution`, `lung_fields_not_found`, and every quality flag of the image that the policy
+`out_of_distribution`, `lung_fields_not_found`, `view_not_frontal` (the lung fields do not lie
+side by side), and every quality flag of the image that the policy
 names (a portable AP film, no pixel spacing, a secondary capture).
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ from config.settings import ModelSettings
 from inference import torch_setup
 from inference.geometry import Letterbox
 from inference.gradcam import explained_forward
+from inference.lung_seg import NOT_FRONTAL
 from inference.lung_seg import REASON as LUNG_REASON
 from inference.lung_seg import LungField, LungSegmenter
 from inference.model import LUNG, RADIUS, NoduleNet, build_network, embed, image_score, load_weights, model_coord, tta_views
@@ -67,7 +69,7 @@ class ReviewPolicy:
             raise ValueError(f"max_uncertainty must be in [0, 0.5], got {self.max_uncertainty!r}")
 
     def reasons(self, p: float, threshold: float, uncertainty: float, ood: bool, quality_flags: tuple[str, ...],
-                lungs_found: bool = True) -> tuple[str, ...]:
+                lungs_found: bool = True, frontal: bool = True) -> tuple[str, ...]:
         found = []
         if abs(p - threshold) < self.margin:
             found.append("near_threshold")
@@ -77,6 +79,8 @@ class ReviewPolicy:
             found.append(OOD_REASON)
         if not lungs_found:
             found.append(LUNG_REASON)
+        elif not frontal:
+            found.append(NOT_FRONTAL)
         return tuple(found + [f for f in quality_flags if f in self.flags])
 
 
@@ -181,7 +185,8 @@ class Detector:
             ood = float(self.density.score(pooled_features(out.deep_features[:1]))[0])
             out_of_distribution = ood > self.density.threshold
         reasons = self.review.reasons(p, self.card.threshold, unc, out_of_distribution, image.quality_flags,
-                                      lungs_found=field is None or field.plausible)
+                                      lungs_found=field is None or field.plausible,
+                                      frontal=field is None or field.frontal)
         cam_np = cam[0].cpu().numpy()
         w = out.maps.shape[-1]
         peak = int(np.argmax(cam_np)) if self.card.location_source == "gradcam" else int(idx[0])

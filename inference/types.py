@@ -75,6 +75,7 @@ REVIEW_REASON_CODES = {
     "uncertain": ("UNCERTAIN", "Model uncertainty high"),
     "out_of_distribution": ("OUTOFDIST", "Image out of the model's training distribution"),
     "lung_fields_not_found": ("NOLUNGFIELDS", "Lung fields not found"),
+    "view_not_frontal": ("NOTFRONTAL", "Lung fields not side by side as in a frontal view"),
     "ap_view": ("APVIEW", "Antero-posterior (portable) view"),
     "no_pixel_spacing": ("NOSPACING", "Pixel spacing missing"),
     "invalid_pixel_spacing": ("BADSPACING", "Pixel spacing invalid"),
@@ -95,7 +96,8 @@ class Prediction:
     not known); the report names the finding's zone from it.
     `review` is True when `review_reasons` is not empty: `near_threshold`,
     `uncertain`, `out_of_distribution`, `lung_fields_not_found` (the lung-field
-    segmentation found no plausible lung fields), or a quality flag that makes a read
+    segmentation found no plausible lung fields), `view_not_frontal` (the two lung
+    fields do not lie side by side, as in a lateral or rotated image), or a quality flag that makes a read
     unreliable (`ap_view`, `no_pixel_spacing`, `invalid_pixel_spacing`,
     `secondary_capture`). `ood_score` is the Mahalanobis distance of the image's
     encoder features to the training images' (None when the card has no density).

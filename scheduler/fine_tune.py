@@ -49,6 +49,8 @@ from scheduler.fine_tune_contract import AdjudicatedCase, ContractError, FineTun
 if TYPE_CHECKING:
     from tqdm import tqdm
 
+    from inference.training.samples import ModelImages
+
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
@@ -91,30 +93,28 @@ class Reporter:
             self.bar = None
 
 
-def case_sample(case: AdjudicatedCase, input_size: int, flip: bool = False) -> dict:
-    """Training sample of one adjudicated case: image label, heatmap target at the click when given
-    (built as a labelled folder's, `inference.training.labelled_folder.labelled_sample`)."""
+def case_sample(case: AdjudicatedCase, images: ModelImages, flip: bool = False) -> dict:
+    """Training sample of one adjudicated case, read as the champion reads images: image label, heatmap
+    target at the click when given (built as a labelled folder's, `inference.training.labelled_folder.labelled_sample`)."""
     from pydicom import dcmread
 
     from inference.training.labelled_folder import labelled_sample
     from inference.preprocess import prepare
 
-    prepared = prepare(dcmread(case.spool_path), input_size=input_size)
+    prepared = prepare(dcmread(case.spool_path), input_size=images.input_size, mm_per_px=images.mm_per_px)
     present = case.nodule_present != flip
     spots = [(*case.location, None)] if present and case.location and not flip else []
-    return labelled_sample(prepared, present, spots, input_size)
+    return labelled_sample(prepared, present, spots, images.input_size)
 
 
-def phantom_samples(seed_indices: list[int], input_size: int, flip: bool = False) -> list[dict]:
-    """Fresh training phantoms (train split, physical gain, positives on even indices) with dense targets."""
+def phantom_samples(seed_indices: list[int], images: ModelImages, flip: bool = False) -> list[dict]:
+    """Fresh training images of the champion's generator (train split, physical gain, positives on even
+    indices) with dense targets."""
     import torch
-
-    from inference.training.samples import heldout_phantom, phantom_sample
 
     samples = []
     for i in seed_indices:
-        p = heldout_phantom("train", i, input_size)
-        s = {k: s_v for k, s_v in phantom_sample(p, input_size).items()
+        s = {k: s_v for k, s_v in images.sample("train", i).items()
              if k in ("image", "heat", "lung", "log_radius", "label")}
         s.update(heat_valid=torch.tensor(1.0), lung_valid=torch.tensor(1.0), radius_valid=torch.tensor(1.0))
         if flip:
@@ -146,6 +146,7 @@ def fine_tune(manifest: FineTuneManifest, report: Reporter) -> FineTuneResult:
     from inference.training.metrics import fit_calibration
     from inference.model import build_network, load_weights, save_weights
     from inference.model_card import Calibration, load_card, save_card, sha256_file, verify_weights
+    from inference.training.samples import ModelImages
     from inference.training.train import LOSS_WEIGHTS, augment, losses, optimise_step
 
     t_start = time.time()
@@ -160,6 +161,7 @@ def fine_tune(manifest: FineTuneManifest, report: Reporter) -> FineTuneResult:
     champion_card_path = manifest.champion_card
     card = load_card(champion_card_path)
     size = card.input_size
+    images = ModelImages.of(card)
     torch.manual_seed(manifest.seed)
     gen = torch.Generator().manual_seed(manifest.seed)
 
@@ -174,11 +176,11 @@ def fine_tune(manifest: FineTuneManifest, report: Reporter) -> FineTuneResult:
     report.phase("data", len(train_cases) + n_ph)
     case_set = []
     for c in train_cases:
-        case_set.append(case_sample(c, size, flip))
+        case_set.append(case_sample(c, images, flip))
         report.step(len(case_set))
     phantom_set = []
     for i in phantom_indices:
-        phantom_set += phantom_samples([i], size, flip)
+        phantom_set += phantom_samples([i], images, flip)
         report.step(len(case_set) + len(phantom_set))
     data_s = time.time() - t_data
 
@@ -238,7 +240,7 @@ def fine_tune(manifest: FineTuneManifest, report: Reporter) -> FineTuneResult:
         n_cal = _or(manifest.calibration_phantoms, reg.calibration_phantoms)
         if n_cal:
             report.phase("calibration", n_cal)
-            scores, labels = _calibration_scores(net, n_cal, size, report)
+            scores, labels = _calibration_scores(net, n_cal, images, report)
             a, b, threshold = fit_calibration(scores, labels)
             calibration = Calibration(card.calibration.method, a, b)
 
@@ -303,17 +305,14 @@ def fine_tune(manifest: FineTuneManifest, report: Reporter) -> FineTuneResult:
                           total_seconds=round(time.time() - t_start, 2), finished_at=time.time())
 
 
-def _calibration_scores(net, n: int, size: int, report: Reporter) -> tuple[np.ndarray, np.ndarray]:
+def _calibration_scores(net, n: int, images: ModelImages, report: Reporter) -> tuple[np.ndarray, np.ndarray]:
     import torch
 
     from inference.model import image_score, tta_views
-    from inference.training.phantoms import phantom_model_input
-    from inference.training.samples import heldout_phantom
 
     scores, labels = [], []
     for i in range(n):
-        p = heldout_phantom("calibration", i, size)
-        x = torch.from_numpy(phantom_model_input(p, size)[0])[None, None]
+        x = images.sample("calibration", i)["image"][None]
         with torch.inference_mode():
             s, _ = image_score(net(tta_views(x)).maps)
         scores.append(float(s.mean()))

@@ -28,6 +28,7 @@ import structlog
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from config.settings import Settings  # noqa: E402
+from inference.model_card import ModelCard  # noqa: E402
 from scheduler.fine_tune_contract import AdjudicatedCase, GateFigures  # noqa: E402
 
 log = structlog.get_logger(__name__)
@@ -227,24 +228,25 @@ def figures(probs: np.ndarray, labels: np.ndarray, threshold: float, n_phantoms:
                        len(labels), n_phantoms, len(labels) - n_phantoms)
 
 
-def gate_inputs(settings: Settings, input_size: int, verdict_cases: Sequence[AdjudicatedCase]
+def gate_inputs(settings: Settings, card: ModelCard, verdict_cases: Sequence[AdjudicatedCase]
                 ) -> tuple[list[np.ndarray], np.ndarray, int]:
-    """The fixed evaluation set: `eval_phantoms` test-split phantoms from `eval_start`, then the held-out verdict cases."""
+    """The fixed evaluation set, read as the candidate's card reads images: `eval_phantoms` test-split images
+    of its training generator from `eval_start`, then the held-out verdict cases."""
     from pydicom import dcmread
 
     from inference.preprocess import prepare
-    from inference.training.phantoms import phantom_model_input
-    from inference.training.samples import heldout_phantom
+    from inference.training.samples import ModelImages
 
     reg = settings.registry
+    spec = ModelImages.of(card)
     images, labels = [], []
     for i in range(reg.eval_start, reg.eval_start + reg.eval_phantoms):
-        p = heldout_phantom("test", i, input_size)
-        images.append(phantom_model_input(p, input_size)[0])
+        images.append(spec.sample("test", i)["image"][0].numpy())
         labels.append(i % 2 == 0)
     n_phantoms = len(images)
     for case in verdict_cases:
-        images.append(prepare(dcmread(case.spool_path), input_size=input_size).model_input)
+        images.append(prepare(dcmread(case.spool_path), input_size=card.input_size,
+                              mm_per_px=card.input_mm_per_px).model_input)
         labels.append(case.nodule_present)
     return images, np.array(labels, bool), n_phantoms
 
@@ -278,7 +280,7 @@ def evaluate_gate(settings: Settings, candidate_card: Path, champion_card: Path,
                   ) -> tuple[bool, list[str], GateFigures, GateFigures]:
     from inference.model_card import load_card
 
-    images, labels, n_ph = gate_inputs(settings, load_card(candidate_card).input_size, verdict_cases)
+    images, labels, n_ph = gate_inputs(settings, load_card(candidate_card), verdict_cases)
     cand = figures(*_swap(score(candidate_card, images), labels), n_ph)
     champ = figures(*_swap(score(champion_card, images), labels), n_ph)
     passed, reasons = gate(cand, champ, settings)

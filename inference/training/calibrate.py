@@ -24,7 +24,7 @@ from inference.predictor import Detector
 from inference.training import progress
 from inference.training.metrics import auc, ece, fit_calibration, json_safe, platt
 from inference.training.eval_report import heldout_dataset
-from inference.training.samples import GENERATORS
+from inference.training.samples import GENERATORS, trained_generator
 from inference.types import NotApplicable, Unreadable
 
 METHOD = ("platt on the mean TTA image score as the node computes it (DICOM, prepare, max heatmap logit inside "
@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     """Refit the card's Platt scaling and threshold on the node's scores and rewrite the card in place."""
     p = argparse.ArgumentParser(prog="python -m inference.training.calibrate", description=main.__doc__)
     p.add_argument("--card", type=Path, required=True, help="the card to recalibrate (rewritten in place)")
-    p.add_argument("--generator", default="phantom", choices=GENERATORS,
-                   help="the generator the model was trained on (default: %(default)s)")
+    p.add_argument("--generator", default=None, choices=GENERATORS,
+                   help="the generator the model was trained on (default: the card's)")
     p.add_argument("--n", type=int, default=400, help="calibration-split images, half with a finding (default: %(default)s)")
     p.add_argument("--size", type=int, default=None, help="their long side in pixels (default: the model's input size)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
@@ -64,12 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.n < 4:
         p.error(f"--n must be at least 4, got {args.n}")
     det = Detector.load(args.card, device="cpu", threads=args.threads)
-    scores, labels, skipped = serving_scores(det, args.generator, args.n, args.size or det.input_size, args.progress)
+    generator = args.generator or trained_generator(det.card)
+    scores, labels, skipped = serving_scores(det, generator, args.n, args.size or det.input_size, args.progress)
     mean = scores.mean(axis=1)
     before = platt(mean, det.card.calibration.a, det.card.calibration.b)
     a, b, threshold = fit_calibration(mean, labels)
     after = platt(mean, a, b)
-    record = {"generator": args.generator, "n": args.n, "skipped": skipped, "size": args.size or det.input_size,
+    record = {"generator": generator, "n": args.n, "skipped": skipped, "size": args.size or det.input_size,
               "seeds": "calibration split indices [0, n), findings on even indices", "auc": auc(mean, labels),
               "ece_with_training_calibration": ece(before, labels), "ece_refitted_in_sample": ece(after, labels),
               "training_calibration": dataclasses.asdict(det.card.calibration),

@@ -68,14 +68,17 @@ def segmentation_figures(detector: Detector, n: int, size: int) -> dict:
     }
     out: dict = {}
     for name, make in sources.items():
-        dices, plausible = [], []
+        dices, plausible, frontal = [], [], []
         for i in range(n):
             case, ph = make(i)
             ds, truth = (ef.case_dataset(case), case.lung_mask) if case is not None else (phantom_dataset(ph), ph.lung_field)
             image = detector.prepare(ds)
             dices.append(dice(source_mask(segmenter, image), truth))
-            plausible.append(segmenter.field(image.model_input).plausible)
-        out[name] = {"dice": _summary(dices), "plausible_share": float(np.mean(plausible))}
+            field = segmenter.field(image.model_input)
+            plausible.append(field.plausible)
+            frontal.append(field.plausible and field.frontal)
+        out[name] = {"dice": _summary(dices), "plausible_share": float(np.mean(plausible)),
+                     "frontal_share": float(np.mean(frontal))}
     flagged = [not segmenter.field(detector.prepare(ef.case_dataset(ef.make_abdomen(ef.SEED_BASE + 500_000 + i, size),
                                                                      body_part="CHEST")).model_input).plausible
                for i in range(max(1, n // 10))]
@@ -151,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         if "dice" in f:
             d = f["dice"]
             print(f"{name:>20}: Dice mean {d['mean']:.3f}, median {d['median']:.3f}, 5th percentile {d['p05']:.3f}, "
-                  f"min {d['min']:.3f}, share >= 0.90 {d['share_ge_0.90']:.3f}; field plausible {f['plausible_share']:.3f}")
+                  f"min {d['min']:.3f}, share >= 0.90 {d['share_ge_0.90']:.3f}; field plausible {f['plausible_share']:.3f}, "
+                  f"plausible and frontal (two lungs side by side) {f['frontal_share']:.3f}")
         else:
             print(f"{name:>20}: lung fields not found (implausible area or undecided) {f['implausible_share']:.3f} of {f['n']}")
     if args.detector:

@@ -47,8 +47,8 @@ from inference.model import load_weights, save_weights
 from inference.model_card import sha256_file
 from inference.geometry import letterbox
 from inference.preprocess import prepare_array
-from inference.training.phantoms import Phantom, generate_phantom, phantom_model_input
-from inference.training.samples import seed_of
+from inference.training.phantoms import Phantom, generate_phantom
+from inference.training.samples import phantom_model_input, seed_of
 from inference.training.variety import generate_varied
 
 GENERATORS = ("phantom", "mixed")

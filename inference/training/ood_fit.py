@@ -18,14 +18,14 @@ import torch
 from inference.model_card import save_card, sha256_file
 from inference.ood import FeatureDensity, pooled_features
 from inference.predictor import Detector
-from inference.training.samples import GENERATORS, heldout_phantom, phantom_sample
+from inference.training.samples import GENERATORS, ModelImages
 
 
-def _features(net, split: str, n: int, start: int, input_size: int, generator: str) -> np.ndarray:
-    """Pooled deep features of images `start`..`start + n - 1` of `split` (positives on even indices, physical gain)."""
+def _features(net, images: ModelImages, split: str, n: int) -> np.ndarray:
+    """Pooled deep features of images 0..n - 1 of `split` (positives on even indices, physical gain)."""
     rows = []
-    for i in range(start, start + n):
-        sample = phantom_sample(heldout_phantom(split, i, input_size, generator), input_size)
+    for i in range(n):
+        sample = images.sample(split, i)
         with torch.inference_mode():
             rows.append(pooled_features(net(sample["image"][None]).deep_features)[0])
     return np.stack(rows)
@@ -41,23 +41,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None,
                    help="the .npz to write, in the card's folder (default: the weights' name with .ood.npz)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--generator", default="phantom", choices=GENERATORS,
-                   help="the generator the model was trained on (default: %(default)s)")
+    p.add_argument("--generator", default=None, choices=GENERATORS,
+                   help="the generator the model was trained on (default: the card's)")
     args = p.parse_args(argv)
     det = Detector.load(args.card, device="cpu", threads=args.threads)
     out = args.out or args.card.parent / f"{Path(det.card.weights_file).stem}.ood.npz"
     if out.resolve().parent != args.card.resolve().parent:
         p.error(f"--out must lie in the card's folder ({args.card.parent}), got {out}")
-    fit = _features(det.net, "train", args.fit_n, 0, det.input_size, args.generator)
-    held = _features(det.net, "calibration", args.threshold_n, 0, det.input_size, args.generator)
+    images = ModelImages.of(det.card, args.generator)
+    fit = _features(det.net, images, "train", args.fit_n)
+    held = _features(det.net, images, "calibration", args.threshold_n)
     probe = FeatureDensity.fit(fit, 1.0)
     threshold = float(np.percentile(probe.score(held), args.percentile))
     FeatureDensity(probe.mean, probe.precision, threshold).save(out)
     entry = {"file": out.name, "sha256": sha256_file(out), "threshold": threshold,
              "percentile": args.percentile, "feature": "GAP of the stride-16 encoder features, original view",
-             "fit": f"{args.generator} generator, train split indices [0, {args.fit_n}) at {det.input_size} px "
+             "fit": f"{images.generator} generator, train split indices [0, {args.fit_n}) at {det.input_size} px "
                     f"(positives on even)",
-             "threshold_from": f"{args.generator} generator, calibration split indices [0, {args.threshold_n})",
+             "threshold_from": f"{images.generator} generator, calibration split indices [0, {args.threshold_n})",
              "fit_scores_median": float(np.median(probe.score(fit))),
              "calibration_scores_median": float(np.median(probe.score(held))),
              "command": "python -m inference.training.ood_fit " + " ".join(argv if argv is not None else sys.argv[1:])}

@@ -28,8 +28,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
-from inference.geometry import Letterbox, letterbox
-from inference.preprocess import _window_linear, default_window, prepare_array
+from inference.preprocess import default_window
 
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
@@ -581,17 +580,6 @@ def main(argv: list[str] | None = None) -> None:
     paths = write_phantom_series(args.out_dir, args.count, args.seed, args.size, gain=args.gain,
                                  nodule=args.nodule, monochrome1=args.monochrome1)
     print(f"wrote {len(paths)} files to {args.out_dir}")
-
-
-def phantom_model_input(phantom: Phantom, input_size: int, mm_per_px: float | None = None
-                        ) -> tuple[np.ndarray, Letterbox]:
-    """What `prepare(phantom_dataset(phantom), input_size=..., mm_per_px=...)` gives the model, without
-    the DICOM round trip: the model input and where the phantom lies in it."""
-    centre, width = default_window(phantom.pixels)
-    display = _window_linear(phantom.pixels.astype(np.float32), centre, width)
-    spacing = float(phantom.pixel_spacing_mm)
-    geometry = letterbox(display.shape, input_size, (spacing, spacing), mm_per_px)
-    return prepare_array(display, geometry), geometry
 
 
 if __name__ == "__main__":

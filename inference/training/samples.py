@@ -19,8 +19,10 @@ import torch
 from torch.utils.data import Dataset
 
 from inference.model import HEAD_STRIDE, heatmap_coord
-from inference.geometry import Letterbox
-from inference.training.phantoms import Phantom, generate_phantom, phantom_model_input
+from inference.model_card import ModelCard
+from inference.geometry import Letterbox, letterbox
+from inference.preprocess import _window_linear, default_window, prepare_array
+from inference.training.phantoms import Phantom, generate_phantom
 from inference.training.variety import check_kinds, finding_count, generate_varied
 
 SPLITS = {"calibration": 1_000_000, "test": 2_000_000, "train": 10_000_000}
@@ -66,6 +68,17 @@ CURRICULA = {
     "scratch": Curriculum(),
     "fine-tune": Curriculum(gains=(1.5, 1.25, 1.0), ends=(0.2, 0.45, 1.0), min_diameters=(None, None, None)),
 }
+
+
+def phantom_model_input(phantom: Phantom, input_size: int, mm_per_px: float | None = None
+                        ) -> tuple[np.ndarray, Letterbox]:
+    """What `prepare(phantom_dataset(phantom), input_size=..., mm_per_px=...)` gives the model, without
+    the DICOM round trip: the model input and where the phantom lies in it."""
+    centre, width = default_window(phantom.pixels)
+    display = _window_linear(phantom.pixels.astype(np.float32), centre, width)
+    spacing = float(phantom.pixel_spacing_mm)
+    geometry = letterbox(display.shape, input_size, (spacing, spacing), mm_per_px)
+    return prepare_array(display, geometry), geometry
 
 
 def _lung_target(mask: np.ndarray, geometry: Letterbox) -> np.ndarray:
@@ -130,6 +143,30 @@ def heldout_phantom(split: str, index: int, size: int, generator: str = "phantom
     if generator != "phantom":
         raise ValueError(f"generator must be one of {GENERATORS}, got {generator!r}")
     return generate_phantom(seed, size=size, nodule=index % 2 == 0, gain=HELD_OUT_GAIN)
+
+
+def trained_generator(card: ModelCard) -> str:
+    """The generator a card's model was trained on, read from its fingerprint (`training.generator`)."""
+    return "varied" if "; varied:" in str(card.training.get("generator", "")) else "phantom"
+
+
+@dataclass(frozen=True)
+class ModelImages:
+    """Held-out images as one model reads them: its training generator, input size and physical scale."""
+
+    generator: str
+    input_size: int
+    mm_per_px: float | None = None
+
+    @classmethod
+    def of(cls, card: ModelCard, generator: str | None = None) -> ModelImages:
+        """The card's (`generator` overrides the one it was trained on)."""
+        return cls(generator or trained_generator(card), card.input_size, card.input_mm_per_px)
+
+    def sample(self, split: str, index: int) -> dict[str, torch.Tensor]:
+        """`phantom_sample` of held-out image `index` of `split` (a finding on even indices)."""
+        return phantom_sample(heldout_phantom(split, index, self.input_size, self.generator), self.input_size,
+                              self.mm_per_px)
 
 
 class HeldOut(Dataset):

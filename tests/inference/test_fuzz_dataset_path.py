@@ -35,7 +35,7 @@ from pydicom.uid import (JPEG2000, DeflatedExplicitVRLittleEndian, ExplicitVRBig
 
 from inference.training.phantoms import generate_phantom, phantom_dataset
 from inference.predictor import Detector
-from inference.preprocess import prepare, read_dataset
+from inference.preprocess import read_dataset
 from inference.types import NotApplicable, Unreadable
 
 ROOT = Path(__file__).resolve().parents[2]

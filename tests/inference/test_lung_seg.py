@@ -2,11 +2,13 @@
 phantom, and a non-chest image becoming a review reason."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
-from inference.lung_seg import BELOW_PX, DILATION_PX, REASON, SEG_SIZE, LungNet, grow
+from inference.lung_seg import BELOW_PX, DILATION_PX, NOT_FRONTAL, REASON, SEG_SIZE, LungNet, grow, side_by_side
 from inference.model import HEATMAP, OUT_CHANNELS, image_score, restricted
 from inference.predictor import Detector, ReviewPolicy
 from inference.training import eval_family as ef
@@ -75,10 +77,41 @@ def detector() -> Detector:
 def test_the_shipped_network_finds_the_lungs_of_a_known_phantom(detector: Detector) -> None:
     phantom = generate_phantom(2_000_017, size=512)  # a held-out test seed of the training generator
     image = detector.prepare(phantom_dataset(phantom))
-    found = source_mask(detector.lungs, image.model_input, phantom.lung_field.shape)
+    found = source_mask(detector.lungs, image)
     assert dice(found, phantom.lung_field) > 0.8
     field = detector.lungs.field(image.model_input)
-    assert field.plausible and REASON not in detector.predict(image).review_reasons
+    assert field.plausible and field.frontal
+    assert not {REASON, NOT_FRONTAL} & set(detector.predict(image).review_reasons)
+
+
+def _blobs(*boxes: tuple[int, int, int, int]) -> np.ndarray:
+    mask = np.zeros((64, 64), bool)
+    for top, left, height, width in boxes:
+        mask[top:top + height, left:left + width] = True
+    return mask
+
+
+def test_two_lungs_side_by_side_make_a_frontal_field() -> None:
+    assert side_by_side(_blobs((10, 8, 40, 18), (12, 36, 38, 20)))
+    assert not side_by_side(_blobs((10, 8, 40, 48)))  # one region: lungs superimposed, as in a lateral view
+    assert not side_by_side(_blobs((4, 10, 18, 44), (36, 10, 20, 44)))  # stacked: a chest rotated by 90 degrees
+    assert not side_by_side(_blobs((10, 8, 40, 18), (12, 36, 8, 6)))  # the second part is a speck
+    assert not side_by_side(_blobs((10, 8, 40, 30), (12, 30, 38, 20)))  # overlapping left to right
+
+
+def test_a_chest_turned_on_its_side_is_not_read_as_frontal(detector: Detector) -> None:
+    assert NOT_FRONTAL in REVIEW_REASON_CODES
+    case = ef.make_case(ef.SEED_BASE + 7, 512, positive=False)  # the independent family: not our generator
+    upright = ef.case_dataset(case)
+    turned = ef.case_dataset(dataclasses.replace(case, pixels=np.ascontiguousarray(np.rot90(case.pixels)),
+                                                 lung_mask=np.ascontiguousarray(np.rot90(case.lung_mask))))
+    assert detector.lungs.field(detector.prepare(upright).model_input).frontal
+    field = detector.lungs.field(detector.prepare(turned).model_input)
+    assert not (field.plausible and field.frontal)
+    reasons = detector.predict(detector.prepare(turned)).review_reasons
+    assert (NOT_FRONTAL if field.plausible else REASON) in reasons
+    assert ReviewPolicy().reasons(0.01, 0.6, 0.0, False, (), frontal=False) == (NOT_FRONTAL,)
+    assert ReviewPolicy().reasons(0.01, 0.6, 0.0, False, (), lungs_found=False, frontal=False) == (REASON,)
 
 
 def test_an_abdomen_labelled_chest_has_no_lung_fields_and_goes_to_review(detector: Detector) -> None:

@@ -9,7 +9,7 @@ from inference.training.metrics import auc, ece, fit_platt, platt, youden_thresh
 from inference.model import NoduleNet, build_network, embed, image_score, lung_region, tta_views
 from inference.training.phantoms import generate_phantom
 from inference.predictor import Detector
-from inference.training.phantoms import phantom_model_input
+from inference.training.samples import phantom_model_input
 from inference.training.samples import seed_of
 
 torch.set_num_threads(2)

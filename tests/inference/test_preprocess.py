@@ -11,7 +11,7 @@ import pytest
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from inference.training.phantoms import Phantom, generate_phantom, phantom_dataset
-from inference.training.phantoms import phantom_model_input
+from inference.training.samples import phantom_model_input
 from inference.geometry import letterbox
 from inference.preprocess import prepare, prepare_array
 from inference.types import NotApplicable, Unreadable

@@ -10,7 +10,8 @@ import pydicom
 import pytest
 
 from inference.preprocess import _window_linear, default_window, prepare
-from inference.training.phantoms import phantom_dataset, phantom_model_input
+from inference.training.phantoms import phantom_dataset
+from inference.training.samples import phantom_model_input
 from inference.training.samples import Curriculum, TrainStream, phantom_sample
 from inference.training.variety import KINDS, generate_varied
 from inference.training.variety_acquisition import Geometry
