@@ -101,17 +101,19 @@ def image_stats(ds, prepared) -> dict:
 
 
 def build_reference(card_path: Path | None, out: Path, n: int = 120, size: int = 512, index0: int = REFERENCE_INDEX0,
-                    detector=None) -> Path:
-    """Run the Detector on `n` held-out phantoms (DICOM path) and write the reference NPZ to `out`."""
-    from inference.training.phantoms import phantom_dataset
+                    detector=None, generator: str | None = None) -> Path:
+    """Run the Detector on `n` held-out images of `generator` (default: the one its model was trained on;
+    DICOM path, stored as the generator chose) and write the reference NPZ to `out`."""
     from inference.predictor import Detector
-    from inference.training.samples import HELD_OUT_GAIN, heldout_phantom
+    from inference.training.eval_report import heldout_dataset
+    from inference.training.samples import HELD_OUT_GAIN, trained_generator
 
     detector = detector or Detector.load(card_path, device="cpu")
+    generator = generator or trained_generator(detector.card)
     rows: list[dict] = []
     embeddings = []
     for i in range(index0, index0 + n):
-        ds = phantom_dataset(heldout_phantom("calibration", i, size))
+        _, ds = heldout_dataset("calibration", i, size, generator)
         prepared = detector.prepare(ds)
         p = detector.predict(prepared)
         rows.append({"probability": p.probability, "uncertainty": p.uncertainty, **image_stats(ds, prepared)})
@@ -122,7 +124,8 @@ def build_reference(card_path: Path | None, out: Path, n: int = 120, size: int =
         embeddings=np.stack(embeddings).astype(np.float16),
         meta=np.array(json.dumps({"model": detector.identity.name, "version": detector.identity.version,
                                   "weights_sha256": detector.identity.weights_sha256, "n": n, "size": size,
-                                  "phantoms": f"calibration split {index0}..{index0 + n - 1}, gain {HELD_OUT_GAIN}"})))
+                                  "phantoms": f"{generator} generator, calibration split {index0}..{index0 + n - 1}, "
+                                              f"gain {HELD_OUT_GAIN}"})))
     return out
 
 

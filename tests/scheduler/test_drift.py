@@ -65,7 +65,7 @@ def test_shifted_window_breaches_and_unshifted_passes(make_settings, tmp_path):
     limits = {"drift_min_cases": 15, "drift_psi_max": 1.5}
     settings = make_settings(scheduler=limits)
     detector = Detector.load(None, device="cpu")
-    ref = drift.build_reference(None, tmp_path / "ref.npz", n=20, size=256, detector=detector)
+    ref = drift.build_reference(None, tmp_path / "ref.npz", n=20, size=256, detector=detector, generator="phantom")
 
     sessions = open_database(settings.database_url)
     _window(settings, sessions, detector, range(7000, 7018))
@@ -96,3 +96,12 @@ def test_too_few_cases_are_not_judged(make_settings, tmp_path):
     ref = {"meta": {}, "embeddings": np.zeros((3, 4))}
     report = drift.compare(settings, ref, [])
     assert report["status"].startswith("too few") and report["breaches"] == []
+
+
+def test_the_reference_is_built_on_the_models_own_training_generator(tmp_path):
+    from inference.predictor import Detector
+    from inference.training.samples import trained_generator
+
+    detector = Detector.load(None, device="cpu", threads=1)
+    ref = drift.load_reference(drift.build_reference(None, tmp_path / "ref.npz", n=2, size=256, detector=detector))
+    assert ref["meta"]["phantoms"].startswith(f"{trained_generator(detector.card)} generator, calibration split")
