@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One GPU run (#17): train the nodule model on the varied generator, then evaluate it on both phantom families.
+# One GPU run (#17): train the nodule model on the varied generator at the physical input scale (0.85 mm per
+# model pixel, 435 mm across 512 px), then evaluate it on the phantom families.
 #
 #   inference/training/gpu_train.sh OUT [MINUTES]      # on the GPU machine: OUT=$OUT, MINUTES of training (default 5.5)
 #   TINY=1 inference/training/gpu_train.sh OUT         # CPU smoke test of the same steps with tiny settings
@@ -25,11 +26,11 @@ if ! "$py" -c "import pydicom" 2>/dev/null; then
 fi
 
 if [ "${TINY:-0}" = 1 ]; then
-  train=(--device cpu --minutes 0.3 --input-size 128 --batch 4 --workers 1 --threads 1 --calib-n 8 --test-n 8)
+  train=(--device cpu --minutes 0.3 --input-size 128 --mm-per-px 3.4 --batch 4 --workers 1 --threads 1 --calib-n 8 --test-n 8)
   evaluate=(--device cpu --threads 1 --n 8 --size 256 --robust-n 0 --ood-n 0 --latency-images 0)  # 256: the node skips smaller
 else
   workers=$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))
-  train=(--device cuda --minutes "$minutes" --workers "$workers" --threads 2 --calib-n 1000 --test-n 1000)
+  train=(--device cuda --minutes "$minutes" --mm-per-px 0.85 --workers "$workers" --threads 2 --calib-n 1000 --test-n 1000)
   evaluate=(--device cuda --threads 2 --n 400 --robust-n 60 --ood-n 40 --latency-images 0)
 fi
 cmd=("$py" -m inference.training.train --out "$out" --generator varied "${train[@]}")
