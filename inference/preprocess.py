@@ -56,6 +56,9 @@ LOSSY_SYNTAXES = frozenset({JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossl
 SATURATED_FRACTION = 0.3  # share of pixels clipped by the window
 LOW_RANGE_LEVELS = 32  # stored levels between the 1st and 99th percentile
 LOW_RANGE_DISPLAY = 0.15  # display contrast between the 1st and 99th percentile
+# The longer side of a chest radiograph's field: a neonate's film is about 150 mm, the largest detectors 430 mm;
+# a spacing that makes the field smaller or much larger than these is wrong, and read as none.
+FIELD_MM = (100.0, 800.0)
 
 
 def prepare_array(display_float: np.ndarray, geometry: Letterbox) -> np.ndarray:
@@ -119,7 +122,7 @@ def _prepare(ds: pydicom.Dataset, input_size: int, mm_per_px: float | None) -> P
         if str(ds.PhotometricInterpretation).strip() != "MONOCHROME1":
             window_flags.append("presentation_lut_inverse")
     flags += window_flags + _quality(stored, display, step)
-    spacing, spacing_flags = _spacing(ds)
+    spacing, spacing_flags = _spacing(ds, display.shape)
     geometry = letterbox(display.shape, input_size, spacing, mm_per_px)
     model_input = prepare_array(display, geometry)
     display_u8 = np.empty(display.shape, np.uint8)
@@ -305,7 +308,9 @@ def _quality(stored: np.ndarray, display: np.ndarray, step: int) -> list[str]:
     return flags
 
 
-def _spacing(ds: pydicom.Dataset) -> tuple[tuple[float, float] | None, list[str]]:
+def _spacing(ds: pydicom.Dataset, shape: tuple[int, ...]) -> tuple[tuple[float, float] | None, list[str]]:
+    """Pixel Spacing, else Imager Pixel Spacing (flagged `spacing_at_detector`), in mm (row, col); None and
+    `invalid_pixel_spacing` where it is malformed, not positive, or gives a field outside FIELD_MM."""
     for keyword, flags in (("PixelSpacing", []), ("ImagerPixelSpacing", ["spacing_at_detector"])):
         value = ds.get(keyword)
         if value is None or value == "":
@@ -314,7 +319,8 @@ def _spacing(ds: pydicom.Dataset) -> tuple[tuple[float, float] | None, list[str]
             row, col = float(value[0]), float(value[1])
         except (TypeError, ValueError, IndexError):
             return None, ["invalid_pixel_spacing"]
-        if row > 0 and col > 0 and math.isfinite(row) and math.isfinite(col):
+        field = max(shape[0] * row, shape[1] * col)
+        if row > 0 and col > 0 and math.isfinite(field) and FIELD_MM[0] <= field <= FIELD_MM[1]:
             return (row, col), flags
         return None, ["invalid_pixel_spacing"]
     return None, ["no_pixel_spacing"]

@@ -101,3 +101,14 @@ def test_the_detector_prepares_at_its_cards_scale(card_copy) -> None:
     assert prediction.heatmap.shape == (400, 400)
     location = detector.read(image)[1]
     assert 0 <= location.row < 400 and 0 <= location.col < 400
+
+
+@pytest.mark.parametrize("spacing", ["0.01", "2.0", "-0.2"])
+def test_a_spacing_no_chest_field_has_is_read_as_none(spacing: str) -> None:
+    """A 600 px image of 0.01 mm pixels would be a 6 mm field, of 2 mm pixels a 1.2 m one: fitted and flagged,
+    never shrunk to a speck or ignored."""
+    ds = phantom_dataset(generate_phantom(6, 600, nodule=False))
+    ds.PixelSpacing = [spacing, spacing]
+    image = prepare(ds, mm_per_px=0.85)
+    assert image.pixel_spacing_mm is None and "invalid_pixel_spacing" in image.quality_flags
+    assert image.geometry == letterbox((600, 600), 512)
