@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inference.geometry import Letterbox
 from inference.model import dilate, load_weights
 
 SEG_SIZE = 256  # px of the segmentation input (the model input is area-downsampled to it)
@@ -48,6 +49,11 @@ NOT_FRONTAL = "view_not_frontal"
 # A frontal field's two largest parts: the smaller holds 0.40-0.50 of the field and they share 0.94-1.00 of the
 # shorter one's rows (36 frontal images of the three families, 12 each); a chest rotated by 90 degrees gives
 # stacked parts (shared rows < 0). The bounds leave room for a small or partly hidden lung.
+# Span of both lung fields, left edge to right edge: median 252 mm on the default phantoms, 269 mm on the varied
+# ones (40 held-out calibration images each, true masks). Read as the spacing of an image that has none, it errs
+# by 11 % (median; 90th percentile 29 %) on held-out varied images, where assuming the field fills the input
+# errs by 20 % (57 %); on the independent family, whose fields are all 370-440 mm, 7 % against 6 %.
+LUNG_SPAN_MM = 260.0
 MIN_LUNG_SHARE = 0.25
 MIN_SHARED_ROWS = 0.6
 
@@ -148,6 +154,16 @@ class LungSegmenter:
         """(B,1,S,S) segmentation inputs -> (B,S,S) logits."""
         with torch.inference_mode():
             return self.net(x.to(self.device))[:, 0].float()
+
+    def thorax_spacing(self, model_input: np.ndarray, geometry: Letterbox) -> float | None:
+        """The source pixel spacing (mm) that makes the lung fields of `model_input` (placed by `geometry`)
+        span LUNG_SPAN_MM; None unless they are a plausible frontal field."""
+        field = self.field(model_input)
+        if not (field.plausible and field.frontal):
+            return None
+        cols = np.nonzero(field.mask.any(axis=0))[0]
+        span_model_px = (cols[-1] - cols[0] + 1) * model_input.shape[-1] / field.mask.shape[1]
+        return LUNG_SPAN_MM * geometry.scale / span_model_px
 
     def field(self, model_input: np.ndarray) -> LungField:
         x = torch.from_numpy(seg_input(model_input))[None, None]

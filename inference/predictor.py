@@ -126,8 +126,10 @@ class Detector:
                                             tuple(model.review_flags)))
 
     def prepare(self, ds: Dataset) -> PreparedImage:
-        """`inference.preprocess.prepare` for this model: its input size and physical scale."""
-        return prepare(ds, input_size=self.input_size, mm_per_px=self.mm_per_px)
+        """`inference.preprocess.prepare` for this model: its input size and physical scale (without a pixel
+        spacing, estimated from the lung fields when the card ships a segmentation)."""
+        return prepare(ds, input_size=self.input_size, mm_per_px=self.mm_per_px,
+                       thorax_spacing=self.lungs.thorax_spacing if self.lungs is not None else None)
 
     def _input(self, image: PreparedImage) -> torch.Tensor:
         x = np.asarray(image.model_input, dtype=np.float32)

@@ -34,6 +34,7 @@ C.8.11.7.1.1), is inverted once, not twice.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 import numpy as np
 import pydicom
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
@@ -59,6 +60,9 @@ LOW_RANGE_DISPLAY = 0.15  # display contrast between the 1st and 99th percentile
 # The longer side of a chest radiograph's field: a neonate's film is about 150 mm, the largest detectors 430 mm;
 # a spacing that makes the field smaller or much larger than these is wrong, and read as none.
 FIELD_MM = (100.0, 800.0)
+
+# Estimates a source pixel spacing (mm) from a fitted model input and its placement, or None (`inference.lung_seg`)
+ThoraxSpacing = Callable[[np.ndarray, Letterbox], "float | None"]
 
 
 def prepare_array(display_float: np.ndarray, geometry: Letterbox) -> np.ndarray:
@@ -86,20 +90,22 @@ def default_window(pixels: np.ndarray) -> tuple[float, float]:
     return lo + width / 2.0, float(width)
 
 
-def prepare(ds: pydicom.Dataset, *, input_size: int = MODEL_INPUT_SIZE, mm_per_px: float | None = None
-            ) -> PreparedImage:
+def prepare(ds: pydicom.Dataset, *, input_size: int = MODEL_INPUT_SIZE, mm_per_px: float | None = None,
+            thorax_spacing: ThoraxSpacing | None = None) -> PreparedImage:
     """Validate `ds` as a chest radiograph and prepare it; raises NotApplicable or Unreadable.
 
     With `mm_per_px` (the model card's physical scale) the image is resampled from its
     Pixel Spacing (or Imager Pixel Spacing) to that many millimetres per model pixel;
     without a usable spacing it is fitted to the input, and flagged (`no_pixel_spacing`,
-    `invalid_pixel_spacing`), which sends the read to review.
+    `invalid_pixel_spacing`), which sends the read to review. `thorax_spacing` may then
+    estimate the spacing from the fitted image (the lung fields' span); the image is
+    resampled at the estimate and flagged `spacing_estimated` as well.
 
     Attributes of impossible type or multiplicity (a multi-valued Rows, a text in
     BitsAllocated, ...) end as Unreadable "header_invalid" rather than an error.
     """
     try:
-        return _prepare(ds, input_size, mm_per_px)
+        return _prepare(ds, input_size, mm_per_px, thorax_spacing)
     except (NotApplicable, Unreadable):
         raise
     except (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError, NotImplementedError) as exc:
@@ -107,7 +113,8 @@ def prepare(ds: pydicom.Dataset, *, input_size: int = MODEL_INPUT_SIZE, mm_per_p
         raise Unreadable(f"header_invalid: {detail[:200]}") from exc
 
 
-def _prepare(ds: pydicom.Dataset, input_size: int, mm_per_px: float | None) -> PreparedImage:
+def _prepare(ds: pydicom.Dataset, input_size: int, mm_per_px: float | None,
+             thorax_spacing: ThoraxSpacing | None) -> PreparedImage:
     flags = _validate(ds)
     stored = _decode(ds)
     lo, hi = stored.min(), stored.max()
@@ -125,6 +132,11 @@ def _prepare(ds: pydicom.Dataset, input_size: int, mm_per_px: float | None) -> P
     spacing, spacing_flags = _spacing(ds, display.shape)
     geometry = letterbox(display.shape, input_size, spacing, mm_per_px)
     model_input = prepare_array(display, geometry)
+    estimate = None if spacing or mm_per_px is None or thorax_spacing is None else thorax_spacing(model_input, geometry)
+    if estimate is not None and FIELD_MM[0] <= max(display.shape) * estimate <= FIELD_MM[1]:
+        geometry = letterbox(display.shape, input_size, (estimate, estimate), mm_per_px)
+        model_input = prepare_array(display, geometry)
+        spacing_flags.append("spacing_estimated")
     display_u8 = np.empty(display.shape, np.uint8)
     np.multiply(display, np.float32(255.0), out=display)
     np.add(display, np.float32(0.5), out=display)

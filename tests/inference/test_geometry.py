@@ -1,6 +1,8 @@
 """The placement of a source image in the model input: fitted, or at a physical scale from the pixel spacing."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -88,12 +90,7 @@ def test_without_spacing_a_physical_model_fits_the_image_and_flags_it() -> None:
 
 
 def test_the_detector_prepares_at_its_cards_scale(card_copy) -> None:
-    import json
-
-    raw = json.loads(card_copy.read_text())
-    raw["input_mm_per_px"] = 1.2
-    card_copy.write_text(json.dumps(raw))
-    detector = Detector.load(card_copy, device="cpu", threads=1)
+    detector = _physical_detector(card_copy, 1.2)
     ph = generate_phantom(5, 400, nodule=True)
     image = detector.prepare(phantom_dataset(ph))
     assert image.geometry.scale == pytest.approx(ph.pixel_spacing_mm / 1.2)
@@ -112,3 +109,41 @@ def test_a_spacing_no_chest_field_has_is_read_as_none(spacing: str) -> None:
     image = prepare(ds, mm_per_px=0.85)
     assert image.pixel_spacing_mm is None and "invalid_pixel_spacing" in image.quality_flags
     assert image.geometry == letterbox((600, 600), 512)
+
+
+def _physical_detector(card_copy, mm_per_px: float = 0.85) -> Detector:
+    import json
+
+    raw = json.loads(card_copy.read_text())
+    raw["input_mm_per_px"] = mm_per_px
+    card_copy.write_text(json.dumps(raw))
+    return Detector.load(card_copy, device="cpu", threads=1)
+
+
+def test_without_spacing_the_lung_fields_give_an_estimate(card_copy) -> None:
+    """An image of the independent family (not our generator) without its spacing tags: the span of its
+    lung fields gives the scale, flagged; a rotated chest gives none and stays fitted."""
+    from inference.training import eval_family as ef
+
+    detector = _physical_detector(card_copy)
+    case = ef.make_case(ef.SEED_BASE + 11, 600, positive=False)
+    ds = ef.case_dataset(case)
+    del ds.PixelSpacing, ds.ImagerPixelSpacing
+    image = detector.prepare(ds)
+    assert {"no_pixel_spacing", "spacing_estimated"} <= set(image.quality_flags)
+    assert image.pixel_spacing_mm is None  # an estimate is not a measurement: no millimetres in the SR
+    estimate = image.geometry.scale * 0.85
+    assert abs(estimate / case.spacing_mm - 1.0) < 0.3
+    assert "no_pixel_spacing" in detector.predict(image).review_reasons
+
+    turned = ef.case_dataset(dataclasses.replace(case, pixels=np.ascontiguousarray(np.rot90(case.pixels))))
+    del turned.PixelSpacing, turned.ImagerPixelSpacing
+    image = detector.prepare(turned)
+    assert "spacing_estimated" not in image.quality_flags and image.geometry == letterbox(turned.pixel_array.shape, 512)
+
+
+def test_a_fitted_model_estimates_nothing(card_copy) -> None:
+    ds = phantom_dataset(generate_phantom(4, 400, nodule=False))
+    del ds.PixelSpacing, ds.ImagerPixelSpacing
+    image = Detector.load(card_copy, device="cpu", threads=1).prepare(ds)
+    assert "spacing_estimated" not in image.quality_flags and image.geometry == letterbox((400, 400), 512)
