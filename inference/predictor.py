@@ -94,6 +94,8 @@ class Detector:
         self.identity = ModelIdentity(card.name, card.version, card.weights_sha256)
         self.input_size = card.input_size
         self.mm_per_px = card.input_mm_per_px
+        # estimates a missing pixel spacing from the lung fields (`inference.preprocess.place`)
+        self.thorax_spacing = lungs.thorax_spacing if lungs is not None else None
 
     @classmethod
     def load(cls, card_path: str | Path | None = None, *, device: str = "auto", threads: int | None = None,
@@ -128,8 +130,7 @@ class Detector:
     def prepare(self, ds: Dataset) -> PreparedImage:
         """`inference.preprocess.prepare` for this model: its input size and physical scale (without a pixel
         spacing, estimated from the lung fields when the card ships a segmentation)."""
-        return prepare(ds, input_size=self.input_size, mm_per_px=self.mm_per_px,
-                       thorax_spacing=self.lungs.thorax_spacing if self.lungs is not None else None)
+        return prepare(ds, input_size=self.input_size, mm_per_px=self.mm_per_px, thorax_spacing=self.thorax_spacing)
 
     def _input(self, image: PreparedImage) -> torch.Tensor:
         x = np.asarray(image.model_input, dtype=np.float32)

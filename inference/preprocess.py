@@ -83,6 +83,22 @@ def prepare_array(display_float: np.ndarray, geometry: Letterbox) -> np.ndarray:
     return geometry.pad(content)
 
 
+def place(display_float: np.ndarray, input_size: int, spacing: tuple[float, float] | None, mm_per_px: float | None,
+          thorax_spacing: ThoraxSpacing | None = None) -> tuple[np.ndarray, Letterbox, list[str]]:
+    """Model input and placement of a display image of known (or no) `spacing`: physical at `mm_per_px`
+    where both are known; without a spacing, at `thorax_spacing`'s estimate (flags ["spacing_estimated"])
+    when it gives one of a plausible field, else fitted."""
+    geometry = letterbox(display_float.shape, input_size, spacing, mm_per_px)
+    model_input = prepare_array(display_float, geometry)
+    if spacing is not None or mm_per_px is None or thorax_spacing is None:
+        return model_input, geometry, []
+    estimate = thorax_spacing(model_input, geometry)
+    if estimate is None or not FIELD_MM[0] <= max(display_float.shape) * estimate <= FIELD_MM[1]:
+        return model_input, geometry, []
+    geometry = letterbox(display_float.shape, input_size, (estimate, estimate), mm_per_px)
+    return prepare_array(display_float, geometry), geometry, ["spacing_estimated"]
+
+
 def default_window(pixels: np.ndarray) -> tuple[float, float]:
     """Window (centre, width) a vendor would store: the 0.5-99.5 percentile range of the image."""
     lo, hi = np.percentile(pixels[::4, ::4], [0.5, 99.5])
@@ -130,13 +146,8 @@ def _prepare(ds: pydicom.Dataset, input_size: int, mm_per_px: float | None,
             window_flags.append("presentation_lut_inverse")
     flags += window_flags + _quality(stored, display, step)
     spacing, spacing_flags = _spacing(ds, display.shape)
-    geometry = letterbox(display.shape, input_size, spacing, mm_per_px)
-    model_input = prepare_array(display, geometry)
-    estimate = None if spacing or mm_per_px is None or thorax_spacing is None else thorax_spacing(model_input, geometry)
-    if estimate is not None and FIELD_MM[0] <= max(display.shape) * estimate <= FIELD_MM[1]:
-        geometry = letterbox(display.shape, input_size, (estimate, estimate), mm_per_px)
-        model_input = prepare_array(display, geometry)
-        spacing_flags.append("spacing_estimated")
+    model_input, geometry, estimated = place(display, input_size, spacing, mm_per_px, thorax_spacing)
+    spacing_flags += estimated
     display_u8 = np.empty(display.shape, np.uint8)
     np.multiply(display, np.float32(255.0), out=display)
     np.add(display, np.float32(0.5), out=display)

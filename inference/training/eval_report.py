@@ -300,7 +300,7 @@ def read_folder_items(detector, items: Iterable[LabelledImage]) -> list[Read]:
     for item in items:
         truth = Truth(item.label, tuple(spots_of(item)), spacing_mm=None)
         try:
-            image = load_prepared(item.path, detector.input_size, detector.mm_per_px)
+            image = load_prepared(item.path, detector.input_size, detector.mm_per_px, detector.thorax_spacing)
         except (NotApplicable, Unreadable) as exc:
             reads.append(Read(truth=truth, skipped=exc.reason))
             continue

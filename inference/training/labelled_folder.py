@@ -26,8 +26,7 @@ import cv2
 import numpy as np
 from torch.utils.data import Dataset
 
-from inference.geometry import letterbox
-from inference.preprocess import prepare, prepare_array, read_dataset
+from inference.preprocess import ThoraxSpacing, place, prepare, read_dataset
 from inference.types import PreparedImage, Unreadable
 
 COLUMNS = ("img_name", "x", "y", "width", "height", "label")
@@ -145,9 +144,11 @@ def read_mha(path: str | Path) -> tuple[np.ndarray, tuple[float, float] | None]:
     return array, sp
 
 
-def load_prepared(path: str | Path, input_size: int, mm_per_px: float | None = None) -> PreparedImage:
+def load_prepared(path: str | Path, input_size: int, mm_per_px: float | None = None,
+                  thorax_spacing: ThoraxSpacing | None = None) -> PreparedImage:
     """The image at `path` as the model reads it (NotApplicable/Unreadable as the node raises them);
-    `mm_per_px` the model's physical scale (None: fitted), as `inference.preprocess.prepare`."""
+    `mm_per_px` the model's physical scale (None: fitted) and `thorax_spacing` its estimate of a missing
+    spacing, as `inference.preprocess.prepare` (`Detector.prepare` passes both)."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in (".png", ".mha", ".mhd"):
@@ -165,12 +166,12 @@ def load_prepared(path: str | Path, input_size: int, mm_per_px: float | None = N
         if hi <= lo:
             raise Unreadable(f"no_dynamic_range: every pixel is {lo}")
         display = (values - lo) / (hi - lo)
-        geometry = letterbox(display.shape, input_size, spacing, mm_per_px)
+        model_input, geometry, estimated = place(display, input_size, spacing, mm_per_px, thorax_spacing)
         return PreparedImage(sop_instance_uid="", display=np.round(display * 255).astype(np.uint8),
-                             model_input=prepare_array(display, geometry), pixel_spacing_mm=spacing,
-                             quality_flags=("not_dicom",) + (() if spacing else ("no_pixel_spacing",)),
+                             model_input=model_input, pixel_spacing_mm=spacing,
+                             quality_flags=("not_dicom",) + (() if spacing else ("no_pixel_spacing",)) + tuple(estimated),
                              geometry=geometry)
-    return prepare(read_dataset(path), input_size=input_size, mm_per_px=mm_per_px)
+    return prepare(read_dataset(path), input_size=input_size, mm_per_px=mm_per_px, thorax_spacing=thorax_spacing)
 
 
 def labelled_sample(image: PreparedImage, present: bool, spots: Sequence[tuple[float, float, float | None]],
