@@ -73,6 +73,7 @@ class EvalCase:
     findings: tuple[Finding, ...]
     seed: int
     body_part: str = "CHEST"
+    spacing_tags: bool = True  # False: the instance omits Pixel Spacing and Imager Pixel Spacing
 
     @property
     def label(self) -> int:
@@ -412,7 +413,8 @@ def case_dataset(case: EvalCase, *, body_part: str | None = None) -> pydicom.Dat
     ds.PresentationLUTShape = "INVERSE" if case.photometric == "MONOCHROME1" else "IDENTITY"
     ds.Rows, ds.Columns = case.pixels.shape
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, case.bits_stored, case.bits_stored - 1, 0
-    ds.PixelSpacing = ds.ImagerPixelSpacing = [f"{case.spacing_mm:.5f}", f"{case.spacing_mm:.5f}"]
+    if case.spacing_tags:
+        ds.PixelSpacing = ds.ImagerPixelSpacing = [f"{case.spacing_mm:.5f}", f"{case.spacing_mm:.5f}"]
     ds.BurnedInAnnotation = "YES"
     ds.PixelData = case.pixels.astype("<u2").tobytes()
     return ds

@@ -191,6 +191,7 @@ PERTURBATIONS: dict[str, Callable[[ef.EvalCase], ef.EvalCase]] = {
     "noise 5 %": _pixels(lambda d, rng: d + rng.normal(0.0, 0.05, d.shape).astype(np.float32)),
     "crop 20 %": lambda c: crop(c, 0.2),
     "burned-in text": _pixels(_text),
+    "no spacing tags": lambda c: replace(c, spacing_tags=False),
 }
 
 

@@ -80,3 +80,8 @@ def test_each_robustness_row_reads_its_own_perturbation() -> None:
         expected = [eval_report.PERTURBATIONS[name](c) for c in plain]
         assert all(np.array_equal(a.pixels, b.pixels) for a, b in zip(cases, expected)), name
     assert not np.array_equal(rows["none"][0].pixels, rows["rotate +15 deg"][0].pixels)
+    from inference.training import eval_family as ef
+
+    assert "PixelSpacing" in ef.case_dataset(rows["none"][0])
+    stripped = ef.case_dataset(rows["no spacing tags"][0])
+    assert "PixelSpacing" not in stripped and "ImagerPixelSpacing" not in stripped
