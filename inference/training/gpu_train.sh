@@ -10,7 +10,7 @@
 # OpenCV, numpy and safetensors but no pydicom: download its wheel here first and carry the folder, e.g.
 #   /work/main/.venv/bin/pip download --no-deps -d .gpu-wheels pydicom==3.0.2   (and .git/info/exclude it)
 # then run with carry [".gpu-wheels"]; this script installs it into a temporary folder (no network needed).
-# Writes OUT/train.log, OUT/card.json, OUT/*.safetensors, OUT/eval.txt and OUT/command.txt.
+# Writes OUT/train.log, OUT/card.json, OUT/*.safetensors, OUT/eval.txt, OUT/eval/ and OUT/command.txt.
 set -euo pipefail
 out=${1:?usage: gpu_train.sh OUT [MINUTES]}
 minutes=${2:-5.5}
@@ -36,4 +36,4 @@ fi
 cmd=("$py" -m inference.training.train --out "$out" --generator varied "${train[@]}")
 echo "${cmd[*]}" > "$out/command.txt"
 "${cmd[@]}"
-"$py" -m inference.training.evaluate --card "$out/card.json" "${evaluate[@]}" 2>&1 | tee "$out/eval.txt"
+"$py" -m inference.training.evaluate --card "$out/card.json" --out "$out/eval" "${evaluate[@]}" 2>&1 | tee "$out/eval.txt"
