@@ -96,12 +96,10 @@ class Reporter:
 def case_sample(case: AdjudicatedCase, images: ModelImages, flip: bool = False) -> dict:
     """Training sample of one adjudicated case, read as the champion reads images: image label, heatmap
     target at the click when given (built as a labelled folder's, `inference.training.labelled_folder.labelled_sample`)."""
-    from pydicom import dcmread
-
     from inference.training.labelled_folder import labelled_sample
-    from inference.preprocess import prepare
+    from scheduler.registry import verdict_image
 
-    prepared = prepare(dcmread(case.spool_path), input_size=images.input_size, mm_per_px=images.mm_per_px)
+    prepared = verdict_image(case, images)
     present = case.nodule_present != flip
     spots = [(*case.location, None)] if present and case.location and not flip else []
     return labelled_sample(prepared, present, spots, images.input_size)

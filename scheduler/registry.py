@@ -21,6 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import structlog
@@ -30,6 +31,10 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 from config.settings import Settings  # noqa: E402
 from inference.model_card import ModelCard  # noqa: E402
 from scheduler.fine_tune_contract import AdjudicatedCase, GateFigures  # noqa: E402
+
+if TYPE_CHECKING:
+    from inference.training.samples import ModelImages
+    from inference.types import PreparedImage
 
 log = structlog.get_logger(__name__)
 
@@ -228,13 +233,19 @@ def figures(probs: np.ndarray, labels: np.ndarray, threshold: float, n_phantoms:
                        len(labels), n_phantoms, len(labels) - n_phantoms)
 
 
+def verdict_image(case: AdjudicatedCase, images: ModelImages) -> PreparedImage:
+    """An adjudicated case's spooled image as the model `images` describes reads it (size, physical scale)."""
+    from pydicom import dcmread
+
+    from inference.preprocess import prepare
+
+    return prepare(dcmread(case.spool_path), input_size=images.input_size, mm_per_px=images.mm_per_px)
+
+
 def gate_inputs(settings: Settings, card: ModelCard, verdict_cases: Sequence[AdjudicatedCase]
                 ) -> tuple[list[np.ndarray], np.ndarray, int]:
     """The fixed evaluation set, read as the candidate's card reads images: `eval_phantoms` test-split images
     of its training generator from `eval_start`, then the held-out verdict cases."""
-    from pydicom import dcmread
-
-    from inference.preprocess import prepare
     from inference.training.samples import ModelImages
 
     reg = settings.registry
@@ -245,8 +256,7 @@ def gate_inputs(settings: Settings, card: ModelCard, verdict_cases: Sequence[Adj
         labels.append(i % 2 == 0)
     n_phantoms = len(images)
     for case in verdict_cases:
-        images.append(prepare(dcmread(case.spool_path), input_size=card.input_size,
-                              mm_per_px=card.input_mm_per_px).model_input)
+        images.append(verdict_image(case, spec).model_input)
         labels.append(case.nodule_present)
     return images, np.array(labels, bool), n_phantoms
 
