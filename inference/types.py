@@ -97,7 +97,7 @@ class Prediction:
     `review` is True when `review_reasons` is not empty: `near_threshold`,
     `uncertain`, `out_of_distribution`, `lung_fields_not_found` (the lung-field
     segmentation found no plausible lung fields), `view_not_frontal` (the two lung
-    fields do not lie side by side, as in a lateral or rotated image), or a quality flag that makes a read
+    fields do not lie side by side, as in a lateral view or an image turned on its side), or a quality flag that makes a read
     unreliable (`ap_view`, `no_pixel_spacing`, `invalid_pixel_spacing`,
     `secondary_capture`). `ood_score` is the Mahalanobis distance of the image's
     encoder features to the training images' (None when the card has no density).

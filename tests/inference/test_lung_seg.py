@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -97,6 +98,23 @@ def test_two_lungs_side_by_side_make_a_frontal_field() -> None:
     assert not side_by_side(_blobs((4, 10, 18, 44), (36, 10, 20, 44)))  # stacked: a chest rotated by 90 degrees
     assert not side_by_side(_blobs((10, 8, 40, 18), (12, 36, 8, 6)))  # the second part is a speck
     assert not side_by_side(_blobs((10, 8, 40, 30), (12, 30, 38, 20)))  # overlapping left to right
+
+
+def _turned(mask: np.ndarray, degrees: float) -> np.ndarray:
+    rows, cols = mask.shape
+    matrix = cv2.getRotationMatrix2D(((cols - 1) / 2, (rows - 1) / 2), degrees, 1.0)
+    return cv2.warpAffine(mask.astype(np.uint8), matrix, (cols, rows), flags=cv2.INTER_NEAREST) > 0
+
+
+def test_a_tilted_chest_is_still_frontal_and_one_on_its_side_is_not() -> None:
+    lungs = np.zeros((96, 96), bool)
+    lungs[20:76, 18:44] = lungs[22:76, 52:78] = True  # 8 px apart; tilted 20 degrees their bounding boxes overlap
+    for degrees in (-20, 20):
+        count, _, stats, _ = cv2.connectedComponentsWithStats(_turned(lungs, degrees).astype(np.uint8))
+        left, right = sorted(stats[1:3], key=lambda s: s[cv2.CC_STAT_LEFT])
+        assert left[cv2.CC_STAT_LEFT] + left[cv2.CC_STAT_WIDTH] > right[cv2.CC_STAT_LEFT]
+        assert side_by_side(_turned(lungs, degrees))
+    assert not side_by_side(_turned(lungs, 90))
 
 
 def test_a_chest_turned_on_its_side_is_not_read_as_frontal(detector: Detector) -> None:
