@@ -32,7 +32,7 @@ from inference.model import HEAD_STRIDE, RADIUS, NoduleNet, model_coord, tta_vie
 from inference.training import eval_plots, eval_report, options, progress, tracking
 from inference.training.labelled_folder import read_labels
 from inference.training.metrics import POINTING_MARGIN_MM, auc, ece, json_safe, platt
-from inference.training.samples import HeldOut, worker_init
+from inference.training.samples import HeldOut, ModelImages, worker_init
 
 SIZE_BINS_MM = ((5.0, 8.0), (8.0, 12.0), (12.0, 18.0), (18.0, 30.0))
 
@@ -69,14 +69,12 @@ def score_batch(net: NoduleNet, images: torch.Tensor, cam_target: str = "head") 
     }
 
 
-def score_heldout(net: NoduleNet, split: str, n: int, input_size: int, device: torch.device, workers: int,
-                  batch: int = 16, start: int = 0, cam_target: str = "head", progress_mode: str = "never",
-                  generator: str = "phantom", hold_out: tuple[str, ...] = (), mm_per_px: float | None = None
+def score_heldout(net: NoduleNet, images: ModelImages, split: str, n: int, device: torch.device, workers: int,
+                  batch: int = 16, start: int = 0, cam_target: str = "head", progress_mode: str = "never"
                   ) -> HeldOutScores:
-    """Generate `n` held-out phantoms of `split` (from `generator`) and score them (a bar per batch when
+    """Generate `n` held-out images of `split` as `images` says and score them (a bar per batch when
     `progress_mode` says so)."""
-    loader = DataLoader(HeldOut(split, n, input_size, start, generator, hold_out, mm_per_px), batch_size=batch,
-                        num_workers=workers,
+    loader = DataLoader(HeldOut(images, split, n, start), batch_size=batch, num_workers=workers,
                         worker_init_fn=worker_init if workers else None)
     net.eval()
     cols: dict[str, list[np.ndarray]] = {k: [] for k in HeldOutScores.__dataclass_fields__}

@@ -152,11 +152,17 @@ def trained_generator(card: ModelCard) -> str:
 
 @dataclass(frozen=True)
 class ModelImages:
-    """Held-out images as one model reads them: its training generator, input size and physical scale."""
+    """Held-out images as one model reads them: its training generator (with the kinds of variation it
+    held out switched off), input size and physical scale."""
 
     generator: str
     input_size: int
     mm_per_px: float | None = None
+    hold_out: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.generator not in GENERATORS:
+            raise ValueError(f"generator must be one of {GENERATORS}, got {self.generator!r}")
 
     @classmethod
     def of(cls, card: ModelCard, generator: str | None = None) -> ModelImages:
@@ -165,29 +171,24 @@ class ModelImages:
 
     def sample(self, split: str, index: int) -> dict[str, torch.Tensor]:
         """`phantom_sample` of held-out image `index` of `split` (a finding on even indices)."""
-        return phantom_sample(heldout_phantom(split, index, self.input_size, self.generator), self.input_size,
-                              self.mm_per_px)
+        phantom = heldout_phantom(split, index, self.input_size, self.generator, self.hold_out)
+        return phantom_sample(phantom, self.input_size, self.mm_per_px)
 
 
 class HeldOut(Dataset):
-    """Calibration or test phantoms of `generator` at the physical gain, positives on even indices."""
+    """`n` calibration or test images of `images` from index `start` on, positives on even indices."""
 
-    def __init__(self, split: str, n: int, input_size: int, start: int = 0, generator: str = "phantom",
-                 hold_out: tuple[str, ...] = (), mm_per_px: float | None = None) -> None:
+    def __init__(self, images: ModelImages, split: str, n: int, start: int = 0) -> None:
         if n < 2:
             raise ValueError(f"n must be >= 2, got {n!r}")
         seed_of(split, start + n - 1)
-        if generator not in GENERATORS:
-            raise ValueError(f"generator must be one of {GENERATORS}, got {generator!r}")
-        self.split, self.n, self.input_size, self.start = split, n, input_size, start
-        self.generator, self.hold_out, self.mm_per_px = generator, tuple(hold_out), mm_per_px
+        self.images, self.split, self.n, self.start = images, split, n, start
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        p = heldout_phantom(self.split, self.start + i, self.input_size, self.generator, self.hold_out)
-        return phantom_sample(p, self.input_size, self.mm_per_px)
+        return self.images.sample(self.split, self.start + i)
 
 
 class TrainStream(Dataset):

@@ -50,7 +50,7 @@ from inference.model import (HEAD_STRIDE, HEATMAP, LUNG, RADIUS, TTA_DESCRIPTION
                              load_weights, save_weights)
 from inference.model_card import (Calibration, ModelCard, ReviewThresholds, load_card, save_card, sha256_file,
                                   verify_file, verify_weights)
-from inference.training.samples import CURRICULA, HELD_OUT_GAIN, SPLITS, TrainStream, worker_init
+from inference.training.samples import CURRICULA, HELD_OUT_GAIN, SPLITS, ModelImages, TrainStream, worker_init
 
 PREPROCESSING = (
     "inference.preprocess.prepare: modality LUT, VOI LUT/window, MONOCHROME1 inverted, "
@@ -313,10 +313,9 @@ def train(args: argparse.Namespace) -> ModelCard:
     net = net.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]  # as above
 
     t1 = time.time()
-    held = {"generator": args.generator, "hold_out": hold_out} if args.data is None else {}
-    held["mm_per_px"] = args.mm_per_px
-    cal = score_heldout(net, "calibration", args.calib_n, args.input_size, device, args.workers,
-                        progress_mode=args.progress, **held)
+    images = (ModelImages(args.generator, args.input_size, args.mm_per_px, hold_out) if args.data is None
+              else ModelImages("phantom", args.input_size, args.mm_per_px))
+    cal = score_heldout(net, images, "calibration", args.calib_n, device, args.workers, progress_mode=args.progress)
     a, b, threshold = fit_calibration(cal.view_scores.mean(axis=1), cal.labels)
     review = ReviewThresholds(margin=0.1, max_uncertainty=0.15)
     cal_figs = summarize(cal, a, b, threshold, **review)
@@ -325,14 +324,13 @@ def train(args: argparse.Namespace) -> ModelCard:
     first = HeldOutScores(**{k: v[:n_cmp] for k, v in vars(cal).items()})
     cam_compare: dict = {"n": n_cmp, "head": float(pointing_hits(first.gradcam_rc, first).mean())}
     for target in ("decoder", "encoder"):
-        other = score_heldout(net, "calibration", n_cmp, args.input_size, device, args.workers, cam_target=target,
-                              progress_mode=args.progress, **held)
+        other = score_heldout(net, images, "calibration", n_cmp, device, args.workers, cam_target=target,
+                              progress_mode=args.progress)
         cam_compare[target] = float(pointing_hits(other.gradcam_rc, other).mean())
     log(f"calibration: platt a={a:.4f} b={b:.4f} threshold {threshold:.4f} auc {cal_figs['auc']:.4f} "
         f"pointing heatmap {cal_figs['pointing_heatmap']:.3f} gradcam {cal_figs['pointing_gradcam']:.3f} -> {location_source}; "
         f"Grad-CAM target pointing {cam_compare}")
-    test = score_heldout(net, "test", args.test_n, args.input_size, device, args.workers, progress_mode=args.progress,
-                         **held)
+    test = score_heldout(net, images, "test", args.test_n, device, args.workers, progress_mode=args.progress)
     figs = summarize(test, a, b, threshold, **review)
     figs["test_seeds"] = [SPLITS["test"], SPLITS["test"] + args.test_n - 1]
     log(f"test: {json.dumps(json_safe(figs), sort_keys=True)}")

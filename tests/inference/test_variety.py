@@ -216,7 +216,7 @@ def test_contact_sheet_of_sixteen_varied_images():
 
 def test_held_out_varied_split_and_its_eval_family_keep_every_finding_and_the_storage():
     from inference.training.eval_report import family_cases
-    from inference.training.samples import HeldOut, heldout_phantom
+    from inference.training.samples import HeldOut, ModelImages, heldout_phantom
 
     cases = list(family_cases("varied", 12, SIZE))
     phantoms = [heldout_phantom("test", i, SIZE, "varied") for i in range(12)]
@@ -227,10 +227,10 @@ def test_held_out_varied_split_and_its_eval_family_keep_every_finding_and_the_st
         assert case.photometric == ("MONOCHROME1" if ph.monochrome1 else "MONOCHROME2")
         assert case.bits_stored == ph.bits_stored
     assert {c.photometric for c in cases} == {"MONOCHROME1", "MONOCHROME2"}  # the storage kind varies in the split
-    sample = HeldOut("test", 2, SIZE, generator="varied")[0]
+    sample = HeldOut(ModelImages("varied", SIZE), "test", 2)[0]
     assert sample["label"] == 1 and bool((sample["image"] == phantom_sample(phantoms[0], SIZE)["image"]).all())
     with pytest.raises(ValueError, match="generator"):
-        HeldOut("test", 2, SIZE, generator="real")
+        ModelImages("real", SIZE)
 
 
 def test_eval_families_option_names_unknown_families():
