@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -31,6 +32,7 @@ from torch import nn
 
 from inference.geometry import Letterbox
 from inference.model import dilate, load_weights
+from inference.model_card import ModelCard, verify_file
 
 SEG_SIZE = 256  # px of the segmentation input (the model input is area-downsampled to it)
 CHANNELS = (16, 32, 64, 96)  # U-Net widths at strides 2, 4, 8, 16 of the segmentation input
@@ -153,6 +155,15 @@ class LungSegmenter:
         for p in net.parameters():
             p.requires_grad_(False)
         return cls(net.to(device), device, area_range, max_undecided)
+
+    @classmethod
+    def of_card(cls, card: ModelCard, card_path: str | Path, device: torch.device) -> LungSegmenter | None:
+        """The segmentation a model card ships (its file's sha256 checked), None when it ships none."""
+        if not card.lung_segmentation:
+            return None
+        seg = card.lung_segmentation
+        return cls.load(str(verify_file(card_path, seg, "lung_segmentation")), device, tuple(seg["area_range"]),
+                        float(seg["max_undecided"]))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """(B,1,S,S) segmentation inputs -> (B,S,S) logits."""

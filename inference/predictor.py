@@ -39,7 +39,7 @@ from inference.lung_seg import NOT_FRONTAL
 from inference.lung_seg import REASON as LUNG_REASON
 from inference.lung_seg import LungField, LungSegmenter
 from inference.model import LUNG, RADIUS, NoduleNet, build_network, embed, image_score, load_weights, model_coord, tta_views
-from inference.model_card import ModelCard, load_card, verify_file, verify_weights
+from inference.model_card import ModelCard, load_card, verify_weights
 from inference.ood import REASON as OOD_REASON
 from inference.ood import FeatureDensity, load_density, pooled_features
 from inference.preprocess import prepare
@@ -113,11 +113,7 @@ class Detector:
         for p in net.parameters():
             p.requires_grad_(False)
         density = load_density(card_path, card.ood) if card.ood else None
-        lungs = None
-        if card.lung_segmentation:
-            seg_path = verify_file(card_path, card.lung_segmentation, "lung_segmentation")
-            lungs = LungSegmenter.load(str(seg_path), dev, tuple(card.lung_segmentation["area_range"]),
-                                       float(card.lung_segmentation["max_undecided"]))
+        lungs = LungSegmenter.of_card(card, card_path, dev)
         return cls(card, net, dev, review or ReviewPolicy(**card.review), density, lungs)
 
     @classmethod

@@ -159,7 +159,7 @@ def fine_tune(manifest: FineTuneManifest, report: Reporter) -> FineTuneResult:
     champion_card_path = manifest.champion_card
     card = load_card(champion_card_path)
     size = card.input_size
-    images = ModelImages.of(card)
+    images = ModelImages.of(card, card_path=champion_card_path)
     torch.manual_seed(manifest.seed)
     gen = torch.Generator().manual_seed(manifest.seed)
 

@@ -29,7 +29,6 @@ import structlog
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from config.settings import Settings  # noqa: E402
-from inference.model_card import ModelCard  # noqa: E402
 from scheduler.fine_tune_contract import AdjudicatedCase, GateFigures  # noqa: E402
 
 if TYPE_CHECKING:
@@ -234,22 +233,17 @@ def figures(probs: np.ndarray, labels: np.ndarray, threshold: float, n_phantoms:
 
 
 def verdict_image(case: AdjudicatedCase, images: ModelImages) -> PreparedImage:
-    """An adjudicated case's spooled image as the model `images` describes reads it (size, physical scale)."""
+    """An adjudicated case's spooled image as the model `images` describes reads it."""
     from pydicom import dcmread
 
-    from inference.preprocess import prepare
-
-    return prepare(dcmread(case.spool_path), input_size=images.input_size, mm_per_px=images.mm_per_px)
+    return images.read(dcmread(case.spool_path))
 
 
-def gate_inputs(settings: Settings, card: ModelCard, verdict_cases: Sequence[AdjudicatedCase]
+def gate_inputs(settings: Settings, spec: ModelImages, verdict_cases: Sequence[AdjudicatedCase]
                 ) -> tuple[list[np.ndarray], np.ndarray, int]:
-    """The fixed evaluation set, read as the candidate's card reads images: `eval_phantoms` test-split images
-    of its training generator from `eval_start`, then the held-out verdict cases."""
-    from inference.training.samples import ModelImages
-
+    """The fixed evaluation set, read as the candidate reads images (`spec`): `eval_phantoms` test-split
+    images of its training generator from `eval_start`, then the held-out verdict cases."""
     reg = settings.registry
-    spec = ModelImages.of(card)
     images, labels = [], []
     for i in range(reg.eval_start, reg.eval_start + reg.eval_phantoms):
         images.append(spec.sample("test", i)["image"][0].numpy())
@@ -289,8 +283,10 @@ def gate(candidate: GateFigures, champion: GateFigures, settings: Settings) -> t
 def evaluate_gate(settings: Settings, candidate_card: Path, champion_card: Path, verdict_cases: Sequence[AdjudicatedCase]
                   ) -> tuple[bool, list[str], GateFigures, GateFigures]:
     from inference.model_card import load_card
+    from inference.training.samples import ModelImages
 
-    images, labels, n_ph = gate_inputs(settings, load_card(candidate_card), verdict_cases)
+    spec = ModelImages.of(load_card(candidate_card), card_path=candidate_card)
+    images, labels, n_ph = gate_inputs(settings, spec, verdict_cases)
     cand = figures(*_swap(score(candidate_card, images), labels), n_ph)
     champ = figures(*_swap(score(champion_card, images), labels), n_ph)
     passed, reasons = gate(cand, champ, settings)

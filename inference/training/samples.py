@@ -4,24 +4,30 @@ Seeds of the three splits lie in disjoint ranges (`SPLITS`), so a held-out
 image is never a training image. Training images come from the default
 phantom generator or, with `generator="varied"`, from the varied generator
 (`inference.training.variety`, issue #17), whose named kinds of variation can
-be held out. Nothing here imports pydicom, so training runs where only torch,
-timm, numpy and OpenCV exist.
+be held out. `ModelImages` says how one model reads images: held-out phantoms
+for its calibration, gate and drift reference, DICOM images (the expert
+verdicts its fine-tune learns from) as serving reads them.
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from pathlib import Path
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from pydicom import Dataset as DicomDataset
+
+from inference.lung_seg import LungSegmenter
 from inference.model import HEAD_STRIDE, heatmap_coord
 from inference.model_card import ModelCard
 from inference.geometry import Letterbox, letterbox
-from inference.preprocess import _window_linear, default_window, prepare_array
+from inference.preprocess import ThoraxSpacing, _window_linear, default_window, prepare, prepare_array
+from inference.types import PreparedImage
 from inference.training.phantoms import Phantom, generate_phantom
 from inference.training.variety import check_kinds, finding_count, generate_varied
 
@@ -152,22 +158,32 @@ def trained_generator(card: ModelCard) -> str:
 
 @dataclass(frozen=True)
 class ModelImages:
-    """Held-out images as one model reads them: its training generator (with the kinds of variation it
-    held out switched off), input size and physical scale."""
+    """Images as one model reads them: its training generator (with the kinds of variation it held out
+    switched off), input size and physical scale, and, for a DICOM image without a spacing, the scale its
+    lung fields give (`thorax_spacing`, as the serving Detector estimates it)."""
 
     generator: str
     input_size: int
     mm_per_px: float | None = None
     hold_out: tuple[str, ...] = ()
+    thorax_spacing: ThoraxSpacing | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.generator not in GENERATORS:
             raise ValueError(f"generator must be one of {GENERATORS}, got {self.generator!r}")
 
     @classmethod
-    def of(cls, card: ModelCard, generator: str | None = None) -> ModelImages:
-        """The card's (`generator` overrides the one it was trained on)."""
-        return cls(generator or trained_generator(card), card.input_size, card.input_mm_per_px)
+    def of(cls, card: ModelCard, generator: str | None = None, card_path: str | Path | None = None) -> ModelImages:
+        """The card's (`generator` overrides the one it was trained on); with `card_path`, a physical-scale
+        card's lung segmentation estimates the spacing of DICOM images that have none, as serving does."""
+        lungs = (LungSegmenter.of_card(card, card_path, torch.device("cpu"))
+                 if card_path is not None and card.input_mm_per_px is not None else None)
+        return cls(generator or trained_generator(card), card.input_size, card.input_mm_per_px,
+                   thorax_spacing=lungs.thorax_spacing if lungs is not None else None)
+
+    def read(self, ds: DicomDataset) -> PreparedImage:
+        """`inference.preprocess.prepare` of a DICOM image for this model (raises NotApplicable, Unreadable)."""
+        return prepare(ds, input_size=self.input_size, mm_per_px=self.mm_per_px, thorax_spacing=self.thorax_spacing)
 
     def sample(self, split: str, index: int) -> dict[str, torch.Tensor]:
         """`phantom_sample` of held-out image `index` of `split` (a finding on even indices)."""
