@@ -16,7 +16,8 @@ network is undecided about (`MAX_UNDECIDED`: an abdomen's gas gives such fields)
 failed segmentation: the image goes to review with `REASON` and is read inside the
 detection network's own lung channel. A plausible field whose two lungs do not lie
 side by side (`side_by_side`: a lateral view superimposes them, an image turned
-on its side stacks them; a tilted chest still has them side by side) goes to review with `NOT_FRONTAL`, whatever ViewPosition says or omits.
+on its side stacks them; a tilted chest still has them side by side) goes to
+review with `NOT_FRONTAL`, whatever ViewPosition says or omits.
 """
 from __future__ import annotations
 

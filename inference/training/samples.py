@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset
-
 from pydicom import Dataset as DicomDataset
+from torch.utils.data import Dataset
 
 from inference.lung_seg import LungSegmenter
 from inference.model import HEAD_STRIDE, heatmap_coord
