@@ -22,15 +22,19 @@ DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}  # DCMTK leaves Nagle on: 40 ms p
 CACHE = Path(os.environ.get("SMARTNODULE_BENCH_CACHE", "/tmp/smartnodule-bench"))
 SEED0 = 900000
 CALLING_AET = "STORESCU"
+NODE_AET = "SMARTNODULE"  # the node's AE title (node.ae_title's default); it refuses any other called AE title
 
 
-def wait_listening(port: int, timeout_s: float = 120, process: subprocess.Popen | None = None) -> None:
-    """Return once a C-ECHO to 127.0.0.1:port succeeds; RuntimeError on timeout or when `process` exits."""
+def wait_listening(port: int, timeout_s: float = 120, process: subprocess.Popen | None = None,
+                   called_aet: str = NODE_AET) -> None:
+    """Return once a C-ECHO to `called_aet` at 127.0.0.1:port succeeds; RuntimeError on timeout or when
+    `process` exits."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"{process.args[0]} exited with {process.returncode} before listening on {port}")
-        echo = subprocess.run([ECHOSCU, "-aet", CALLING_AET, "127.0.0.1", str(port)], capture_output=True, env=DCMTK_ENV)
+        echo = subprocess.run([ECHOSCU, "-aet", CALLING_AET, "-aec", called_aet, "127.0.0.1", str(port)],
+                              capture_output=True, env=DCMTK_ENV)
         if echo.returncode == 0:
             return
         time.sleep(0.3)
@@ -85,7 +89,7 @@ def start_node(role: str, env: dict[str, str]) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def send(port: int, files: list[Path], senders: int = 1, called_aet: str = "SMARTNODULE") -> float:
+def send(port: int, files: list[Path], senders: int = 1, called_aet: str = NODE_AET) -> float:
     """DCMTK storescu, one association per sender, files dealt round-robin; wall seconds until all finished."""
     senders = min(senders, len(files))
     start = time.perf_counter()

@@ -31,6 +31,16 @@ def test_echoscu_is_answered(receiver):
     assert any(e["event"] == "echo_answered" and e["calling_aet"] == "ECHOSCU" for e in audit_events(node.settings))
 
 
+def test_the_benchmarks_see_the_node_listening(receiver):
+    """`make bench` (not run by CI) waits for each receiver with a C-ECHO; the node refuses a called AE title
+    other than its own, so the benchmarks must call it by its name."""
+    from bench.common import wait_listening
+
+    node = receiver()
+    wait_listening(node.settings.node.port, timeout_s=20)
+    assert any(e["event"] == "echo_answered" and e["calling_aet"] == "STORESCU" for e in audit_events(node.settings))
+
+
 def test_storescu_instance_is_spooled_and_committed_before_success(receiver, phantom_files):
     node = receiver()
     source = phantom_files[0]
