@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psutil
 
+from config.settings import NodeSettings
 from node.orthanc_peer import free_port, stop_process  # noqa: F401  (the benchmarks' way to pick a port and stop a child)
 
 STORESCU = "/usr/bin/storescu"
@@ -22,7 +23,7 @@ DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}  # DCMTK leaves Nagle on: 40 ms p
 CACHE = Path(os.environ.get("SMARTNODULE_BENCH_CACHE", "/tmp/smartnodule-bench"))
 SEED0 = 900000
 CALLING_AET = "STORESCU"
-NODE_AET = "SMARTNODULE"  # the node's AE title (node.ae_title's default); it refuses any other called AE title
+NODE_AET = NodeSettings.model_fields["ae_title"].default  # the node refuses any other called AE title
 
 
 def wait_listening(port: int, timeout_s: float = 120, process: subprocess.Popen | None = None,

@@ -110,7 +110,7 @@ def test_a_tilted_chest_is_still_frontal_and_one_on_its_side_is_not() -> None:
     lungs = np.zeros((96, 96), bool)
     lungs[20:76, 18:44] = lungs[22:76, 52:78] = True  # 8 px apart; tilted 20 degrees their bounding boxes overlap
     for degrees in (-20, 20):
-        count, _, stats, _ = cv2.connectedComponentsWithStats(_turned(lungs, degrees).astype(np.uint8))
+        _, _, stats, _ = cv2.connectedComponentsWithStats(_turned(lungs, degrees).astype(np.uint8))
         left, right = sorted(stats[1:3], key=lambda s: s[cv2.CC_STAT_LEFT])
         assert left[cv2.CC_STAT_LEFT] + left[cv2.CC_STAT_WIDTH] > right[cv2.CC_STAT_LEFT]
         assert side_by_side(_turned(lungs, degrees))
